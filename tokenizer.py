@@ -1,0 +1,170 @@
+"""
+The Chinese sentencepiece tokenizer and the Llama 2 chat template.
+
+Every setting below exists so that llama2.c's run.c tokenizes exactly as we do:
+- BPE, so run.c's greedy merge-by-score reproduces sentencepiece's segmentation;
+- identity normalization (the default NFKC would turn full-width ，！？ into ASCII and newlines
+  into spaces) and no whitespace collapsing, so decode(encode(text)) == text;
+- a dummy prefix with "▁" present as a piece (run.c looks it up and prepends it);
+- byte fallback with the 256 byte pieces at ids 3..258 (run.c hard-codes byte + 3), so any UTF-8
+  text is encodable and nothing maps to <unk>;
+- unk 0, bos 1, eos 2, and no pad, user-defined or control pieces, which would shift the bytes.
+
+The one string that does not round-trip is the character "▁" (U+2581) itself: sentencepiece uses it
+to escape spaces, so it decodes as a space.
+"""
+import hashlib
+import io
+import os
+
+import sentencepiece as spm
+
+UINT16_MAX_IDS = 65535  # token files are uint16; ids must be < 65536 and we keep 65535 free
+
+# The chat template, written as run.c's `-m chat` renders it. Each user turn is its own encode()
+# call with BOS in front (and sentencepiece's dummy prefix), each answer is encode(answer) + EOS.
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+TEMPLATE_STRINGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>", f"{B_INST} ", f" {E_INST}"]
+
+
+def render_user_turn(user, system=None):
+    """The text of one user turn; the system prompt belongs to the first turn only."""
+    if system:
+        return f"{B_INST} {B_SYS}{system}{E_SYS}{user} {E_INST}"
+    return f"{B_INST} {user} {E_INST}"
+
+
+def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
+    """Train a BPE model on an iterable of strings (one line of text each) and write it to model_path."""
+    if vocab_size > UINT16_MAX_IDS:
+        raise SystemExit(f"error: vocab_size={vocab_size} does not fit uint16 token files (at most {UINT16_MAX_IDS})")
+    if vocab_size < 300:
+        raise SystemExit(f"error: vocab_size={vocab_size} is too small: 259 ids are taken by <unk>, <s>, </s> and the 256 bytes")
+    # the template's literal strings, often enough that they become cheap pieces
+    template_lines = [render_user_turn("你好", "你是一个助手") for _ in range(2000)]
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_chain(sentences, template_lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            byte_fallback=True,
+            split_digits=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            character_coverage=0.9995,  # ~all common hanzi become whole pieces; the rare rest fall back to bytes
+            max_sentence_length=16384,  # bytes; news paragraphs exceed the default 4192
+            input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            num_threads=num_threads or os.cpu_count(),
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        msg = str(e).split("] ")[-1]
+        raise SystemExit(f"error: tokenizer training failed: {msg}")
+    tmp = model_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, model_path)
+
+
+def _chain(*iterables):
+    for it in iterables:
+        yield from it
+
+
+def compatibility_warnings(sp):
+    """One line per property of a sentencepiece model that breaks llama2.c run.c compatibility."""
+    warnings = []
+    n = sp.get_piece_size()
+    if n > UINT16_MAX_IDS:
+        warnings.append(f"vocabulary of {n} ids does not fit uint16 token files")
+    if (sp.unk_id(), sp.bos_id(), sp.eos_id()) != (0, 1, 2):
+        warnings.append(f"special ids are unk {sp.unk_id()} / bos {sp.bos_id()} / eos {sp.eos_id()}; run.c expects 0 / 1 / 2")
+    if n < 259 or not all(sp.is_byte(i) and sp.id_to_piece(i) == f"<0x{i - 3:02X}>" for i in range(3, 259)):
+        warnings.append("byte pieces are not at ids 3..258 (no byte fallback, or other pieces before them); run.c hard-codes byte + 3")
+    if sp.piece_to_id("▁") == sp.unk_id():
+        warnings.append('no "▁" piece; run.c prepends it as the dummy prefix')
+    probe = "全角，！？\n  两个空格"
+    if sp.decode(sp.encode(probe)) != probe:
+        warnings.append("normalization is not identity or whitespace is collapsed; text does not round-trip")
+    if not sp.id_to_piece(sp.encode("a")[0]).startswith("▁"):
+        warnings.append("no dummy prefix; run.c always adds one")
+    return warnings
+
+
+class Tokenizer:
+    def __init__(self, model_path):
+        if not os.path.exists(model_path):
+            raise SystemExit(f"error: no tokenizer at {model_path}; run `python prepare_data.py` to train one")
+        with open(model_path, "rb") as f:
+            proto = f.read()
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load_from_serialized_proto(proto)
+        except RuntimeError:
+            raise SystemExit(f"error: {model_path} is not a sentencepiece model")
+        # checkpoints and token files record this, so a mismatch is caught before it trains garbage
+        self.sha = hashlib.sha256(proto).hexdigest()[:16]
+        self.n_words = self.sp.get_piece_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+
+    def encode(self, text, bos=False, eos=False):
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts):
+        return self.sp.encode(texts)
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+    def id_to_piece(self, i):
+        return self.sp.id_to_piece(i)
+
+    def encode_chat(self, messages):
+        """
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], an optional system
+        message first, then user/assistant alternating. Returns (ids, loss_mask): the mask is 1 exactly
+        on assistant answer tokens and the EOS that ends each answer. A trailing user turn (a prompt
+        for generation) is rendered with nothing after [/INST].
+        Raises ValueError for a malformed conversation.
+        """
+        ids, mask = [], []
+        for turn, (user, answer, system) in enumerate(split_turns(messages)):
+            prompt = self.encode(render_user_turn(user, system if turn == 0 else None), bos=True)
+            ids += prompt
+            mask += [0] * len(prompt)
+            if answer is not None:
+                reply = self.encode(answer, eos=True)
+                ids += reply
+                mask += [1] * len(reply)
+        return ids, mask
+
+
+def split_turns(messages):
+    """[(user, answer or None, system or None), ...] from a message list, validating its shape."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a conversation is a non-empty list of messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError("each message needs a role (system, user or assistant) and a string content")
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    turns = []
+    for i in range(0, len(messages), 2):
+        user = messages[i]
+        answer = messages[i + 1] if i + 1 < len(messages) else None
+        if user["role"] != "user" or (answer is not None and answer["role"] != "assistant"):
+            raise ValueError("messages must alternate user, assistant after an optional system message")
+        turns.append((user["content"], answer["content"] if answer else None, system))
+    if not turns:
+        raise ValueError("a conversation needs at least one user message")
+    return turns
