@@ -390,7 +390,11 @@ def demo_sft_examples():
     documents they come from: an example whose source document is in val goes to "test".
     Yields (split, task, messages).
     """
-    for words in demo_news():
+    news = list(demo_news())
+    # the paper repeats sentences across paragraphs (a speech in full and in summary), so a held-out
+    # sentence must also be absent from every train paragraph
+    train_news = "\n".join(news_text(w) for w in news if not is_val(news_text(w), val_fraction))
+    for words in news:
         split = "test" if is_val(news_text(words), val_fraction) else "train"
         sentence = []
         for w, tag in words:
@@ -399,12 +403,16 @@ def demo_sft_examples():
                 text = news_text(sentence)
                 ents = entities(sentence)
                 if 10 <= len(text) <= 120 and any(ents.values()):
-                    yield split, "ner", [{"role": "user", "content": f"找出这句话中的人名、地名和机构名：{text}"},
+                    held_out = split == "test" and text not in train_news
+                    yield "test" if held_out else "train", "ner", [{"role": "user", "content": f"找出这句话中的人名、地名和机构名：{text}"},
                                          {"role": "assistant", "content": ner_answer(ents)}]
                 sentence = []
-    for review, label in demo_reviews():
-        if len(review) <= 300:
-            split = "test" if is_val(review, val_fraction) else "train"
+    reviews = demo_reviews()
+    train_reviews = "\n".join(r for r, _ in reviews if not is_val(r, val_fraction))  # reviews repeat inside others too
+    for review, label in reviews:
+        if 8 <= len(review) <= 300:  # "备注：" is not a review worth a question
+            held_out = is_val(review, val_fraction) and review not in train_reviews
+            split = "test" if held_out else "train"
             yield split, "sentiment", [{"role": "user", "content": f"这条评论是正面还是负面？\n{review}"},
                                        {"role": "assistant", "content": label}]
     idioms = demo_idioms()

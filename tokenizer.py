@@ -65,6 +65,8 @@ def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
         )
     except RuntimeError as e:
         msg = str(e).split("] ")[-1]
+        if "required_chars" in msg:  # sentencepiece's own advice names options we do not expose
+            msg = f"the text needs more single-character pieces than vocab_size={vocab_size} leaves room for ({msg.split('.')[1].strip()}); raise --vocab_size"
         raise SystemExit(f"error: tokenizer training failed: {msg}")
     tmp = model_path + ".tmp"
     with open(tmp, "wb") as f:

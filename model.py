@@ -1,0 +1,285 @@
+"""
+The one Llama 2 Transformer every stage shares, computed exactly as llama2.c's run.c computes it:
+RMSNorm (eps 1e-5), rotary embeddings (theta 10000, rotating interleaved pairs (x0, x1), (x2, x3), ...),
+grouped-query attention, a SwiGLU feed-forward (w2(silu(w1 x) * w3 x)), no biases, and input and
+output embeddings tied by default. Attention is F.scaled_dot_product_attention (flash kernels on GPU).
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (no grouping)
+    vocab_size: int = 8192            # always taken from the tokenizer the data was prepared with
+    hidden_dim: Optional[int] = None  # None: 2/3 of 4*dim rounded up to multiple_of, as Llama 2 does
+    multiple_of: int = 32
+    norm_eps: float = 1e-5            # run.c hard-codes 1e-5
+    max_seq_len: int = 512
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+
+# The size table our users know from the Chinese tiny-LLM projects. The names count parameters with
+# the 64793-id ChatGLM vocabulary; with our 8192-id demo tokenizer the same shapes are much smaller.
+PRESETS = {
+    "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=256),  # sized for a 2-core CPU
+    "9m": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, max_seq_len=512),
+    "24m": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=512),
+    "58m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, max_seq_len=512),
+    "134m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=512),
+    "256m": dict(dim=1024, n_layers=16, n_heads=16, n_kv_heads=16, max_seq_len=1024),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # the mean of squares in fp32, also under bf16 autocast
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta=10000.0):
+    """cos and sin of position * frequency, each (max_len, head_dim // 2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by position-dependent angles. x: (B, T, H, hd)."""
+    pairs = x.float().unflatten(-1, (-1, 2))            # (B, T, H, hd/2, 2)
+    x0, x1 = pairs.unbind(-1)                           # each (B, T, H, hd/2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hd/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)                   # (B, T, H, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads or args.n_heads
+        assert args.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        assert args.dim % args.n_heads == 0, "dim must be a multiple of n_heads"
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # write this step's keys and values, attend over everything up to it
+            k_cache, v_cache = cache                       # each (B, max_len, n_kv_heads, hd)
+            k_cache[:B, start_pos:start_pos + T] = k
+            v_cache[:B, start_pos:start_pos + T] = v
+            k, v = k_cache[:B, :start_pos + T], v_cache[:B, :start_pos + T]
+        if self.n_kv_heads != self.n_heads:                # GQA: each kv head serves n_heads/n_kv_heads queries
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T or S, hd)
+        mask, causal = None, T > 1
+        if cache is not None and start_pos > 0 and T > 1:
+            # a chunk after a cached prefix: row i sees the prefix and the chunk up to i
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, -1)            # (B, T, dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        hidden = args.hidden_dim
+        if hidden is None:
+            hidden = int(2 * 4 * args.dim / 3)
+            hidden = args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # residual projections get a smaller init so the residual stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+
+    def forward(self, tokens, targets=None, loss_mask=None, cache=None, start_pos=0):
+        """
+        tokens (B, T). With targets (B, T): returns (logits (B, T, V), loss), the loss a mean over
+        positions where loss_mask is 1 (all positions whose target is not -1 when there is no mask).
+        Without targets: (logits of the last position (B, 1, V), None).
+        """
+        B, T = tokens.shape
+        h = self.dropout(self.tok_embeddings(tokens))
+        cos = self.rope_cos[start_pos:start_pos + T]
+        sin = self.rope_sin[start_pos:start_pos + T]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache[i] if cache is not None else None, start_pos)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h[:, [-1], :]), None
+        logits = self.output(h)
+        if loss_mask is None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        else:
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+            mask = loss_mask.flatten().to(losses.dtype)
+            loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},  # matmuls and embeddings
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},            # norms
+        ]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * T * dim."""
+        a = self.args
+        # the embedding lookup does no FLOPs; the classifier matmul does (tied: the same weight counted once)
+        n = self.num_params() - (0 if a.tie_embeddings else a.vocab_size * a.dim)
+        return 6 * n + 12 * a.n_layers * seq_len * a.dim
+
+    def new_cache(self, batch_size, max_len, device, dtype):
+        """Empty key/value buffers for generate(), one (k, v) pair per layer."""
+        a = self.args
+        n_kv = a.n_kv_heads or a.n_heads
+        shape = (batch_size, max_len, n_kv, a.dim // a.n_heads)
+        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in range(a.n_layers)]
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 repetition_penalty=1.0, stop_tokens=(), use_cache=True):
+        """
+        Yields the next token of each row, a (B,) tensor, one step at a time, until max_new_tokens,
+        the context is full, or every row has produced one of stop_tokens (the stop token is yielded).
+        tokens: (B, T) prompt. temperature 0 is greedy. With use_cache the prompt is processed once and
+        each step feeds only the newest token; without it each step recomputes the whole sequence.
+        """
+        B, T = tokens.shape
+        max_len = self.args.max_seq_len
+        if T > max_len:
+            raise ValueError(f"prompt of {T} tokens is longer than the context ({max_len})")
+        steps = min(max_new_tokens, max_len - T)
+        cache = None
+        if use_cache:
+            dtype = self.tok_embeddings.weight.dtype
+            if torch.is_autocast_enabled(tokens.device.type):
+                dtype = torch.get_autocast_dtype(tokens.device.type)
+            cache = self.new_cache(B, T + steps, tokens.device, dtype)
+        seq = tokens
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
+        for step in range(steps):
+            if cache is None:
+                logits, _ = self(seq)
+            elif step == 0:
+                logits, _ = self(seq, cache=cache, start_pos=0)
+            else:
+                logits, _ = self(seq[:, -1:], cache=cache, start_pos=seq.shape[1] - 1)
+            logits = logits[:, -1, :].float()  # (B, V)
+            if repetition_penalty != 1.0:
+                seen = torch.gather(logits, 1, seq)
+                seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+                logits.scatter_(1, seq, seen)
+            next_token = sample_next(logits, temperature, top_k, top_p)  # (B,)
+            seq = torch.cat((seq, next_token[:, None]), dim=1)
+            yield next_token
+            done |= torch.isin(next_token, stop)
+            if done.all():
+                return
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None):
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k/top-p filtered sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token once the tokens more likely than it already cover top_p
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1)[:, 0]
+
+
+# bf16 dense peak FLOP/s by device name, for MFU. Longer names first: "H100 PCIe" before "H100".
+GPU_PEAK_BF16 = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+    ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+def peak_flops(device_name):
+    return next((peak for name, peak in GPU_PEAK_BF16 if name in device_name), None)

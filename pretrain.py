@@ -1,0 +1,282 @@
+"""
+Pretrain the Llama 2 model on the token files prepare_data.py wrote.
+
+    python pretrain.py                                        # the demo preset, ~10 minutes on a 2-core CPU
+    python pretrain.py --max_iters=100 --batch_size=8         # any global below, as --key=value
+    torchrun --standalone --nproc_per_node=4 pretrain.py config/pretrain_58m_4gpu.py
+
+Every eval_interval iterations it measures the val loss (and bits per character, which compares
+across tokenizers) and writes out_dir/ckpt.pt; --init_from=resume continues from there exactly.
+"""
+import glob
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import PRESETS, ModelArgs, Transformer, peak_flops
+from tokenizer import Tokenizer
+from training import Logger, check_tokenizer, cosine_lr, load_checkpoint, save_checkpoint, setup_device
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"                   # ckpt.pt and log.jsonl go here
+data_dir = "data"                 # prepare_data.py's output: tokenizer.model, train_*.bin, val_*.bin
+init_from = "scratch"             # "scratch", or "resume" to continue from out_dir/ckpt.pt
+eval_interval = 100               # measure val loss and save a checkpoint every this many iterations
+eval_iters = 10                   # val batches per evaluation
+log_interval = 10                 # iterations per log line
+# model
+preset = "demo"                   # a size from model.PRESETS: demo, 9m, 24m, 58m, 134m, 256m
+dim = None                        # these four override the preset when set
+n_layers = None
+n_heads = None
+n_kv_heads = None
+block_size = None                 # context length; None: the preset's max_seq_len
+dropout = 0.0
+tie_embeddings = True
+# optimization
+batch_size = 16                   # sequences per micro-step, per process
+gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
+max_iters = 350                   # optimizer steps in the whole run
+learning_rate = 2e-3              # peak, after warmup
+min_lr = 2e-4                     # at the end of the cosine decay
+warmup_iters = 30
+lr_decay_iters = None             # None: max_iters
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
+# system
+device = "auto"                   # auto: cuda, then mps, then cpu
+dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+compile = None                    # torch.compile; None: on for CUDA, off elsewhere
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+class TokenShards:
+    """One split's uint16 shards ({split}_000.bin, ...), read as random windows without loading them."""
+
+    def __init__(self, data_dir, split, tokenizer_sha):
+        self.paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_[0-9][0-9][0-9].bin")))
+        if not self.paths:
+            raise SystemExit(f"error: no {split} token files in {data_dir}/; run `python prepare_data.py` "
+                             f"first (or point --data_dir at its output)")
+        self.sizes, self.chars = [], 0
+        for path in self.paths:
+            meta_path = path[:-len(".bin")] + ".json"
+            if not os.path.exists(meta_path):
+                raise SystemExit(f"error: {path} has no sidecar {meta_path}; re-run prepare_data.py")
+            with open(meta_path) as f:
+                meta = json.load(f)
+            check_tokenizer(meta["tokenizer_sha"], tokenizer_sha, path)
+            self.sizes.append(os.path.getsize(path) // 2)
+            self.chars += meta["chars"]
+        self.sizes = np.array(self.sizes)
+        self.tokens_per_char = self.sizes.sum() / max(1, self.chars)
+
+    def check_fits(self, block_size):
+        if (self.sizes > block_size + 1).sum() == 0:
+            raise SystemExit(f"error: block_size={block_size} does not fit the data in {self.paths[0]} "
+                             f"({self.sizes.max()} tokens); lower --block_size or prepare more data")
+
+    def batch(self, rng, batch_size, block_size):
+        """(x, y) int64 arrays (batch_size, block_size): random windows, y shifted by one token."""
+        starts_per_shard = np.maximum(self.sizes - block_size - 1, 0)  # a window must fit inside its shard
+        shard = rng.choice(len(self.paths), size=batch_size, p=starts_per_shard / starts_per_shard.sum())
+        offset = rng.integers(0, starts_per_shard[shard])
+        windows = np.empty((batch_size, block_size + 1), dtype=np.int64)
+        for s in np.unique(shard):
+            # a fresh memmap per batch: a long-lived one keeps every page it touched in RSS
+            data = np.memmap(self.paths[s], dtype=np.uint16, mode="r")
+            for row in np.flatnonzero(shard == s):
+                windows[row] = data[offset[row]:offset[row] + block_size + 1]
+        return windows[:, :-1], windows[:, 1:]
+
+
+def main():
+    config = configure(globals())
+    sys_ = setup_device(device, dtype, compile)
+    master, device_type = sys_["master"], sys_["device_type"]
+    world_size = sys_["world_size"]
+    if gradient_accumulation_steps < 1 or batch_size < 1:
+        raise SystemExit("error: batch_size and gradient_accumulation_steps must be at least 1")
+    torch.manual_seed(seed + sys_["rank"])
+
+    tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+    train_data = TokenShards(data_dir, "train", tok.sha)
+    val_data = TokenShards(data_dir, "val", tok.sha)
+
+    # ---- the model: from a preset, or from the checkpoint we resume
+    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    if init_from == "resume":
+        checkpoint = load_checkpoint(out_dir, sys_["device"])
+        check_tokenizer(checkpoint["tokenizer_sha"], tok.sha, f"{out_dir}/ckpt.pt")
+        model_args = ModelArgs(**checkpoint["model_args"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        if checkpoint.get("world_size", world_size) * checkpoint["config"]["gradient_accumulation_steps"] \
+                != world_size * gradient_accumulation_steps and master:
+            print("warning: resuming with a different world_size x gradient_accumulation_steps: "
+                  "the batches will differ from the original run's")
+    elif init_from == "scratch":
+        if preset not in PRESETS:
+            raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        shape = dict(PRESETS[preset])
+        for key, value in (("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+            if value is not None:
+                shape[key] = value
+        if block_size is not None:
+            shape["max_seq_len"] = block_size
+        kv = shape.get("n_kv_heads") or shape["n_heads"]
+        if shape["dim"] % shape["n_heads"] or shape["n_heads"] % kv or (shape["dim"] // shape["n_heads"]) % 2:
+            raise SystemExit(f"error: dim={shape['dim']}, n_heads={shape['n_heads']}, n_kv_heads={kv}: dim must split "
+                             f"into n_heads heads of even size, and n_heads must be a multiple of n_kv_heads")
+        model_args = ModelArgs(**shape, vocab_size=tok.n_words, dropout=dropout, tie_embeddings=tie_embeddings)
+    else:
+        raise SystemExit(f"error: --init_from must be scratch or resume, not {init_from!r}")
+    seq_len = model_args.max_seq_len
+    train_data.check_fits(seq_len)
+    val_data.check_fits(seq_len)
+
+    model = Transformer(model_args).to(sys_["device"])
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["torch_rng"].cpu())
+    scaler = torch.amp.GradScaler(device_type, enabled=sys_["dtype"] == "float16")
+    raw_model = model  # the plain module: what we save, evaluate with, and count
+    if sys_["compile"]:
+        if master:
+            print("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates, so no collectives there
+    if sys_["ddp"]:
+        # the rope tables are the only buffers and never change: no need to broadcast them every step
+        model = DDP(model, device_ids=[sys_["local_rank"]] if device_type == "cuda" else None, broadcast_buffers=False)
+
+    tokens_per_iter = batch_size * seq_len * gradient_accumulation_steps * world_size
+    decay_iters = lr_decay_iters or max_iters
+    if master:
+        print(f"model: {model_args.dim} dim, {model_args.n_layers} layers, {model_args.n_heads} heads "
+              f"({model_args.n_kv_heads or model_args.n_heads} kv), context {seq_len}, vocab {model_args.vocab_size}: "
+              f"{raw_model.num_params() / 1e6:.2f}M parameters")
+        print(f"data: {train_data.sizes.sum():,} train tokens, {val_data.sizes.sum():,} val tokens; "
+              f"tokens per iteration: {batch_size} batch x {seq_len} context x {gradient_accumulation_steps} "
+              f"accumulation x {world_size} processes = {tokens_per_iter:,}")
+        print(f"device {sys_['device']}, {sys_['dtype']}, compile {sys_['compile']}; "
+              f"{'resuming at' if checkpoint else 'starting at'} iteration {iter_num} of {max_iters}")
+    logger = Logger(out_dir, max_iters, resume=checkpoint is not None) if master else None
+    peak = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
+
+    def to_device(x, y):
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if device_type == "cuda":
+            return x.pin_memory().to(sys_["device"], non_blocking=True), y.pin_memory().to(sys_["device"], non_blocking=True)
+        return x.to(sys_["device"]), y.to(sys_["device"])
+
+    def train_batch(it, micro_step):
+        # a function of (seed, iteration, global micro-batch index) alone: a resumed run sees the same
+        # batches, and N processes see the same batches as one process with N times the accumulation
+        micro = sys_["rank"] * gradient_accumulation_steps + micro_step
+        return to_device(*train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len))
+
+    @torch.no_grad()
+    def evaluate():
+        eval_model.eval()
+        losses = []
+        for k in range(eval_iters):  # the same val batches at every evaluation
+            x, y = to_device(*val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, seq_len))
+            with sys_["autocast"]:
+                _, loss = eval_model(x, y)
+            losses.append(loss.item())
+        eval_model.train()
+        return float(np.mean(losses))
+
+    def checkpoint_now(it, val_loss):
+        save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
+            "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
+            "config": config, "tokenizer_sha": tok.sha, "world_size": world_size, "torch_rng": torch.get_rng_state(),
+            "stage": "pretrain",
+        })
+
+    # ---- the loop
+    x, y = train_batch(iter_num, 0)
+    t_last, t_start, start_iter = time.time(), time.time(), iter_num
+    val_loss = float("nan")
+    try:
+        while True:
+            lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            if master and (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or checkpoint is None):
+                val_loss = evaluate()
+                bpc = val_loss / math.log(2) * val_data.tokens_per_char
+                if not math.isfinite(val_loss):
+                    raise SystemExit(f"error: val loss is {val_loss} at iteration {iter_num}; training diverged. "
+                                     f"The last good checkpoint is {out_dir}/ckpt.pt; lower --learning_rate or use bfloat16")
+                print(f"iter {iter_num}: val loss {val_loss:.4f}, {bpc:.3f} bits per character")
+                logger.log({"iter": iter_num, "val_loss": val_loss, "val_bpc": bpc, "time_s": time.time() - t_start})
+                best_val_loss = min(best_val_loss, val_loss)
+                if iter_num > 0:
+                    checkpoint_now(iter_num, val_loss)
+            if iter_num >= max_iters:
+                break
+
+            for micro_step in range(gradient_accumulation_steps):
+                if sys_["ddp"]:
+                    # average gradients across processes only once, after the last micro-step
+                    model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+                with sys_["autocast"]:
+                    _, loss = model(x, y)
+                    loss = loss / gradient_accumulation_steps
+                # fetch the next batch while the GPU works on this one
+                next_step = (iter_num, micro_step + 1) if micro_step + 1 < gradient_accumulation_steps else (iter_num + 1, 0)
+                x, y = train_batch(*next_step)
+                scaler.scale(loss).backward()
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+
+            if master and iter_num % log_interval == 0:
+                train_loss = loss.item() * gradient_accumulation_steps  # the last micro-batch's loss
+                if not math.isfinite(train_loss):
+                    raise SystemExit(f"error: training loss is {train_loss} at iteration {iter_num}; training diverged. "
+                                     f"The last good checkpoint is {out_dir}/ckpt.pt; lower --learning_rate or use bfloat16")
+                dt = (time.time() - t_last) / log_interval
+                t_last = time.time()
+                tokens_per_s = tokens_per_iter / dt
+                mfu = raw_model.flops_per_token(seq_len) * tokens_per_s / (peak * world_size) if peak else None
+                print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                      f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu else "") + f", ETA {logger.eta(iter_num)}")
+                logger.log({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
+                            "tokens_per_s": tokens_per_s, "mfu": mfu})
+    except KeyboardInterrupt:
+        if master:
+            optimizer.zero_grad(set_to_none=True)
+            checkpoint_now(iter_num, float("nan"))
+            print(f"\ninterrupted: saved {out_dir}/ckpt.pt at iteration {iter_num}; continue with --init_from=resume")
+    finally:
+        if sys_["ddp"]:
+            dist.destroy_process_group()
+    if master and iter_num >= max_iters:
+        print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, "
+              f"best val loss {best_val_loss:.4f}; checkpoint in {out_dir}/ckpt.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(script, *args, check=True, timeout=600, extra_env=None, launcher=None):
+    """Run one of the repo's scripts as a user would; returns the CompletedProcess (stdout+stderr in .out)."""
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, script), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.update(extra_env or {})
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    p.out = p.stdout + p.stderr
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {p.returncode}:\n{p.out[-4000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The built-in demo corpus prepared once, exactly as `python prepare_data.py` does it."""
+    out = tmp_path_factory.mktemp("demo_data")
+    run("prepare_data.py", f"--out_dir={out}")
+    return str(out)
+
+
+TINY_MODEL = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--block_size=32", "--batch_size=4",
+              "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2"]

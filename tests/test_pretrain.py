@@ -1,0 +1,85 @@
+"""pretrain.py end to end on the demo data with a tiny model: learning, exact resume, DDP, compile, errors."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, run
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["iter"]: r["loss"] for r in read_log(out_dir) if "loss" in r}
+
+
+def val_losses(out_dir):
+    return {r["iter"]: r["val_loss"] for r in read_log(out_dir) if "val_loss" in r}
+
+
+def test_a_tiny_run_lowers_the_val_loss_and_writes_a_loadable_checkpoint(demo_data, tmp_path):
+    out = tmp_path / "out"
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--max_iters=40", "--eval_interval=20")
+    val = val_losses(out)
+    assert sorted(val) == [0, 20, 40] and val[40] < val[0] - 1.0
+    assert "tokens per iteration: 4 batch x 32 context x 1 accumulation x 1 processes = 128" in p.out
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # no pickled code needed to read it
+    assert ckpt["iter_num"] == 40 and ckpt["model_args"]["dim"] == 32 and ckpt["tokenizer_sha"]
+    assert not os.path.exists(out / "ckpt.pt.tmp")
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path):
+    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--eval_interval=6", "--lr_decay_iters=12", "--dropout=0.1"]
+    run("pretrain.py", f"--out_dir={tmp_path / 'straight'}", *common, "--max_iters=12")
+    run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=6")
+    run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=12", "--init_from=resume")
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 13))
+    for it in range(7, 13):  # dropout included: the RNG state travels in the checkpoint
+        assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
+
+
+def test_two_processes_match_one_process_with_twice_the_accumulation(demo_data, tmp_path):
+    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--max_iters=10", "--eval_interval=5", "--device=cpu"]
+    run("pretrain.py", f"--out_dir={tmp_path / 'one'}", *common, "--gradient_accumulation_steps=2")
+    p = run("pretrain.py", f"--out_dir={tmp_path / 'two'}", *common, "--gradient_accumulation_steps=1",
+            launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+            extra_env={"OMP_NUM_THREADS": "1"})
+    assert "x 1 accumulation x 2 processes = 256" in p.out
+    one, two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 5, 10]
+    assert one[10] < one[0] - 0.2  # it did train
+    for it in one:  # the same weights after each step: DDP averaged the gradients
+        assert two[it] == pytest.approx(one[it], abs=1e-4), it
+
+
+def test_the_compiled_model_trains(demo_data, tmp_path):
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path}", *TINY_MODEL, "--max_iters=3",
+            "--eval_interval=3", "--compile=True")
+    assert "compile True" in p.out and set(val_losses(tmp_path)) == {0, 3}
+
+
+def test_missing_data_says_how_to_make_it(tmp_path):
+    p = run("pretrain.py", f"--data_dir={tmp_path}", check=False)
+    assert p.returncode != 0 and "prepare_data.py" in p.out and "Traceback" not in p.out
+
+
+def test_a_block_size_larger_than_the_data_is_a_clear_error(demo_data, tmp_path):
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path}", "--block_size=10000000", check=False)
+    assert p.returncode != 0 and "does not fit the data" in p.out and "Traceback" not in p.out
+
+
+def test_resuming_with_another_tokenizer_is_refused(demo_data, tmp_path):
+    run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path / 'out'}", *TINY_MODEL, "--max_iters=2",
+        "--eval_interval=2")
+    corpus = tmp_path / "other.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"another corpus, document {i} of many"}) + "\n" for i in range(300)))
+    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--out_dir={tmp_path / 'other'}")
+    p = run("pretrain.py", f"--data_dir={tmp_path / 'other'}", f"--out_dir={tmp_path / 'out'}", "--init_from=resume",
+            "--block_size=8", check=False)
+    assert p.returncode != 0 and "tokenizer" in p.out and "Traceback" not in p.out

@@ -1,0 +1,120 @@
+"""
+What pretrain.py and sft.py truly share: device/DDP/precision setup, the learning-rate schedule,
+atomic checkpoints, and the one log line format. sample.py and export.py load checkpoints from here too.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from model import ModelArgs, Transformer
+
+
+def setup_device(device, dtype, compile):
+    """
+    Resolve "auto" settings and start torch.distributed when launched by torchrun.
+    Returns a dict: ddp, rank, local_rank, world_size, master, device, device_type, dtype, compile, autocast.
+    """
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda but no CUDA GPU is visible; use --device=cpu")
+    if dtype == "auto":
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"  # CPU autocast to bf16 is slower than fp32 on most CPUs
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    if dtype == "float16" and device_type != "cuda":
+        raise SystemExit("error: float16 training needs a CUDA GPU (use bfloat16 or float32)")
+    if compile is None:
+        compile = device_type == "cuda"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    return dict(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
+                device_type=device_type, dtype=dtype, compile=compile, autocast=autocast)
+
+
+def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
+    """Linear warmup to learning_rate, cosine decay to min_lr at decay_iters, min_lr after."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file and rename it into place: a crash never leaves a truncated checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out_dir, device="cpu", name="ckpt.pt"):
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}; train one with `python pretrain.py` (or sft.py), "
+                         f"or point --out_dir at a directory that has one")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a corrupt or foreign file is a user-facing problem, not a traceback
+        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}")
+
+
+def model_from_checkpoint(checkpoint, device="cpu"):
+    """The Transformer a checkpoint describes, with its weights loaded."""
+    model = Transformer(ModelArgs(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device)
+
+
+def check_tokenizer(checkpoint_sha, tokenizer_sha, what):
+    if checkpoint_sha and tokenizer_sha and checkpoint_sha != tokenizer_sha:
+        raise SystemExit(f"error: {what} was made with tokenizer {checkpoint_sha} but the tokenizer here is "
+                         f"{tokenizer_sha}; use the matching data directory or start from scratch")
+
+
+class Logger:
+    """One line per log interval to the terminal and the same record as JSONL in out_dir/log.jsonl."""
+
+    def __init__(self, out_dir, max_iters, resume):
+        self.path = os.path.join(out_dir, "log.jsonl")
+        self.max_iters = max_iters
+        os.makedirs(out_dir, exist_ok=True)
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        self.t_start, self.it_start = time.time(), None
+
+    def log(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def eta(self, it):
+        if self.it_start is None:
+            self.it_start, self.t_start = it, time.time()
+            return "?"
+        done = it - self.it_start
+        if done <= 0:
+            return "?"
+        left_s = (time.time() - self.t_start) / done * (self.max_iters - it)
+        return f"{int(left_s // 60)}m{int(left_s % 60):02d}s"
