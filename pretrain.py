@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -29,9 +30,9 @@ from training import Logger, check_tokenizer, cosine_lr, load_checkpoint, save_c
 out_dir = "out"                   # ckpt.pt and log.jsonl go here
 data_dir = "data"                 # prepare_data.py's output: tokenizer.model, train_*.bin, val_*.bin
 init_from = "scratch"             # "scratch", or "resume" to continue from out_dir/ckpt.pt
-eval_interval = 100               # measure val loss and save a checkpoint every this many iterations
-eval_iters = 10                   # val batches per evaluation
-log_interval = 10                 # iterations per log line
+eval_interval = 250               # measure val loss and save a checkpoint every this many iterations
+eval_iters = 20                   # val batches per evaluation
+log_interval = 25                 # iterations per log line
 # model
 preset = "demo"                   # a size from model.PRESETS: demo, 9m, 24m, 58m, 134m, 256m
 dim = None                        # these four override the preset when set
@@ -42,12 +43,12 @@ block_size = None                 # context length; None: the preset's max_seq_l
 dropout = 0.0
 tie_embeddings = True
 # optimization
-batch_size = 16                   # sequences per micro-step, per process
+batch_size = 8                    # sequences per micro-step, per process
 gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
-max_iters = 350                   # optimizer steps in the whole run
-learning_rate = 2e-3              # peak, after warmup
-min_lr = 2e-4                     # at the end of the cosine decay
-warmup_iters = 30
+max_iters = 1250                  # optimizer steps in the whole run
+learning_rate = 5e-3              # peak, after warmup
+min_lr = 5e-4                     # at the end of the cosine decay
+warmup_iters = 50
 lr_decay_iters = None             # None: max_iters
 weight_decay = 0.1
 beta1 = 0.9
@@ -175,6 +176,9 @@ def main():
         print(f"device {sys_['device']}, {sys_['dtype']}, compile {sys_['compile']}; "
               f"{'resuming at' if checkpoint else 'starting at'} iteration {iter_num} of {max_iters}")
     logger = Logger(out_dir, max_iters, resume=checkpoint is not None) if master else None
+    if master and os.path.abspath(data_dir) != os.path.abspath(out_dir):
+        # the checkpoint directory carries its tokenizer, so sample.py and export.py need nothing else
+        shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
     peak = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
 
     def to_device(x, y):

@@ -1,0 +1,134 @@
+"""
+Benchmarks whose numbers go in the README. Nothing here is asserted by the tests: machines are noisy.
+
+    python bench.py --what=prep      # prepare_data.py tokens/s, 1 worker vs all cores; peak RSS on a generated JSONL
+    python bench.py --what=train     # training tokens/s (and MFU on a GPU) for the presets in --presets
+    python bench.py --what=decode    # decode tokens/s of out/ckpt.pt with the KV cache and without it
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+what = "all"                 # prep, train, decode or all
+data_dir = "data"            # prepared demo data (python prepare_data.py)
+out_dir = "out"              # the checkpoint to decode with
+big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
+presets = "demo"             # comma-separated presets for --what=train
+vocab_size = 0               # train: 0 = the data's tokenizer size; 64793 matches the size table's names
+batch_size = 8
+iters = 10                   # timed training iterations (after 3 warm-up ones)
+decode_tokens = 200
+device = "auto"
+dtype = "auto"
+compile = None
+# -----------------------------------------------------------------------------
+
+
+def run_prepare(*args):
+    """Run prepare_data.py; returns (its output, seconds, peak RSS in MB of the largest process)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "prepare_data.py", *args], capture_output=True, text=True)
+    dt = time.time() - t0
+    if p.returncode:
+        raise SystemExit(p.stdout + p.stderr)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KB on Linux: the max over finished children
+    return p.stdout, dt, max(peak, before) / 1024
+
+
+def bench_prep():
+    tok = os.path.join(data_dir, "tokenizer.model")
+    if not os.path.exists(tok):
+        raise SystemExit(f"error: no {tok}; run `python prepare_data.py` first")
+    print("== prepare_data.py on the demo corpus (tokenizer given, so this is reading + tokenizing + writing)")
+    for workers in (1, os.cpu_count()):
+        out, dt, _ = run_prepare("--sft_input=", f"--tokenizer_model={tok}", f"--workers={workers}", "--out_dir=/tmp/bench_prep")
+        line = next(l for l in out.splitlines() if l.startswith("pretraining tokens"))
+        print(f"workers={workers}: {line.split(';')[-1].strip()}, {dt:.1f}s wall")
+    if big_jsonl_gb <= 0:
+        return
+    print(f"== peak RSS while preparing generated JSONL files (workers={os.cpu_count()})")
+    from prepare_data import demo_documents
+    docs = [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in demo_documents()]
+    for gb in (big_jsonl_gb / 4, big_jsonl_gb):
+        path = f"/tmp/bench_{gb:g}gb.jsonl"
+        target = int(gb * 2**30)
+        with open(path, "w", encoding="utf-8") as f:
+            written, i = 0, 0
+            while written < target:
+                line = docs[i % len(docs)]
+                f.write(line)
+                written += len(line.encode("utf-8"))
+                i += 1
+        _, dt, peak_mb = run_prepare(f"--input={path}", "--sft_input=", f"--tokenizer_model={tok}", "--out_dir=/tmp/bench_big")
+        print(f"{os.path.getsize(path) / 2**30:.2f} GB JSONL: {dt:.0f}s, peak RSS {peak_mb:.0f} MB")
+        os.remove(path)
+
+
+def bench_train():
+    from model import PRESETS, ModelArgs, Transformer, peak_flops
+    from tokenizer import Tokenizer
+    from training import setup_device
+    sys_ = setup_device(device, dtype, compile)
+    vocab = vocab_size or Tokenizer(os.path.join(data_dir, "tokenizer.model")).n_words
+    name = torch.cuda.get_device_name() if sys_["device_type"] == "cuda" else "cpu"
+    peak = peak_flops(name) if sys_["device_type"] == "cuda" else None
+    print(f"== training throughput on {name} ({sys_['dtype']}, compile {sys_['compile']}), vocab {vocab}, batch {batch_size}")
+    for preset in presets.split(","):
+        args = ModelArgs(**PRESETS[preset], vocab_size=vocab)
+        model = Transformer(args).to(sys_["device"])
+        optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), sys_["device_type"])
+        step_model = torch.compile(model) if sys_["compile"] else model
+        x = torch.randint(0, vocab, (batch_size, args.max_seq_len), device=sys_["device"])
+        for i in range(3 + iters):
+            if i == 3:
+                if sys_["device_type"] == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.time()
+            with sys_["autocast"]:
+                _, loss = step_model(x, x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if sys_["device_type"] == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.time() - t0) / iters
+        tokens_per_s = batch_size * args.max_seq_len / dt
+        mfu = model.flops_per_token(args.max_seq_len) * tokens_per_s / peak if peak else None
+        print(f"{preset}: {model.num_params() / 1e6:.1f}M params, context {args.max_seq_len}: {dt * 1000:.0f} ms/iter, "
+              f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu else ""))
+
+
+def bench_decode():
+    from sample import load
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    model, tok, _ = load(out_dir, "", dev, torch.float32)
+    prompt = torch.tensor([[tok.bos_id] + tok.encode("床前明月光，")], device=dev)
+    n = min(decode_tokens, model.args.max_seq_len - prompt.shape[1])
+    print(f"== greedy decode of {n} tokens with {out_dir}/ckpt.pt ({model.num_params() / 1e6:.2f}M params) on {dev}, "
+          f"batch 1, {torch.get_num_threads()} threads")
+    results = {}
+    for use_cache in (True, False):
+        list(model.generate(prompt, 5, temperature=0, use_cache=use_cache))  # warm up
+        t0 = time.time()
+        out = list(model.generate(prompt, n, temperature=0, use_cache=use_cache))
+        dt = time.time() - t0
+        results[use_cache] = len(out) / dt
+        print(f"{'KV cache' if use_cache else 'no cache (recompute the whole sequence each step)'}: "
+              f"{len(out) / dt:,.0f} tokens/s")
+    print(f"the KV cache is {results[True] / results[False]:.1f}x faster")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode)):
+        if what in (name, "all"):
+            fn()

@@ -1,0 +1,199 @@
+"""
+Generate text with a checkpoint from pretrain.py or sft.py, streaming tokens as they come.
+
+    python sample.py --start "床前明月光，"                  # continue a prompt
+    python sample.py --start=FILE:prompt.txt --num_samples=3
+    python sample.py --chat --out_dir=out-sft               # talk to an SFT model (/reset, /quit)
+    python sample.py --chat --out_dir=out-sft --prompt "“一马当先”是什么意思？"   # one answer, then exit
+"""
+import os
+import sys
+import time
+
+import torch
+
+from configurator import configure
+from tokenizer import Tokenizer
+from training import check_tokenizer, load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model)
+tokenizer = ""               # tokenizer .model; "": out_dir/tokenizer.model, else data/tokenizer.model
+start = "床前明月光，"        # the prompt to continue; "FILE:path" reads it from a file
+num_samples = 1
+max_new_tokens = 200
+temperature = 0.8            # 0: greedy
+top_k = 0                    # 0: off
+top_p = 0.9                  # nucleus sampling; 1.0: off
+repetition_penalty = 1.1     # >1 discourages tokens already in the context; 1.0: off
+chat = False                 # chat with an SFT model instead of continuing text
+system = ""                  # chat: an optional system prompt
+prompt = ""                  # chat: answer this one message and exit instead of reading from the terminal
+use_cache = True             # the KV cache; off only to measure what it saves
+seed = 1337
+device = "auto"              # auto: cuda, then mps, then cpu
+dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
+compile = False
+# -----------------------------------------------------------------------------
+
+
+class TextStreamer:
+    """
+    Turns generated ids into text as they arrive. A character whose UTF-8 bytes are spread over several
+    byte-fallback tokens is printed once complete, never as a replacement character in between, and
+    everything printed joins up to exactly tok.decode(prompt + generated)[len(decode(prompt)):].
+    """
+
+    def __init__(self, tok, prompt_ids):
+        self.tok, self.ids = tok, list(prompt_ids)
+        self.printed = len(tok.decode(self.ids))
+
+    def put(self, token_id):
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids)
+        stable = len(text.rstrip("\ufffd"))  # a trailing U+FFFD may be a character still arriving
+        new, self.printed = text[self.printed:stable], max(self.printed, stable)
+        return new
+
+    def end(self):
+        """Whatever is left once generation stops (an unfinished character stays a U+FFFD)."""
+        text = self.tok.decode(self.ids)
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+
+def fit_history(tok, system_prompt, turns, user, budget):
+    """
+    The messages for the next answer: the system prompt, as many of the newest (user, answer) turns
+    as fit in `budget` tokens together with the new user message, and that message. Oldest turns go first.
+    """
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for first in range(len(turns) + 1):
+        messages = head + [m for u, a in turns[first:] for m in ({"role": "user", "content": u},
+                                                                 {"role": "assistant", "content": a})]
+        messages.append({"role": "user", "content": user})
+        if len(tok.encode_chat(messages)[0]) <= budget:
+            return messages, len(turns) - first
+    return messages, 0  # the new message alone is too long: the caller keeps its tail
+
+
+def generate_text(model, tok, ids, stream=True, **generate_kwargs):
+    """Generate after `ids` with model.generate(**generate_kwargs), printing as it goes; (text, tokens, seconds)."""
+    stop_tokens = generate_kwargs.get("stop_tokens", ())
+    x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    streamer = TextStreamer(tok, ids)
+    out, n, t0 = [], 0, time.time()
+    for token in model.generate(x, **generate_kwargs):
+        token = token.item()
+        n += 1
+        if token in stop_tokens:
+            break
+        piece = streamer.put(token)
+        out.append(piece)
+        if stream and piece:
+            print(piece, end="", flush=True)
+    dt = time.time() - t0
+    piece = streamer.end()
+    out.append(piece)
+    if stream and piece:
+        print(piece, end="", flush=True)
+    return "".join(out), n, dt
+
+
+def load(out_dir_, tokenizer_path, device_, dtype_):
+    checkpoint = load_checkpoint(out_dir_, "cpu")
+    path = tokenizer_path or next((p for p in (os.path.join(out_dir_, "tokenizer.model"), os.path.join("data", "tokenizer.model"))
+                                   if os.path.exists(p)), os.path.join(out_dir_, "tokenizer.model"))
+    tok = Tokenizer(path)
+    check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{out_dir_}/ckpt.pt")
+    model = model_from_checkpoint(checkpoint)
+    model.eval().to(device=device_, dtype=dtype_)
+    return model, tok, checkpoint
+
+
+def main():
+    configure(globals())
+    global start
+    torch.manual_seed(seed)
+    dev = device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ptdtype = torch.float32
+    if dtype == "bfloat16" or (dtype == "auto" and dev == "cuda" and torch.cuda.is_bf16_supported()):
+        ptdtype = torch.bfloat16
+    elif dtype == "float16":
+        ptdtype = torch.float16
+    model, tok, checkpoint = load(out_dir, tokenizer, dev, ptdtype)
+    context = model.args.max_seq_len
+    if compile:
+        model = torch.compile(model)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                    repetition_penalty=repetition_penalty, use_cache=use_cache)
+
+    if not chat:
+        if start.startswith("FILE:"):
+            path = start[len("FILE:"):]
+            if not os.path.exists(path):
+                raise SystemExit(f"error: prompt file {path} does not exist")
+            with open(path, encoding="utf-8") as f:
+                start = f.read()
+        ids = [tok.bos_id] + tok.encode(start)
+        room = context - min(max_new_tokens, context // 2)
+        if len(ids) > room:
+            print(f"note: the prompt has {len(ids)} tokens; keeping its last {room} so the answer fits the "
+                  f"{context}-token context", file=sys.stderr)
+            ids = [tok.bos_id] + ids[-(room - 1):]
+        for k in range(num_samples):
+            print(tok.decode(ids[1:]), end="", flush=True)
+            # a document ends where the next begins (BOS), as in run.c; EOS ends SFT answers
+            _, n, dt = generate_text(model, tok, ids, stop_tokens=(tok.bos_id, tok.eos_id), **settings)
+            print(f"\n[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+            if k + 1 < num_samples:
+                print("---------------")
+        return
+
+    if checkpoint.get("stage") != "sft":
+        print(f"warning: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint that never saw chat "
+              f"data; expect poor answers (fine-tune it with sft.py)", file=sys.stderr)
+    turns = []
+    budget = context - min(max_new_tokens, context // 2)
+    while True:
+        if prompt:
+            user = prompt
+        else:
+            try:
+                user = input("\n你: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if user in ("/quit", "/exit"):
+                return
+            if user == "/reset":
+                turns = []
+                print("(history cleared)")
+                continue
+            if not user:
+                continue
+        messages, kept = fit_history(tok, system, turns, user, budget)
+        if kept < len(turns):
+            print(f"(dropped the {len(turns) - kept} oldest turn(s) to fit the {context}-token context)", file=sys.stderr)
+        turns = turns[len(turns) - kept:]
+        ids, _ = tok.encode_chat(messages)
+        if len(ids) > budget:
+            print(f"(your message is too long; keeping its last {budget} tokens)", file=sys.stderr)
+            ids = ids[-budget:]
+        if not prompt:
+            print("助手: ", end="", flush=True)
+        try:
+            answer, n, dt = generate_text(model, tok, ids, stop_tokens=(tok.eos_id, tok.bos_id), **settings)
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            print("\n(interrupted)")
+            continue
+        print(f"\n[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        turns.append((user, answer))
+        if prompt:
+            return
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""sample.py: deterministic greedy decoding, exact streaming, chat history, and the command line."""
+import os
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, run
+from sample import TextStreamer, fit_history
+from tokenizer import Tokenizer
+from training import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--block_size=64",
+        "--max_iters=30", "--eval_interval=30")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_sft_ckpt(tiny_ckpt, tmp_path_factory):
+    """The tiny model relabelled as an SFT checkpoint: chat mode runs on it without the warning."""
+    out = tmp_path_factory.mktemp("tiny_sft")
+    ckpt = load_checkpoint(tiny_ckpt)
+    ckpt["stage"] = "sft"
+    save_checkpoint(str(out / "ckpt.pt"), ckpt)
+    (out / "tokenizer.model").write_bytes(open(os.path.join(tiny_ckpt, "tokenizer.model"), "rb").read())
+    return str(out)
+
+
+def greedy(out_dir, *args):
+    p = run("sample.py", f"--out_dir={out_dir}", "--temperature=0", "--repetition_penalty=1.0", *args)
+    return p.stdout
+
+
+def test_greedy_sampling_is_deterministic_and_equals_model_generate(tiny_ckpt):
+    text = greedy(tiny_ckpt, "--start=床前明月光，", "--max_new_tokens=20")
+    assert text == greedy(tiny_ckpt, "--start", "床前明月光，", "--max_new_tokens=20")
+    tok = Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    model = model_from_checkpoint(load_checkpoint(tiny_ckpt)).eval()
+    prompt = [tok.bos_id] + tok.encode("床前明月光，")
+    new = []
+    for t in model.generate(torch.tensor([prompt]), 20, temperature=0, stop_tokens=(tok.bos_id, tok.eos_id)):
+        if t.item() in (tok.bos_id, tok.eos_id):
+            break
+        new.append(t.item())
+    assert text.rstrip("\n") == tok.decode(prompt[1:] + new)
+
+
+def test_greedy_output_is_the_same_without_the_kv_cache(tiny_ckpt):
+    assert greedy(tiny_ckpt, "--max_new_tokens=30") == greedy(tiny_ckpt, "--max_new_tokens=30", "--use_cache=False")
+
+
+def test_streaming_prints_exactly_the_decoded_text_and_never_half_a_character(demo_data):
+    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
+    prompt = [tok.bos_id] + tok.encode("开头")
+    generated = tok.encode("😀 龘𠮷𪚥 混合 text ✓ 结尾")
+    assert any(3 <= t < 259 for t in generated)  # the rare characters really are byte-fallback tokens
+    streamer = TextStreamer(tok, prompt)
+    pieces = [streamer.put(t) for t in generated] + [streamer.end()]
+    assert "".join(pieces) == tok.decode(prompt + generated)[len(tok.decode(prompt)):]
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_chat_history_drops_the_oldest_turns_and_keeps_the_system_prompt(demo_data):
+    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
+    turns = [(f"第{i}个问题" + "很长" * 10, f"第{i}个回答" + "很长" * 10) for i in range(6)]
+    everything, kept = fit_history(tok, "你是助手", turns, "新问题", budget=10_000)
+    assert kept == 6 and everything[0] == {"role": "system", "content": "你是助手"}
+    budget = len(tok.encode_chat(everything)[0]) - 1  # one token short of the whole history
+    messages, kept = fit_history(tok, "你是助手", turns, "新问题", budget)
+    assert kept == 5 and messages[0]["role"] == "system" and messages[-1]["content"] == "新问题"
+    assert messages[1]["content"].startswith("第1个问题") and len(tok.encode_chat(messages)[0]) <= budget
+    messages, kept = fit_history(tok, "你是助手", turns, "新问题", budget=60)
+    assert kept < 2 and messages[0]["role"] == "system" and messages[-1]["content"] == "新问题"
+
+
+def test_non_interactive_chat_answers_once_and_exits(tiny_sft_ckpt):
+    p = run("sample.py", f"--out_dir={tiny_sft_ckpt}", "--chat", "--prompt", "“一马当先”是什么意思？",
+            "--max_new_tokens=10", "--system=你是助手")
+    assert "tokens/s" in p.stderr and "warning" not in p.stderr
+
+
+def test_chat_with_a_pretrained_checkpoint_warns(tiny_ckpt):
+    p = run("sample.py", f"--out_dir={tiny_ckpt}", "--chat", "--prompt=你好", "--max_new_tokens=5")
+    assert "never saw chat data" in p.stderr
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_tail(tiny_ckpt, tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text("很长的提示。" * 200, encoding="utf-8")
+    p = run("sample.py", f"--out_dir={tiny_ckpt}", f"--start=FILE:{path}", "--max_new_tokens=5")
+    assert "keeping its last" in p.stderr
+
+
+def test_a_missing_checkpoint_says_how_to_make_one(tmp_path):
+    p = run("sample.py", f"--out_dir={tmp_path}", check=False)
+    assert p.returncode != 0 and "pretrain.py" in p.out and "Traceback" not in p.out
