@@ -60,10 +60,15 @@ def rope_tables(head_dim, max_len, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by position-dependent angles. x: (B, T, H, hd)."""
+    """
+    Rotate interleaved pairs (x[2i], x[2i+1]) by position-dependent angles. x: (B, T, H, hd);
+    cos, sin: (T, hd/2), or (B, T, hd/2) when each row has its own positions (packed conversations).
+    """
     pairs = x.float().unflatten(-1, (-1, 2))            # (B, T, H, hd/2, 2)
     x0, x1 = pairs.unbind(-1)                           # each (B, T, H, hd/2)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hd/2)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]                 # (1, T, hd/2)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]   # (B or 1, T, 1, hd/2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)                   # (B, T, H, hd)
 
@@ -83,7 +88,7 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, attn_mask=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -100,7 +105,9 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T or S, hd)
         mask, causal = None, T > 1
-        if cache is not None and start_pos > 0 and T > 1:
+        if attn_mask is not None:                          # (B, 1, T, T), True where attention is allowed
+            mask, causal = attn_mask, False
+        elif cache is not None and start_pos > 0 and T > 1:
             # a chunk after a cached prefix: row i sees the prefix and the chunk up to i
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
             causal = False
@@ -134,8 +141,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, attn_mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, attn_mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -166,18 +173,23 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
-    def forward(self, tokens, targets=None, loss_mask=None, cache=None, start_pos=0):
+    def forward(self, tokens, targets=None, loss_mask=None, cache=None, start_pos=0, positions=None, attn_mask=None):
         """
         tokens (B, T). With targets (B, T): returns (logits (B, T, V), loss), the loss a mean over
         positions where loss_mask is 1 (all positions whose target is not -1 when there is no mask).
         Without targets: (logits of the last position (B, 1, V), None).
+        Several conversations packed into one row: positions (B, T) restarts at 0 for each, and
+        attn_mask (B, 1, T, T) lets a token see only earlier tokens of its own conversation.
         """
         B, T = tokens.shape
         h = self.dropout(self.tok_embeddings(tokens))
-        cos = self.rope_cos[start_pos:start_pos + T]
-        sin = self.rope_sin[start_pos:start_pos + T]
+        if positions is not None:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, hd/2)
+        else:
+            cos = self.rope_cos[start_pos:start_pos + T]
+            sin = self.rope_sin[start_pos:start_pos + T]
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache[i] if cache is not None else None, start_pos)
+            h = layer(h, cos, sin, cache[i] if cache is not None else None, start_pos, attn_mask)
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, [-1], :]), None

@@ -55,7 +55,7 @@ out_dir = "data"            # where the tokenizer and token files go
 vocab_size = 8192           # size of the tokenizer to train (at most 65535: token files are uint16)
 tokenizer_model = ""        # an existing sentencepiece .model to use instead of training one
 tokenizer_train_chars = 100_000_000  # the tokenizer trains on the first this many characters of train text
-workers = os.cpu_count() or 1  # processes that tokenize
+workers = os.cpu_count() or 1  # processes that parse and tokenize; 1: one process, sentencepiece threads on all cores
 val_fraction = 0.01         # share of documents (and SFT conversations) held out, by hash
 shard_tokens = 200_000_000  # tokens per .bin shard (400 MB)
 sft_max_len = 512           # SFT conversations are cut at a turn boundary to fit this many tokens
@@ -459,17 +459,18 @@ def demo_sft_conversations():
 # ---------------------------------------------------------------------------- tokenizing in parallel
 
 _tok = None
+_threads = -1  # sentencepiece threads per process: all cores inline, one each in a pool of processes
 
 
-def _init_worker(model_path):
-    global _tok
-    _tok = Tokenizer(model_path)
+def _init_worker(model_path, threads=1):
+    global _tok, _threads
+    _tok, _threads = Tokenizer(model_path), threads
 
 
 def encode_documents(docs, fraction):
     """Worker: documents -> per split (uint16 tokens with each document as [BOS] + ids, documents, chars)."""
     out = {"train": [[], 0, 0], "val": [[], 0, 0]}
-    for doc, ids in zip(docs, _tok.encode_batch(docs)):
+    for doc, ids in zip(docs, _tok.encode_batch(docs, num_threads=_threads)):
         part = out["val" if is_val(doc, fraction) else "train"]
         part[0].append(_tok.bos_id)
         part[0].extend(ids)
@@ -500,7 +501,7 @@ def encode_conversations(batch, max_len):
 def parallel_map(fn, batches, n_workers, init_args):
     """fn over batches, results in input order, at most 2 batches per worker in flight: memory stays flat."""
     if n_workers <= 1:
-        _init_worker(*init_args)
+        _init_worker(*init_args, threads=-1)
         for batch in batches:
             yield fn(*batch)
         return

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
-from training import Logger, check_tokenizer, cosine_lr, load_checkpoint, save_checkpoint, setup_device
+from training import Logger, check_tokenizer, cosine_lr, load_checkpoint, save_checkpoint, setup_device, train_step
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -191,7 +191,8 @@ def main():
         # a function of (seed, iteration, global micro-batch index) alone: a resumed run sees the same
         # batches, and N processes see the same batches as one process with N times the accumulation
         micro = sys_["rank"] * gradient_accumulation_steps + micro_step
-        return to_device(*train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len))
+        x, y = to_device(*train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len))
+        return {"tokens": x, "targets": y}
 
     @torch.no_grad()
     def evaluate():
@@ -214,7 +215,6 @@ def main():
         })
 
     # ---- the loop
-    x, y = train_batch(iter_num, 0)
     t_last, t_start, start_iter = time.time(), time.time(), iter_num
     val_loss = float("nan")
     try:
@@ -237,27 +237,12 @@ def main():
             if iter_num >= max_iters:
                 break
 
-            for micro_step in range(gradient_accumulation_steps):
-                if sys_["ddp"]:
-                    # average gradients across processes only once, after the last micro-step
-                    model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-                with sys_["autocast"]:
-                    _, loss = model(x, y)
-                    loss = loss / gradient_accumulation_steps
-                # fetch the next batch while the GPU works on this one
-                next_step = (iter_num, micro_step + 1) if micro_step + 1 < gradient_accumulation_steps else (iter_num + 1, 0)
-                x, y = train_batch(*next_step)
-                scaler.scale(loss).backward()
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
+                              gradient_accumulation_steps, sys_["autocast"], sys_["ddp"], grad_clip)
             iter_num += 1
 
             if master and iter_num % log_interval == 0:
-                train_loss = loss.item() * gradient_accumulation_steps  # the last micro-batch's loss
+                train_loss = loss.item()  # the last micro-batch's loss
                 if not math.isfinite(train_loss):
                     raise SystemExit(f"error: training loss is {train_loss} at iteration {iter_num}; training diverged. "
                                      f"The last good checkpoint is {out_dir}/ckpt.pt; lower --learning_rate or use bfloat16")

@@ -121,8 +121,9 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts):
-        return self.sp.encode(texts)
+    def encode_batch(self, texts, num_threads=-1):
+        """Many texts at once; sentencepiece spreads them over num_threads threads (-1: all cores)."""
+        return self.sp.encode(texts, num_threads=num_threads)
 
     def decode(self, ids):
         return self.sp.decode(list(ids))

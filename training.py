@@ -62,6 +62,31 @@ def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+def train_step(model, optimizer, scaler, get_batch, accumulation_steps, autocast, ddp, grad_clip):
+    """
+    One optimizer step over accumulation_steps micro-batches; get_batch(micro_step) returns the model's
+    keyword arguments. Under DDP, gradients are averaged across processes only after the last micro-step.
+    Returns the last micro-batch's loss (a tensor: reading it forces a device sync, so log sparingly).
+    """
+    batch = get_batch(0)
+    for micro_step in range(accumulation_steps):
+        if ddp:
+            model.require_backward_grad_sync = micro_step == accumulation_steps - 1
+        with autocast:
+            _, loss = model(**batch)
+            loss = loss / accumulation_steps
+        if micro_step + 1 < accumulation_steps:
+            batch = get_batch(micro_step + 1)  # prepared while the GPU works on this one
+        scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach() * accumulation_steps
+
+
 def save_checkpoint(path, checkpoint):
     """Write to a temporary file and rename it into place: a crash never leaves a truncated checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
