@@ -197,7 +197,7 @@ class Transformer(nn.Module):
         if loss_mask is None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         else:
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
             mask = loss_mask.flatten().to(losses.dtype)
             loss = (losses * mask).sum() / mask.sum().clamp(min=1)
         return logits, loss

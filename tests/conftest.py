@@ -31,3 +31,12 @@ def demo_data(tmp_path_factory):
 
 TINY_MODEL = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--block_size=32", "--batch_size=4",
               "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(demo_data, tmp_path_factory):
+    """A tiny model pretrained for 30 steps on the demo data (context 64)."""
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--block_size=64",
+        "--max_iters=30", "--eval_interval=30")
+    return str(out)

@@ -4,18 +4,10 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_MODEL, run
+from conftest import run
 from sample import TextStreamer, fit_history
 from tokenizer import Tokenizer
 from training import load_checkpoint, model_from_checkpoint, save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(demo_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_ckpt")
-    run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--block_size=64",
-        "--max_iters=30", "--eval_interval=30")
-    return str(out)
 
 
 @pytest.fixture(scope="module")
