@@ -183,7 +183,7 @@ def main():
             print(f"(your message is too long; keeping its last {budget} tokens)", file=sys.stderr)
             ids = ids[-budget:]
         if not prompt:
-            print("助手: ", end="", flush=True)
+            print("助手:", end="", flush=True)  # the answer itself starts with the template's space
         try:
             answer, n, dt = generate_text(model, tok, ids, stop_tokens=(tok.eos_id, tok.bos_id), **settings)
         except KeyboardInterrupt:  # stop this answer, keep the conversation

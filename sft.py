@@ -39,7 +39,7 @@ eval_iters = 20                   # test batches per loss evaluation
 log_interval = 25
 evaluate_tasks = True             # after training, the held-out task evaluation (SFT model vs pretrained model)
 eval_only = False                 # only run the task evaluation of out_dir and its base model, then exit
-eval_per_task = 100               # held-out questions per task in the evaluation; 0: all
+eval_per_task = 200               # held-out questions per task in the evaluation; 0: all
 # data
 batch_size = 8                    # rows per micro-step, per process
 packing = True                    # pack several conversations into each row (True) or pad each batch to its longest (False)
