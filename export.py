@@ -1,0 +1,226 @@
+"""
+Export a checkpoint from pretrain.py or sft.py for llama2.c or Hugging Face transformers.
+
+    python export.py                                  # out/ckpt.pt -> out/model.bin (version 0, fp32) + out/tokenizer.bin
+    python export.py --version=2 --output=out/model_q80.bin     # int8 Q8_0 for runq.c
+    python export.py --version=hf --output=hf-model   # a LlamaForCausalLM directory
+    python export.py --out_dir=out-sft                # any checkpoint directory
+
+Then, with llama2.c built (make run / make runq):
+    ./run out/model.bin -z out/tokenizer.bin -t 0 -i "床前明月光，"
+    ./run out-sft/model.bin -z out-sft/tokenizer.bin -m chat
+    ./runq out/model_q80.bin -z out/tokenizer.bin -i "床前明月光，"
+
+Formats (llama2.c at commit 350e04f):
+- version 0 (run.c): 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
+  vocab_size negative when the classifier is not the embedding), then fp32 tensors grouped by kind
+  across layers, the two RoPE tables (run.c skips them) and the classifier if unshared.
+- version 2 (runq.c): magic "ak42", version, the same 7 ints, shared-classifier byte, group size,
+  zero padding to 256 bytes, fp32 norms, then each matmul weight as int8 values + fp32 group scales.
+- tokenizer.bin: uint32 max piece length, then per id: float32 score, uint32 length, bytes ("▁" as a
+  space; BOS/EOS as "\\n<s>\\n" / "\\n</s>\\n"). It has no count: run.c reads vocab_size entries.
+"""
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import torch
+
+from configurator import configure
+from tokenizer import Tokenizer
+from training import check_tokenizer, load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model)
+output = ""                  # the file (or directory, for hf) to write; "": out_dir/model.bin, model_q80.bin or hf
+version = "0"                # 0: fp32 for run.c; 2: int8 Q8_0 for runq.c; hf: Hugging Face directory
+group_size = 64              # version 2: the largest group size up to this that divides dim and hidden_dim
+tokenizer_bin = True         # also write tokenizer.bin beside the model (llama2.c formats)
+# -----------------------------------------------------------------------------
+
+
+def layer_weights(model, name):
+    """One kind of weight across all layers, in layer order."""
+    return [layer.get_submodule(name).weight for layer in model.layers]
+
+
+def fp32_bytes(t):
+    return t.detach().cpu().to(torch.float32).numpy().astype("<f4").tobytes()
+
+
+def export_v0(model, path):
+    a = model.args
+    hidden_dim = model.layers[0].feed_forward.w1.weight.shape[0]
+    shared = a.tie_embeddings
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<7i", a.dim, hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads,
+                            a.vocab_size if shared else -a.vocab_size, a.max_seq_len))
+        tensors = [model.tok_embeddings.weight, *layer_weights(model, "attention_norm"),
+                   *layer_weights(model, "attention.wq"), *layer_weights(model, "attention.wk"),
+                   *layer_weights(model, "attention.wv"), *layer_weights(model, "attention.wo"),
+                   *layer_weights(model, "ffn_norm"), *layer_weights(model, "feed_forward.w1"),
+                   *layer_weights(model, "feed_forward.w2"), *layer_weights(model, "feed_forward.w3"),
+                   model.norm.weight, model.rope_cos, model.rope_sin]  # (max_seq_len, head_dim/2) each
+        if not shared:
+            tensors.append(model.output.weight)
+        for t in tensors:
+            f.write(fp32_bytes(t))
+    os.replace(path + ".tmp", path)
+
+
+def quantize_q80(w, gs):
+    """Symmetric int8 per group of gs values: w ~ q * scale, |q| <= 127. Returns (int8 q, fp32 scales)."""
+    groups = w.detach().float().reshape(-1, gs)
+    scale = groups.abs().max(dim=1).values / 127.0
+    q = torch.round(groups / scale.clamp(min=1e-30)[:, None]).to(torch.int8)  # an all-zero group stays zero
+    return q, scale
+
+
+def choose_group_size(dim, hidden_dim, limit):
+    gs = limit
+    while gs > 1 and (dim % gs or hidden_dim % gs):
+        gs //= 2
+    if gs < 8:  # runq.c has no tail handling: smaller groups would work but waste most of the file on scales
+        raise SystemExit(f"error: no group size >= 8 divides both dim={dim} and hidden_dim={hidden_dim}; "
+                         f"runq.c needs one (use --version=0)")
+    return gs
+
+
+def export_v2(model, path, gs):
+    a = model.args
+    hidden_dim = model.layers[0].feed_forward.w1.weight.shape[0]
+    shared = a.tie_embeddings
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Ii", 0x616B3432, 2))
+        f.write(struct.pack("<7i", a.dim, hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads,
+                            a.vocab_size, a.max_seq_len))
+        f.write(struct.pack("<Bi", int(shared), gs))
+        f.write(b"\0" * (256 - f.tell()))
+        for t in [*layer_weights(model, "attention_norm"), *layer_weights(model, "ffn_norm"), model.norm.weight]:
+            f.write(fp32_bytes(t))
+        matrices = [model.tok_embeddings.weight, *layer_weights(model, "attention.wq"), *layer_weights(model, "attention.wk"),
+                    *layer_weights(model, "attention.wv"), *layer_weights(model, "attention.wo"),
+                    *layer_weights(model, "feed_forward.w1"), *layer_weights(model, "feed_forward.w2"),
+                    *layer_weights(model, "feed_forward.w3")]
+        if not shared:
+            matrices.append(model.output.weight)
+        for w in matrices:
+            q, scale = quantize_q80(w, gs)
+            f.write(q.numpy().tobytes())
+            f.write(fp32_bytes(scale))
+    os.replace(path + ".tmp", path)
+
+
+def export_tokenizer_bin(tok, path):
+    pieces, scores = [], []
+    for i in range(tok.n_words):
+        piece = tok.id_to_piece(i)
+        if i == tok.bos_id:
+            piece = "\n<s>\n"
+        elif i == tok.eos_id:
+            piece = "\n</s>\n"
+        pieces.append(piece.replace("▁", " ").encode("utf-8"))
+        scores.append(tok.sp.get_score(i))
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<I", max(len(p) for p in pieces)))
+        for piece, s in zip(pieces, scores):
+            f.write(struct.pack("<fI", s, len(piece)))
+            f.write(piece)
+    os.replace(path + ".tmp", path)
+
+
+def hf_rope_permute(w, n_heads):
+    """Our interleaved rotary pairs (0,1), (2,3), ... -> Hugging Face's halves (0, hd/2), (1, hd/2+1), ..."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+HF_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
+    "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}{{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def export_hf(model, tok, directory):
+    a = model.args
+    n_kv = a.n_kv_heads or a.n_heads
+    os.makedirs(directory, exist_ok=True)
+    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        state[p + "self_attn.q_proj.weight"] = hf_rope_permute(layer.attention.wq.weight, a.n_heads)
+        state[p + "self_attn.k_proj.weight"] = hf_rope_permute(layer.attention.wk.weight, n_kv)
+        state[p + "self_attn.v_proj.weight"] = layer.attention.wv.weight
+        state[p + "self_attn.o_proj.weight"] = layer.attention.wo.weight
+        state[p + "mlp.gate_proj.weight"] = layer.feed_forward.w1.weight
+        state[p + "mlp.up_proj.weight"] = layer.feed_forward.w3.weight
+        state[p + "mlp.down_proj.weight"] = layer.feed_forward.w2.weight
+        state[p + "input_layernorm.weight"] = layer.attention_norm.weight
+        state[p + "post_attention_layernorm.weight"] = layer.ffn_norm.weight
+    if not a.tie_embeddings:
+        state["lm_head.weight"] = model.output.weight
+    state = {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
+    try:
+        from safetensors.torch import save_file
+        save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    except ImportError:
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+        "intermediate_size": model.layers[0].feed_forward.w1.weight.shape[0], "num_hidden_layers": a.n_layers,
+        "num_attention_heads": a.n_heads, "num_key_value_heads": n_kv, "head_dim": a.dim // a.n_heads,
+        "vocab_size": a.vocab_size, "max_position_embeddings": a.max_seq_len, "rms_norm_eps": a.norm_eps,
+        "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": a.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "torch_dtype": "float32",
+    }
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}, f, indent=1)
+    shutil.copyfile(tok.model_path, os.path.join(directory, "tokenizer.model"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                   "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+                   "model_max_length": a.max_seq_len, "chat_template": HF_CHAT_TEMPLATE}, f, indent=1, ensure_ascii=False)
+
+
+def main():
+    configure(globals())
+    if version not in ("0", "2", "hf"):
+        raise SystemExit(f"error: --version must be 0, 2 or hf, not {version!r}")
+    checkpoint = load_checkpoint(out_dir)
+    tok = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
+    check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{out_dir}/ckpt.pt")
+    model = model_from_checkpoint(checkpoint).eval()
+    if model.args.vocab_size != tok.n_words:
+        # tokenizer.bin stores no count: run.c reads vocab_size entries, so the two must agree exactly
+        raise SystemExit(f"error: the model has {model.args.vocab_size} embedding rows but the tokenizer "
+                         f"{tok.n_words} pieces; llama2.c needs them equal")
+    if version == "hf":
+        path = output or os.path.join(out_dir, "hf")
+        export_hf(model, tok, path)
+        print(f"wrote {path}/ (LlamaForCausalLM, {model.num_params() / 1e6:.2f}M parameters)")
+        return
+    if version == "0":
+        path = output or os.path.join(out_dir, "model.bin")
+        export_v0(model, path)
+        print(f"wrote {path} (version 0, fp32, {os.path.getsize(path) / 2**20:.1f} MB)")
+    else:
+        gs = choose_group_size(model.args.dim, model.layers[0].feed_forward.w1.weight.shape[0], group_size)
+        path = output or os.path.join(out_dir, "model_q80.bin")
+        export_v2(model, path, gs)
+        print(f"wrote {path} (version 2, int8 Q8_0, group size {gs}, {os.path.getsize(path) / 2**20:.1f} MB)")
+    if tokenizer_bin:
+        tpath = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.bin")
+        export_tokenizer_bin(tok, tpath)
+        print(f"wrote {tpath} ({tok.n_words} pieces)")
+
+
+if __name__ == "__main__":
+    main()
