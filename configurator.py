@@ -66,9 +66,13 @@ def configure(g, argv=None):
     settable = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, SIMPLE_TYPES)}
     if "--help" in argv or "-h" in argv:
         doc = (g.get("__doc__") or "").strip()
-        print(doc + "\n\nsettings (override with --key=value):" if doc else "settings (override with --key=value):")
-        for k, v in settable.items():
-            print(f"  --{k}={v!r}")
+        lines = [doc + "\n\nsettings (override with --key=value):" if doc else "settings (override with --key=value):"]
+        lines += [f"  --{k}={v!r}" for k, v in settable.items()]
+        try:
+            print("\n".join(lines))
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--help | head` closed the pipe early: nothing went wrong
+            sys.stdout = None
         raise SystemExit(0)
     i = 0
     while i < len(argv):

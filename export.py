@@ -25,7 +25,6 @@ import os
 import shutil
 import struct
 
-import numpy as np
 import torch
 
 from configurator import configure

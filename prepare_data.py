@@ -38,9 +38,7 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import shutil
-import sys
 import time
 
 import numpy as np

@@ -1,7 +1,7 @@
 """
 Pretrain the Llama 2 model on the token files prepare_data.py wrote.
 
-    python pretrain.py                                        # the demo preset, ~10 minutes on a 2-core CPU
+    python pretrain.py                                        # the demo preset, ~7.5 minutes on a 2-core CPU
     python pretrain.py --max_iters=100 --batch_size=8         # any global below, as --key=value
     torchrun --standalone --nproc_per_node=4 pretrain.py config/pretrain_58m_4gpu.py
 

@@ -235,7 +235,7 @@ def test_the_command_line_writes_the_model_and_tokenizer(tiny_ckpt, tmp_path):
 
 
 def test_hugging_face_export_computes_the_same_logits(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
     from transformers import LlamaForCausalLM
     for kw in ({}, {"tie_embeddings": False}):
         model = tiny(**kw)
