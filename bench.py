@@ -4,8 +4,11 @@ Benchmarks whose numbers go in the README. Nothing here is asserted by the tests
     python bench.py --what=prep      # prepare_data.py tokens/s, 1 worker vs all cores; peak RSS on a generated JSONL
     python bench.py --what=train     # training tokens/s (and MFU on a GPU) for the presets in --presets
     python bench.py --what=decode    # decode tokens/s of out/ckpt.pt with the KV cache and without it
+    python bench.py --what=sentiment # what the demo's sentiment accuracy is worth: simple classifiers on sft.py's split
 """
+import collections
 import json
+import math
 import os
 import resource
 import subprocess
@@ -17,7 +20,7 @@ import torch
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-what = "all"                 # prep, train, decode or all
+what = "all"                 # prep, train, decode, sentiment or all
 data_dir = "data"            # prepared demo data (python prepare_data.py)
 out_dir = "out"              # the checkpoint to decode with
 big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
@@ -127,8 +130,40 @@ def bench_decode():
     print(f"the KV cache is {results[True] / results[False]:.1f}x faster")
 
 
+def bench_sentiment():
+    """
+    Baselines for the demo's held-out sentiment questions (the split sft.py evaluates): the majority
+    label, and multinomial Naive Bayes over the characters (and character bigrams) of the review, fit on
+    the training reviews. An SFT model that does not beat these has learned little about sentiment.
+    """
+    from prepare_data import demo_sft_conversations
+    split = {"train": [], "test": []}
+    for s, meta, messages in demo_sft_conversations():
+        if meta["task"] == "sentiment":
+            split[s].append((messages[0]["content"].split("\n", 1)[1], messages[1]["content"]))
+    train, test = split["train"], split["test"]
+    majority = collections.Counter(label for _, label in train).most_common(1)[0][0]
+    print(f"== sentiment baselines: {len(train):,} training reviews, {len(test)} held-out ones (the test sft.py runs)")
+    print(f"majority label ({majority}): {sum(label == majority for _, label in test) / len(test) * 100:.1f}%")
+    for n in (1, 2):
+        def features(review):
+            return [review[i:i + k] for k in range(1, n + 1) for i in range(len(review) - k + 1)]
+        counts, docs = collections.defaultdict(collections.Counter), collections.Counter()
+        for review, label in train:
+            docs[label] += 1
+            counts[label].update(features(review))
+        vocab = len(set().union(*counts.values()))
+        totals = {label: sum(c.values()) for label, c in counts.items()}
+
+        def predict(review):  # add-one smoothing
+            return max(counts, key=lambda label: math.log(docs[label]) + sum(
+                math.log((counts[label][f] + 1) / (totals[label] + vocab)) for f in features(review)))
+        accuracy = sum(predict(r) == label for r, label in test) / len(test)
+        print(f"Naive Bayes on character {'uni' if n == 1 else 'uni+bi'}grams: {accuracy * 100:.1f}%")
+
+
 if __name__ == "__main__":
     configure(globals())
-    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode)):
+    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode), ("sentiment", bench_sentiment)):
         if what in (name, "all"):
             fn()

@@ -9,7 +9,7 @@ import torch
 from conftest import run
 from lora import add_lora, merged_state_dict
 from model import ModelArgs, Transformer
-from sft import Conversations, parse_names, score
+from sft import Conversations, evaluate_on_tasks, parse_names, score
 from tokenizer import Tokenizer
 
 SFT_TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2",
@@ -151,6 +151,19 @@ def test_the_evaluation_scores_perfect_answers_1_and_wrong_answers_0():
     assert [score(t, q, r, p, idioms) for t, q, r, p in wrong] == [0.0] * 5
     assert score("ner", "", "人名：江泽民\n地名：香港\n机构名：无", "人名：江泽民\n地名：无\n机构名：无", idioms) == pytest.approx(2 / 3)
     assert parse_names("人名：江泽民、李鹏\n地名：无") == {("人名", "江泽民"), ("人名", "李鹏")}
+
+
+def test_the_evaluation_skips_questions_longer_than_the_context_instead_of_cutting_them(demo_data, capsys):
+    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
+    short = {"task": "sentiment", "messages": [{"role": "user", "content": "这条评论是正面还是负面？\n很好"},
+                                               {"role": "assistant", "content": "正面"}]}
+    long = {"task": "sentiment", "messages": [{"role": "user", "content": "这条评论是正面还是负面？\n" + "房间很干净" * 20},
+                                              {"role": "assistant", "content": "正面"}]}
+    results = evaluate_on_tasks(tiny_model(max_seq_len=48), tok, [long, short, long, short], set(), "cpu", per_task=0)
+    assert results["sentiment"][1] == 2  # the two short questions were answered; the long ones were not
+    assert "2 question(s) longer than the context skipped" in capsys.readouterr().out
+    results = evaluate_on_tasks(tiny_model(max_seq_len=48), tok, [long, short, long, short], set(), "cpu", per_task=1)
+    assert results["sentiment"][1] == 1
 
 
 def test_eval_only_compares_the_sft_model_with_its_base(demo_data, tiny_ckpt, tmp_path):
