@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
-from training import Logger, check_tokenizer, cosine_lr, load_checkpoint, save_checkpoint, setup_device, train_step
+from training import (Logger, check_tokenizer, cosine_lr, load_checkpoint, save_checkpoint, setup_device, stop_if_diverged,
+                      train_step)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -226,9 +227,7 @@ def main():
             if master and (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or checkpoint is None):
                 val_loss = evaluate()
                 bpc = val_loss / math.log(2) * val_data.tokens_per_char
-                if not math.isfinite(val_loss):
-                    raise SystemExit(f"error: val loss is {val_loss} at iteration {iter_num}; training diverged. "
-                                     f"The last good checkpoint is {out_dir}/ckpt.pt; lower --learning_rate or use bfloat16")
+                stop_if_diverged(val_loss, "val loss", iter_num, out_dir, hint="lower --learning_rate or use bfloat16")
                 print(f"iter {iter_num}: val loss {val_loss:.4f}, {bpc:.3f} bits per character")
                 logger.log({"iter": iter_num, "val_loss": val_loss, "val_bpc": bpc, "time_s": time.time() - t_start})
                 best_val_loss = min(best_val_loss, val_loss)
@@ -243,9 +242,7 @@ def main():
 
             if master and iter_num % log_interval == 0:
                 train_loss = loss.item()  # the last micro-batch's loss
-                if not math.isfinite(train_loss):
-                    raise SystemExit(f"error: training loss is {train_loss} at iteration {iter_num}; training diverged. "
-                                     f"The last good checkpoint is {out_dir}/ckpt.pt; lower --learning_rate or use bfloat16")
+                stop_if_diverged(train_loss, "training loss", iter_num, out_dir, hint="lower --learning_rate or use bfloat16")
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()
                 tokens_per_s = tokens_per_iter / dt

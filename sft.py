@@ -27,7 +27,7 @@ from lora import adapter_state_dict, add_lora, merged_state_dict
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from training import (Logger, check_tokenizer, cosine_lr, load_checkpoint, model_from_checkpoint, save_checkpoint,
-                      setup_device, train_step)
+                      setup_device, stop_if_diverged, train_step)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -368,9 +368,7 @@ def main():
                 group["lr"] = lr
             if master and (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or not resume):
                 val_loss = evaluate_loss()
-                if not math.isfinite(val_loss):
-                    raise SystemExit(f"error: test answer loss is {val_loss} at iteration {iter_num}; training diverged. "
-                                     f"The last good checkpoint is {out_dir}/ckpt.pt; lower --learning_rate")
+                stop_if_diverged(val_loss, "test answer loss", iter_num, out_dir)
                 print(f"iter {iter_num}: test answer loss {val_loss:.4f}")
                 logger.log({"iter": iter_num, "val_loss": val_loss, "time_s": time.time() - t_start})
                 best_val_loss = min(best_val_loss, val_loss)
@@ -383,9 +381,7 @@ def main():
             iter_num += 1
             if master and iter_num % log_interval == 0:
                 train_loss = loss.item()
-                if not math.isfinite(train_loss):
-                    raise SystemExit(f"error: training loss is {train_loss} at iteration {iter_num}; training diverged. "
-                                     f"The last good checkpoint is {out_dir}/ckpt.pt; lower --learning_rate")
+                stop_if_diverged(train_loss, "training loss", iter_num, out_dir)
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()
                 answers_per_s = answer_tokens[0] * world_size / (dt * log_interval)

@@ -113,6 +113,13 @@ def model_from_checkpoint(checkpoint, device="cpu"):
     return model.to(device)
 
 
+def stop_if_diverged(loss, what, iter_num, out_dir, hint="lower --learning_rate"):
+    """A NaN/inf loss ends the run with the way back, instead of training on (and saving) garbage."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: {what} is {loss} at iteration {iter_num}; training diverged. "
+                         f"The last good checkpoint is {out_dir}/ckpt.pt; {hint}")
+
+
 def check_tokenizer(checkpoint_sha, tokenizer_sha, what):
     if checkpoint_sha and tokenizer_sha and checkpoint_sha != tokenizer_sha:
         raise SystemExit(f"error: {what} was made with tokenizer {checkpoint_sha} but the tokenizer here is "
