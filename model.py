@@ -175,8 +175,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, targets=None, loss_mask=None, cache=None, start_pos=0, positions=None, attn_mask=None):
         """
-        tokens (B, T). With targets (B, T): returns (logits (B, T, V), loss), the loss a mean over
-        positions where loss_mask is 1 (all positions whose target is not -1 when there is no mask).
+        tokens (B, T). With targets (B, T): returns (logits (B, T, V), loss), the loss a mean over all
+        positions whose target is not -1. With targets and loss_mask (B, T): (logits (N, V) of only the N
+        positions where loss_mask > 0, loss), the loss their mask-weighted mean.
         Without targets: (logits of the last position (B, 1, V), None).
         Several conversations packed into one row: positions (B, T) restarts at 0 for each, and
         attn_mask (B, 1, T, T) lets a token see only earlier tokens of its own conversation.
@@ -193,13 +194,17 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, [-1], :]), None
-        logits = self.output(h)
         if loss_mask is None:
+            logits = self.output(h)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        else:
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
-            mask = loss_mask.flatten().to(losses.dtype)
-            loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+            return logits, loss
+        # SFT: only the answer tokens (~16% of the demo's) carry loss, so the classifier runs on those
+        # alone; at dim 128 its 8192-way matmul is half the FLOPs, and this halves the step time on CPU
+        mask = loss_mask.flatten()
+        keep = mask > 0
+        logits = self.output(h.flatten(0, 1)[keep])                         # (N, V)
+        losses = F.cross_entropy(logits.float(), targets.flatten()[keep], ignore_index=-1, reduction="none")
+        loss = (losses * mask[keep].to(losses.dtype)).sum() / mask.sum().to(losses.dtype).clamp(min=1)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

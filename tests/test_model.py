@@ -113,11 +113,15 @@ def test_masked_loss_is_the_mean_over_masked_in_positions():
     mask = torch.zeros(2, 10)
     mask[0, 3:6] = 1
     mask[1, 8] = 1
-    logits, loss = model(tokens, targets, loss_mask=mask)
-    logp = F.log_softmax(logits.float(), dim=-1)
+    all_logits, _ = model(tokens, targets)
+    logp = F.log_softmax(all_logits.float(), dim=-1)
     picked = [(0, 3), (0, 4), (0, 5), (1, 8)]
     expected = -sum(logp[b, t, targets[b, t]] for b, t in picked) / len(picked)
+    logits, loss = model(tokens, targets, loss_mask=mask)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the classifier ran only on the masked-in positions, and gave the same logits there
+    assert logits.shape == (4, 97)
+    assert torch.allclose(logits, torch.stack([all_logits[b, t] for b, t in picked]), atol=1e-5)
     # without a mask, a target of -1 is ignored
     targets[0, :5] = -1
     _, loss = model(tokens, targets)

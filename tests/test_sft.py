@@ -30,8 +30,8 @@ def tiny_model(**kw):
 @pytest.mark.parametrize("packed", [True, False])
 def test_the_loss_mask_covers_exactly_the_answers(demo_data, packed):
     tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
-    data = Conversations(demo_data, "test", 128, tok)
-    batch = data.batch(np.random.default_rng(0), 6, 128, packed)
+    data = Conversations(demo_data, "test", 128, tok, packed)
+    batch = data.batch(0, 6)
     tests = [json.loads(line) for line in open(os.path.join(demo_data, "sft_test.jsonl"), encoding="utf-8")]
     answers = {m["content"] for t in tests for m in t["messages"] if m["role"] == "assistant"}
     for row_targets, row_mask in zip(batch["targets"], batch["loss_mask"]):
@@ -53,12 +53,28 @@ def _split_at(ids, sep):
     return spans
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_every_conversation_is_trained_on_once_per_epoch_whatever_its_length(demo_data, packed):
+    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
+    data = Conversations(demo_data, "train", 128, tok, packed)
+    lengths = data.ends - data.starts - 1
+    epoch0, epoch1 = data.rows_of_epoch(0), data.rows_of_epoch(1)
+    for rows in (epoch0, epoch1):
+        assert sorted(i for row in rows for i in row) == list(range(len(data)))
+        assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+    assert epoch0 != epoch1  # shuffled anew
+    if packed:
+        assert lengths.sum() / (len(epoch0) * 128) > 0.9  # rows are nearly full
+    # the stream of rows runs through epoch 0, then epoch 1
+    assert data.row(0) == epoch0[0] and data.row(len(epoch0)) == epoch1[0] and data.row(len(epoch0) - 1) == epoch0[-1]
+
+
 def test_packed_conversations_never_attend_across_each_other(demo_data):
     tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
-    data = Conversations(demo_data, "test", 128, tok)
+    data = Conversations(demo_data, "test", 128, tok, packed=True, seed=3)
     model = tiny_model()
-    batch = data.batch(np.random.default_rng(3), 2, 128, packed=True)
-    packed = {k: torch.from_numpy(v) for k, v in batch.items()}
+    batch = data.batch(0, 2)
+    packed = {k: torch.from_numpy(v) for k, v in batch.items() if k != "loss_mask"}  # logits at every position
     logits, _ = model(**packed)
     # every conversation in the row, run alone from position 0, gives the same logits
     pos = batch["positions"][0]
@@ -75,9 +91,9 @@ def test_packed_conversations_never_attend_across_each_other(demo_data):
 
 def test_padding_changes_nothing_before_it(demo_data):
     tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
-    data = Conversations(demo_data, "test", 128, tok)
+    data = Conversations(demo_data, "test", 128, tok, packed=False, seed=5)
     model = tiny_model()
-    batch = data.batch(np.random.default_rng(5), 4, 128, packed=False)
+    batch = data.batch(0, 4)
     logits, _ = model(torch.from_numpy(batch["tokens"]), torch.from_numpy(batch["targets"]))
     for b in range(4):
         n = int((batch["targets"][b] != -1).sum())
