@@ -79,35 +79,42 @@ def bench_prep():
 def bench_train():
     from model import PRESETS, ModelArgs, Transformer, peak_flops
     from tokenizer import Tokenizer
-    from training import setup_device
-    sys_ = setup_device(device, dtype, compile)
+    from training import keep_freed_memory, setup_device
+    sys_ = setup_device(device, dtype, compile, keep_memory=False)  # on CPU: measured both ways below
     vocab = vocab_size or Tokenizer(os.path.join(data_dir, "tokenizer.model")).n_words
     name = torch.cuda.get_device_name() if sys_["device_type"] == "cuda" else "cpu"
     peak = peak_flops(name) if sys_["device_type"] == "cuda" else None
     print(f"== training throughput on {name} ({sys_['dtype']}, compile {sys_['compile']}), vocab {vocab}, batch {batch_size}")
-    for preset in presets.split(","):
-        args = ModelArgs(**PRESETS[preset], vocab_size=vocab)
-        model = Transformer(args).to(sys_["device"])
-        optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), sys_["device_type"])
-        step_model = torch.compile(model) if sys_["compile"] else model
-        x = torch.randint(0, vocab, (batch_size, args.max_seq_len), device=sys_["device"])
-        for i in range(3 + iters):
-            if i == 3:
-                if sys_["device_type"] == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.time()
-            with sys_["autocast"]:
-                _, loss = step_model(x, x)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if sys_["device_type"] == "cuda":
-            torch.cuda.synchronize()
-        dt = (time.time() - t0) / iters
-        tokens_per_s = batch_size * args.max_seq_len / dt
-        mfu = model.flops_per_token(args.max_seq_len) * tokens_per_s / peak if peak else None
-        print(f"{preset}: {model.num_params() / 1e6:.1f}M params, context {args.max_seq_len}: {dt * 1000:.0f} ms/iter, "
-              f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu else ""))
+    # on CPU, each preset is timed with glibc malloc's defaults first, then as training runs it:
+    # keep_freed_memory() (mallopt) cannot be undone in a process, so the order is fixed
+    settings = ["malloc default", "keep_freed_memory"] if sys_["device_type"] == "cpu" else [""]
+    for setting in settings:
+        if setting == "keep_freed_memory":
+            keep_freed_memory()
+        for preset in presets.split(","):
+            args = ModelArgs(**PRESETS[preset], vocab_size=vocab)
+            model = Transformer(args).to(sys_["device"])
+            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), sys_["device_type"])
+            step_model = torch.compile(model) if sys_["compile"] else model
+            x = torch.randint(0, vocab, (batch_size, args.max_seq_len), device=sys_["device"])
+            for i in range(3 + iters):
+                if i == 3:
+                    if sys_["device_type"] == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.time()
+                with sys_["autocast"]:
+                    _, loss = step_model(x, x)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if sys_["device_type"] == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.time() - t0) / iters
+            tokens_per_s = batch_size * args.max_seq_len / dt
+            mfu = model.flops_per_token(args.max_seq_len) * tokens_per_s / peak if peak else None
+            print(f"{preset}{' (' + setting + ')' if setting else ''}: {model.num_params() / 1e6:.1f}M params, "
+                  f"context {args.max_seq_len}: {dt * 1000:.0f} ms/iter, {tokens_per_s:,.0f} tokens/s"
+                  + (f", MFU {mfu * 100:.1f}%" if mfu else ""))
 
 
 def bench_decode():

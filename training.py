@@ -3,6 +3,7 @@ What pretrain.py and sft.py truly share: device/DDP/precision setup, the learnin
 atomic checkpoints, and the one log line format. sample.py and export.py load checkpoints from here too.
 """
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -14,9 +15,10 @@ import torch.distributed as dist
 from model import ModelArgs, Transformer
 
 
-def setup_device(device, dtype, compile):
+def setup_device(device, dtype, compile, keep_memory=True):
     """
-    Resolve "auto" settings and start torch.distributed when launched by torchrun.
+    Resolve "auto" settings and start torch.distributed when launched by torchrun. On CPU, keep_memory
+    lets malloc keep freed memory for reuse (see keep_freed_memory).
     Returns a dict: ddp, rank, local_rank, world_size, master, device, device_type, dtype, compile, autocast.
     """
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -43,6 +45,8 @@ def setup_device(device, dtype, compile):
         raise SystemExit("error: float16 training needs a CUDA GPU (use bfloat16 or float32)")
     if compile is None:
         compile = device_type == "cuda"
+    if device_type == "cpu" and keep_memory:
+        keep_freed_memory()
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -50,6 +54,22 @@ def setup_device(device, dtype, compile):
     autocast = contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     return dict(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
                 device_type=device_type, dtype=dtype, compile=compile, autocast=autocast)
+
+
+def keep_freed_memory():
+    """
+    Let glibc's malloc keep freed memory for the next training step. By default it hands every freed
+    block over 32 MB back to the kernel, and the next step faults it in again page by page: with the
+    demo's 64 MB logits that was 65k page faults and a third of each CPU step's time spent in the
+    kernel (pretraining steps 325 -> 245 ms with this). Elsewhere (macOS, Windows, musl) nothing happens.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # blocks up to 1 GB come from the heap, not from mmap
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # the heap's free top is returned only past 1 GB
 
 
 def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
