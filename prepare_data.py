@@ -452,7 +452,7 @@ def demo_sft_conversations():
     # the one the demo's target is set on); the idiom tasks, which it cannot learn, are kept small, as
     # their long answers would otherwise hold most of the answer tokens and drown the sentiment signal
     # (measured from one pretrained model, 833 held-out reviews: 6000 questions each 81.2%; 1500 each
-    # with sft.py's defaults 83.2%; see the README)
+    # with that day's sft.py defaults 83.2%; see the README)
     out = []
     for (split, task), examples in sorted(by_task.items()):
         rng.shuffle(examples)

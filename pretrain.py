@@ -46,7 +46,7 @@ tie_embeddings = True
 # optimization
 batch_size = 8                    # sequences per micro-step, per process
 gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
-max_iters = 1250                  # optimizer steps in the whole run
+max_iters = 1700                  # optimizer steps in the whole run
 learning_rate = 5e-3              # peak, after warmup
 min_lr = 5e-4                     # at the end of the cosine decay
 warmup_iters = 50
