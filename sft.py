@@ -113,7 +113,7 @@ class Conversations:
     def __len__(self):
         return len(self.starts)
 
-    def rows_of_epoch(self, epoch):
+    def _lay_out(self, epoch):
         """
         Every conversation once, shuffled anew each epoch. Packed, each goes into the first of the open
         rows with room for it. (Drawing conversations at random until one does not fit would train a
@@ -137,9 +137,10 @@ class Conversations:
                     rows.append(open_rows.pop(0)[1])
         return rows + [row for _, row in open_rows]
 
-    def _rows(self, epoch):
-        if self.layout[0] != epoch:  # one epoch's layout is kept in memory
-            self.layout = (epoch, self.rows_of_epoch(epoch))
+    def rows_of_epoch(self, epoch):
+        """The rows of one epoch, each a list of conversation indices (the latest epoch's are kept)."""
+        if self.layout[0] != epoch:
+            self.layout = (epoch, self._lay_out(epoch))
         return self.layout[1]
 
     def row(self, r):
@@ -147,9 +148,9 @@ class Conversations:
         epoch = 0
         while True:
             if epoch == len(self.rows_per_epoch):
-                self.rows_per_epoch.append(len(self._rows(epoch)))
+                self.rows_per_epoch.append(len(self.rows_of_epoch(epoch)))
             if r < self.rows_per_epoch[epoch]:
-                return self._rows(epoch)[r]
+                return self.rows_of_epoch(epoch)[r]
             r -= self.rows_per_epoch[epoch]
             epoch += 1
 
@@ -161,8 +162,7 @@ class Conversations:
         """
         tokens, mask = self._maps()
         rows = [self.row(first_row + b) for b in range(batch_size)]
-        lengths = [sum(self.ends[i] - self.starts[i] - 1 for i in row) for row in rows]
-        T = self.block_size if self.packed else max(lengths)
+        T = self.block_size if self.packed else max(self.ends[row[0]] - self.starts[row[0]] - 1 for row in rows)
         x = np.zeros((batch_size, T), dtype=np.int64)
         y = np.full((batch_size, T), -1, dtype=np.int64)
         m = np.zeros((batch_size, T), dtype=np.float32)

@@ -61,7 +61,7 @@ def keep_freed_memory():
     Let glibc's malloc keep freed memory for the next training step. By default it hands every freed
     block over 32 MB back to the kernel, and the next step faults it in again page by page: with the
     demo's 64 MB logits that was 65k page faults and a third of each CPU step's time spent in the
-    kernel (pretraining steps 325 -> 245 ms with this). Elsewhere (macOS, Windows, musl) nothing happens.
+    kernel (`python bench.py --what=train`: 320 -> 236 ms per demo step). Elsewhere (macOS, Windows, musl) nothing happens.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
