@@ -45,9 +45,9 @@ batch_size = 4                    # rows per micro-step, per process
 packing = True                    # pack several conversations into each row (True) or pad each batch to its longest (False)
 gradient_accumulation_steps = 1
 # optimization
-max_iters = 1600
-learning_rate = 5e-3
-min_lr = 5e-4
+max_iters = 3200                  # 1.46 epochs of the demo SFT set
+learning_rate = 1e-3              # 5e-3: the same sentiment accuracy, but name F1 9% instead of 17% (README)
+min_lr = 1e-4
 warmup_iters = 30
 lr_decay_iters = None             # None: max_iters
 weight_decay = 0.0
