@@ -94,7 +94,7 @@ def bench_train():
         for preset in presets.split(","):
             args = ModelArgs(**PRESETS[preset], vocab_size=vocab)
             model = Transformer(args).to(sys_["device"])
-            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), sys_["device_type"])
+            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), sys_["device_type"], muon=False)  # AdamW: the table in the README
             step_model = torch.compile(model) if sys_["compile"] else model
             x = torch.randint(0, vocab, (batch_size, args.max_seq_len), device=sys_["device"])
             for i in range(3 + iters):

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muon import MuonAdamW
+
 
 @dataclass
 class ModelArgs:
@@ -207,8 +209,20 @@ class Transformer(nn.Module):
         loss = (losses * mask[keep].to(losses.dtype)).sum() / mask.sum().to(losses.dtype).clamp(min=1)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=True):
+        """
+        muon: Muon for the blocks' weight matrices and AdamW for the embedding and norms (muon.py);
+        else AdamW for all. Norm gains are never decayed.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
+        if muon:
+            matrices = {id(p) for p in self.layers.parameters() if p.dim() == 2}
+            groups = [
+                {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay, "muon": True},
+                {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+            return MuonAdamW(groups, lr=learning_rate, betas=betas)
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},  # matmuls and embeddings
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},            # norms

@@ -55,6 +55,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
+muon = True                       # Muon for the blocks' weight matrices, AdamW for the rest (muon.py); False: AdamW for all
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
@@ -150,7 +151,9 @@ def main():
     model = Transformer(model_args).to(sys_["device"])
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    # a resumed run keeps its optimizer: the saved state only fits the one it was made by
+    use_muon = checkpoint["config"].get("muon", False) if checkpoint is not None else muon
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, use_muon)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["torch_rng"].cpu())
@@ -174,7 +177,8 @@ def main():
         print(f"data: {train_data.sizes.sum():,} train tokens, {val_data.sizes.sum():,} val tokens; "
               f"tokens per iteration: {batch_size} batch x {seq_len} context x {gradient_accumulation_steps} "
               f"accumulation x {world_size} processes = {tokens_per_iter:,}")
-        print(f"device {sys_['device']}, {sys_['dtype']}, compile {sys_['compile']}; "
+        print(f"device {sys_['device']}, {sys_['dtype']}, compile {sys_['compile']}, "
+              f"optimizer {'Muon (block matrices) + AdamW' if use_muon else 'AdamW'}; "
               f"{'resuming at' if checkpoint else 'starting at'} iteration {iter_num} of {max_iters}")
     logger = Logger(out_dir, max_iters, resume=checkpoint is not None) if master else None
     if master and os.path.abspath(data_dir) != os.path.abspath(out_dir):

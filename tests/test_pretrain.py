@@ -26,18 +26,21 @@ def test_a_tiny_run_lowers_the_val_loss_and_writes_a_loadable_checkpoint(demo_da
     out = tmp_path / "out"
     p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--max_iters=40", "--eval_interval=20")
     val = val_losses(out)
-    assert sorted(val) == [0, 20, 40] and val[40] < val[0] - 1.0
+    assert sorted(val) == [0, 20, 40] and val[40] < val[20] < val[0] - 0.3
     assert "tokens per iteration: 4 batch x 32 context x 1 accumulation x 1 processes = 128" in p.out
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # no pickled code needed to read it
     assert ckpt["iter_num"] == 40 and ckpt["model_args"]["dim"] == 32 and ckpt["tokenizer_sha"]
     assert not os.path.exists(out / "ckpt.pt.tmp")
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path):
+@pytest.mark.parametrize("muon", [True, False])
+def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path, muon):
     common = [f"--data_dir={demo_data}", *TINY_MODEL, "--eval_interval=6", "--lr_decay_iters=12", "--dropout=0.1"]
-    run("pretrain.py", f"--out_dir={tmp_path / 'straight'}", *common, "--max_iters=12")
-    run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=6")
-    run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=12", "--init_from=resume")
+    run("pretrain.py", f"--out_dir={tmp_path / 'straight'}", *common, "--max_iters=12", f"--muon={muon}")
+    run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=6", f"--muon={muon}")
+    # no --muon when resuming: the run keeps the optimizer its checkpoint was made with
+    p = run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=12", "--init_from=resume")
+    assert ("optimizer Muon" in p.out) == muon
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 13))
     for it in range(7, 13):  # dropout included: the RNG state travels in the checkpoint
@@ -53,7 +56,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(demo_data, 
     assert "x 1 accumulation x 2 processes = 256" in p.out
     one, two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [0, 5, 10]
-    assert one[10] < one[0] - 0.2  # it did train
+    assert one[10] < one[5] < one[0]  # it did train
     for it in one:  # the same weights after each step: DDP averaged the gradients
         assert two[it] == pytest.approx(one[it], abs=1e-4), it
 
