@@ -87,14 +87,16 @@ def bench_train():
     print(f"== training throughput on {name} ({sys_['dtype']}, compile {sys_['compile']}), vocab {vocab}, batch {batch_size}")
     # on CPU, each preset is timed with glibc malloc's defaults first, then as training runs it:
     # keep_freed_memory() (mallopt) cannot be undone in a process, so the order is fixed
-    settings = ["malloc default", "keep_freed_memory"] if sys_["device_type"] == "cpu" else [""]
+    # the optimizer is AdamW, then Muon + AdamW (pretrain.py's default) with the same memory setting
+    settings = ["malloc default", "keep_freed_memory", "keep_freed_memory, Muon"] if sys_["device_type"] == "cpu" \
+        else ["AdamW", "Muon"]
     for setting in settings:
         if setting == "keep_freed_memory":
             keep_freed_memory()
         for preset in presets.split(","):
             args = ModelArgs(**PRESETS[preset], vocab_size=vocab)
             model = Transformer(args).to(sys_["device"])
-            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), sys_["device_type"], muon=False)  # AdamW: the table in the README
+            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), sys_["device_type"], muon="Muon" in setting)
             step_model = torch.compile(model) if sys_["compile"] else model
             x = torch.randint(0, vocab, (batch_size, args.max_seq_len), device=sys_["device"])
             for i in range(3 + iters):
