@@ -44,7 +44,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import Tokenizer, compatibility_warnings, split_turns, train_tokenizer
+from tokenizer import Tokenizer, compatibility_warnings, sniff_encoding, split_turns, train_tokenizer
 
 # -----------------------------------------------------------------------------
 input = "demo"              # pretraining sources: "demo", or comma-separated files/directories; "" skips pretraining data
@@ -72,11 +72,23 @@ def is_val(text, fraction):
 
 
 class Counts(collections.Counter):
-    """What happened to one input file: documents kept and every kind of repair or skip."""
+    """
+    What happened to one input file: documents kept and every kind of repair or skip. Also the
+    file's text encoding (readers decode with it) and, in keys starting with "_", the characters
+    kept and how many of them are U+FFFD, so that a garbled file is caught (check_replacement).
+    """
+    encoding = "utf-8"
 
     def summary(self, name):
-        issues = ", ".join(f"{n} {what}" for what, n in self.items() if what != "kept")
-        return f"  {name}: {self['kept']} kept" + (f"; {issues}" if issues else "")
+        issues = ", ".join(f"{n} {what}" for what, n in self.items() if what != "kept" and not what.startswith("_"))
+        read_as = "" if self.encoding == "utf-8" else f" (decoded as {self.encoding.upper()})"
+        return f"  {name}{read_as}: {self['kept']} kept" + (f"; {issues}" if issues else "")
+
+    def check_replacement(self, name, limit=0.1):
+        """A file whose kept text is largely U+FFFD is garbage in another encoding: an error, not a success."""
+        if self["_chars"] and self["_replaced"] > limit * self["_chars"]:
+            raise SystemExit(f"error: {name}: {self['_replaced'] * 100 // self['_chars']}% of its text is U+FFFD "
+                             f"(bytes that are not UTF-8); convert the file to UTF-8 or leave it out")
 
 
 def clean_text(text, counts):
@@ -92,11 +104,13 @@ def clean_text(text, counts):
     if not text.strip():
         counts["empty skipped"] += 1
         return None
+    counts["_chars"] += len(text)
+    counts["_replaced"] += text.count("\ufffd")
     return text
 
 
 def read_lines(path, counts, progress):
-    """Lines of a file as str, streamed; BOM, CRLF and invalid UTF-8 repaired and counted."""
+    """Lines of a file as str (in counts.encoding), streamed; BOM, CRLF and undecodable bytes repaired and counted."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f):
             progress.update(len(raw))
@@ -104,10 +118,10 @@ def read_lines(path, counts, progress):
                 raw = raw[len(codecs.BOM_UTF8):]
                 counts["BOM removed"] += 1
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(counts.encoding)
             except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                counts["lines with invalid UTF-8 repaired"] += 1
+                line = raw.decode(counts.encoding, errors="replace")
+                counts[f"lines with invalid {'UTF-8' if counts.encoding == 'utf-8' else counts.encoding.upper()} repaired"] += 1
             if line.endswith("\r\n"):
                 line = line[:-2] + "\n"
             yield line
@@ -124,7 +138,8 @@ def read_json_array(path, counts, progress, chunk_chars=1 << 20, max_object_char
 
     codecs.register_error("prepare_data_count", count_replace)
     with open(path, "rb") as raw:
-        f = codecs.getreader("utf-8-sig")(raw, errors="prepare_data_count")
+        encoding = "utf-8-sig" if counts.encoding == "utf-8" else counts.encoding
+        f = codecs.getreader(encoding)(raw, errors="prepare_data_count")
         buf, pos, eof, read_bytes = "", 0, False, 0
 
         def more():
@@ -282,12 +297,14 @@ def iter_file_inputs(files, reader, label):
     with tqdm(total=total, unit="B", unit_scale=True, desc=label, dynamic_ncols=True) as bar:
         for path in files:
             counts = Counts()
+            counts.encoding = sniff_encoding(path)
             start = bar.n
             for item in reader(path, counts, bar):
                 yield item, counts
             bar.n = start + os.path.getsize(path)  # the JSON array reader reports bytes coarsely
             bar.refresh()
             tqdm.write(counts.summary(path))
+            counts.check_replacement(path)
 
 
 # ---------------------------------------------------------------------------- the demo corpus
@@ -697,7 +714,17 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, "*.tmp")):
         os.remove(stale)  # left by an interrupted run
+    try:
+        write_outputs()
+    except BaseException:
+        # an error or Ctrl-C: nothing half-written stays behind, and the outputs of the last
+        # complete run are untouched (ours only replace them in publish(), at the very end)
+        for partial in glob.glob(os.path.join(out_dir, "*.tmp")):
+            os.remove(partial)
+        raise
 
+
+def write_outputs():
     if input == "demo":
         documents = demo_documents
     elif input:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
-from training import (Logger, check_tokenizer, cosine_lr, load_checkpoint, save_checkpoint, setup_device, stop_if_diverged,
+from training import (Logger, check_tokenizer, claim_out_dir, cosine_lr, load_checkpoint, save_checkpoint, setup_device, stop_if_diverged,
                       train_step)
 
 # -----------------------------------------------------------------------------
@@ -31,6 +31,7 @@ from training import (Logger, check_tokenizer, cosine_lr, load_checkpoint, save_
 out_dir = "out"                   # ckpt.pt and log.jsonl go here
 data_dir = "data"                 # prepare_data.py's output: tokenizer.model, train_*.bin, val_*.bin
 init_from = "scratch"             # "scratch", or "resume" to continue from out_dir/ckpt.pt
+overwrite = False                 # a scratch run into an out_dir that holds a checkpoint: replace it (else refused)
 eval_interval = 250               # measure val loss and save a checkpoint every this many iterations
 eval_iters = 20                   # val batches per evaluation
 log_interval = 25                 # iterations per log line
@@ -106,6 +107,9 @@ class TokenShards:
 
 def main():
     config = configure(globals())
+    if init_from not in ("scratch", "resume"):
+        raise SystemExit(f"error: --init_from must be scratch or resume, not {init_from!r}")
+    claim_out_dir(out_dir, fresh=init_from == "scratch", overwrite=overwrite)
     sys_ = setup_device(device, dtype, compile)
     master, device_type = sys_["master"], sys_["device_type"]
     world_size = sys_["world_size"]
@@ -218,6 +222,7 @@ def main():
             "config": config, "tokenizer_sha": tok.sha, "world_size": world_size, "torch_rng": torch.get_rng_state(),
             "stage": "pretrain",
         })
+        logger.commit()
 
     # ---- the loop
     t_last, t_start, start_iter = time.time(), time.time(), iter_num

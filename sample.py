@@ -13,7 +13,7 @@ import time
 import torch
 
 from configurator import configure
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, read_text_file
 from training import check_tokenizer, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -132,11 +132,9 @@ def main():
 
     if not chat:
         if start.startswith("FILE:"):
-            path = start[len("FILE:"):]
-            if not os.path.exists(path):
-                raise SystemExit(f"error: prompt file {path} does not exist")
-            with open(path, encoding="utf-8") as f:
-                start = f.read()
+            start, encoding = read_text_file(start[len("FILE:"):])
+            if encoding != "utf-8":
+                print(f"note: the prompt file is not UTF-8; read it as {encoding.upper()}", file=sys.stderr)
         ids = [tok.bos_id] + tok.encode(start)
         room = context - min(max_new_tokens, context // 2)
         if len(ids) > room:

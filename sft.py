@@ -26,7 +26,7 @@ from configurator import configure
 from lora import adapter_state_dict, add_lora, merged_state_dict
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
-from training import (Logger, check_tokenizer, cosine_lr, load_checkpoint, model_from_checkpoint, save_checkpoint,
+from training import (Logger, check_tokenizer, claim_out_dir, cosine_lr, load_checkpoint, model_from_checkpoint, save_checkpoint,
                       setup_device, stop_if_diverged, train_step)
 
 # -----------------------------------------------------------------------------
@@ -34,6 +34,7 @@ from training import (Logger, check_tokenizer, cosine_lr, load_checkpoint, model
 out_dir = "out-sft"               # SFT checkpoints (ckpt.pt), log.jsonl and eval.json go here
 data_dir = "data"                 # prepare_data.py's output: sft_train.*, sft_test.*, tokenizer.model
 init_from = "out"                 # a pretraining checkpoint directory, or "resume" to continue out_dir
+overwrite = False                 # a new run into an out_dir that holds a checkpoint: replace it (else refused)
 eval_interval = 200               # answer loss on the test split and a checkpoint every this many iterations
 eval_iters = 20                   # test batches per loss evaluation
 log_interval = 25
@@ -310,6 +311,9 @@ def run_evaluation(sft_model, base_model, tok, device_):
 
 def main():
     config = configure(globals())
+    if not eval_only:
+        resume = init_from == "resume"
+        claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite, init_from=None if resume else init_from)
     sys_ = setup_device(device, dtype, compile)
     master, device_type, world_size = sys_["master"], sys_["device_type"], sys_["world_size"]
     torch.manual_seed(seed + sys_["rank"])
@@ -417,6 +421,7 @@ def main():
             "tokenizer_sha": tok.sha, "world_size": world_size, "torch_rng": torch.get_rng_state(),
             "stage": "sft", "base": base_dir,
         })
+        logger.commit()
 
     model.train()
     t_last, t_start, start_iter = time.time(), time.time(), iter_num

@@ -13,6 +13,7 @@ Every setting below exists so that llama2.c's run.c tokenizes exactly as we do:
 The one string that does not round-trip is the character "▁" (U+2581) itself: sentencepiece uses it
 to escape spaces, so it decodes as a space.
 """
+import codecs
 import hashlib
 import io
 import os
@@ -171,3 +172,39 @@ def split_turns(messages):
     if not turns:
         raise ValueError("a conversation needs at least one user message")
     return turns
+
+
+def sniff_encoding(path, sample_bytes=1 << 20):
+    """
+    "utf-8" or "gb18030" for a text file, judged on its first sample_bytes. Chinese text often comes
+    in GBK/GB18030, and read as UTF-8 it becomes mostly U+FFFD: a file whose non-ASCII bytes largely
+    fail to decode as UTF-8 but decode cleanly as GB18030 (a superset of GBK and GB2312) is read as
+    that. A few bad bytes in a UTF-8 file stay UTF-8 (the readers repair and count them). Anything
+    else is a one-line error naming the file, never silently garbled text.
+    """
+    with open(path, "rb") as f:
+        sample = f.read(sample_bytes)
+    if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise SystemExit(f"error: {path} is UTF-16; convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8 {path} > new_file)")
+    if len(sample) == sample_bytes and b"\n" in sample:
+        sample = sample[:sample.rindex(b"\n") + 1]  # never judge a character cut at the sample's end
+    non_ascii = sum(1 for b in sample if b >= 0x80)
+    bad = sample.decode("utf-8", errors="replace").count("\ufffd") - sample.count("\ufffd".encode())
+    if bad * 10 <= non_ascii:  # clean UTF-8, or UTF-8 with a few broken bytes
+        return "utf-8"
+    try:
+        sample.decode("gb18030")
+        return "gb18030"
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: {path} is not UTF-8 ({bad * 100 // max(1, non_ascii)}% of its non-ASCII bytes do not "
+                         f"decode) nor GBK/GB18030; convert it to UTF-8 first (e.g. iconv -f BIG5 -t UTF-8 {path} > new_file)")
+
+
+def read_text_file(path):
+    """The whole text of a small file (a prompt), UTF-8 or GB18030 as sniff_encoding decides; (text, encoding)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} does not exist or is not a file")
+    encoding = sniff_encoding(path)
+    with open(path, "rb") as f:
+        text = f.read().decode(encoding, errors="replace")
+    return text.removeprefix("\ufeff"), encoding

@@ -146,20 +146,84 @@ def check_tokenizer(checkpoint_sha, tokenizer_sha, what):
                          f"{tokenizer_sha}; use the matching data directory or start from scratch")
 
 
+_out_dir_lock = None  # the open lock file: held for as long as this process lives
+
+
+def claim_out_dir(out_dir, fresh, overwrite, init_from=None):
+    """
+    Make sure this run may write out_dir, before anything is loaded or deleted. A fresh run (not a
+    resume) refuses a directory that already holds a checkpoint unless overwrite is set: forgetting
+    --init_from=resume must not destroy a finished run. A fine-tuning run refuses to write into the
+    directory it starts from. Rank 0 then takes out_dir/lock (with its pid), so that a second run
+    writing the same directory at the same time is refused instead of interleaving its logs.
+    """
+    global _out_dir_lock
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: --out_dir={out_dir} is a file, not a directory; choose another --out_dir")
+    if init_from and os.path.abspath(init_from) == os.path.abspath(out_dir):
+        raise SystemExit(f"error: --init_from and --out_dir are both {out_dir}: the run would overwrite the model it "
+                         f"starts from; choose another --out_dir (or --init_from=resume to continue {out_dir})")
+    checkpoint = os.path.join(out_dir, "ckpt.pt")
+    if fresh and os.path.exists(checkpoint) and not overwrite:
+        raise SystemExit(f"error: {checkpoint} already holds a run; continue it with --init_from=resume, choose "
+                         f"another --out_dir, or pass --overwrite=True to replace it")
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, "lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out_dir={out_dir}: {e.strerror}; choose another --out_dir")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; two runs into one directory are the user's to avoid
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        raise SystemExit(f"error: {out_dir} is in use by another run (pid {holder}); wait for it to finish or "
+                         f"choose another --out_dir")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _out_dir_lock = lock
+
+
 class Logger:
-    """One line per log interval to the terminal and the same record as JSONL in out_dir/log.jsonl."""
+    """
+    One line per log interval to the terminal and the same record as JSONL in out_dir/log.jsonl.
+    A fresh run over an earlier checkpoint (--overwrite=True) keeps its records in memory until
+    commit(), called with its first checkpoint: until then the earlier run's log stays as it was.
+    """
 
     def __init__(self, out_dir, max_iters, resume):
         self.path = os.path.join(out_dir, "log.jsonl")
         self.max_iters = max_iters
         os.makedirs(out_dir, exist_ok=True)
-        if not resume and os.path.exists(self.path):
-            os.remove(self.path)
+        self.pending = None  # None: append to the file
+        if not resume and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+            self.pending = []
+        elif not resume and os.path.exists(self.path):
+            os.remove(self.path)  # the log of a run that never saved a checkpoint
         self.t_start, self.it_start = time.time(), None
 
     def log(self, record):
+        if self.pending is not None:
+            self.pending.append(record)
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def commit(self):
+        if self.pending is None:
+            return
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in self.pending)
+        os.replace(self.path + ".tmp", self.path)
+        self.pending = None
 
     def eta(self, it):
         if self.it_start is None:

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,3 +41,15 @@ def tiny_ckpt(demo_data, tmp_path_factory):
     run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--block_size=64",
         "--max_iters=30", "--eval_interval=30")
     return str(out)
+
+
+def documents_in(out_dir, split, tok):
+    """Decode a split's shards back into documents: each one is framed as [BOS] + tokens."""
+    docs = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith(split + "_") and name.endswith(".bin"):
+            tokens = np.fromfile(os.path.join(out_dir, name), dtype=np.uint16).tolist()
+            starts = [i for i, t in enumerate(tokens) if t == tok.bos_id] + [len(tokens)]
+            assert not tokens or starts[0] == 0
+            docs += [tok.decode(tokens[a + 1:b]) for a, b in zip(starts, starts[1:])]
+    return docs

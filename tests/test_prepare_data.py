@@ -6,20 +6,8 @@ import numpy as np
 import pytest
 
 import prepare_data
-from conftest import run
+from conftest import documents_in, run
 from tokenizer import Tokenizer
-
-
-def documents_in(out_dir, split, tok):
-    """Decode a split's shards back into documents: each one is framed as [BOS] + tokens."""
-    docs = []
-    for name in sorted(os.listdir(out_dir)):
-        if name.startswith(split + "_") and name.endswith(".bin"):
-            tokens = np.fromfile(os.path.join(out_dir, name), dtype=np.uint16).tolist()
-            starts = [i for i, t in enumerate(tokens) if t == tok.bos_id] + [len(tokens)]
-            assert not tokens or starts[0] == 0
-            docs += [tok.decode(tokens[a + 1:b]) for a, b in zip(starts, starts[1:])]
-    return docs
 
 
 def prepare(tmp_path, demo_data, *args):
