@@ -1,14 +1,14 @@
 """
-Benchmarks whose numbers go in the README. Nothing here is asserted by the tests: machines are noisy.
+Benchmarks: speed and memory, measured side by side in one process where a ratio is claimed. Nothing
+here is asserted by the tests: machines are noisy.
 
     python bench.py --what=prep      # prepare_data.py tokens/s, 1 worker vs all cores; peak RSS on a generated JSONL
     python bench.py --what=train     # training tokens/s (and MFU on a GPU) for the presets in --presets
     python bench.py --what=decode    # decode tokens/s of out/ckpt.pt with the KV cache and without it
-    python bench.py --what=sentiment # what the demo's sentiment accuracy is worth: simple classifiers on sft.py's split
+
+The numbers, with the machine they were measured on, are in docs/benchmarks.md.
 """
-import collections
 import json
-import math
 import os
 import resource
 import subprocess
@@ -20,7 +20,7 @@ import torch
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-what = "all"                 # prep, train, decode, sentiment or all
+what = "all"                 # prep, train, decode or all
 data_dir = "data"            # prepared demo data (python prepare_data.py)
 out_dir = "out"              # the checkpoint to decode with
 big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
@@ -31,7 +31,7 @@ iters = 10                   # timed training iterations (after 3 warm-up ones)
 decode_tokens = 200
 device = "auto"
 dtype = "auto"
-compile = None
+compile: bool = None       # torch.compile; None: on for CUDA, off elsewhere
 # -----------------------------------------------------------------------------
 
 
@@ -59,8 +59,8 @@ def bench_prep():
     if big_jsonl_gb <= 0:
         return
     print(f"== peak RSS while preparing generated JSONL files (workers={os.cpu_count()})")
-    from prepare_data import demo_documents
-    docs = [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in demo_documents()]
+    import demo
+    docs = [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in demo.documents(val_fraction=0.01)]
     for gb in (big_jsonl_gb / 4, big_jsonl_gb):
         path = f"/tmp/bench_{gb:g}gb.jsonl"
         target = int(gb * 2**30)
@@ -80,36 +80,36 @@ def bench_train():
     from model import PRESETS, ModelArgs, Transformer, peak_flops
     from tokenizer import Tokenizer
     from training import keep_freed_memory, setup_device
-    sys_ = setup_device(device, dtype, compile, keep_memory=False)  # on CPU: measured both ways below
+    run = setup_device(device, dtype, compile, keep_memory=False)  # on CPU: measured both ways below
     vocab = vocab_size or Tokenizer(os.path.join(data_dir, "tokenizer.model")).n_words
-    name = torch.cuda.get_device_name() if sys_["device_type"] == "cuda" else "cpu"
-    peak = peak_flops(name) if sys_["device_type"] == "cuda" else None
-    print(f"== training throughput on {name} ({sys_['dtype']}, compile {sys_['compile']}), vocab {vocab}, batch {batch_size}")
+    name = torch.cuda.get_device_name() if run.device_type == "cuda" else "cpu"
+    peak = peak_flops(name) if run.device_type == "cuda" else None
+    print(f"== training throughput on {name} ({run.dtype}, compile {run.compile}), vocab {vocab}, batch {batch_size}")
     # on CPU, each preset is timed with glibc malloc's defaults first, then as training runs it:
     # keep_freed_memory() (mallopt) cannot be undone in a process, so the order is fixed
     # the optimizer is AdamW, then Muon + AdamW (pretrain.py's default) with the same memory setting
-    settings = ["malloc default", "keep_freed_memory", "keep_freed_memory, Muon"] if sys_["device_type"] == "cpu" \
+    settings = ["malloc default", "keep_freed_memory", "keep_freed_memory, Muon"] if run.device_type == "cpu" \
         else ["AdamW", "Muon"]
     for setting in settings:
         if setting == "keep_freed_memory":
             keep_freed_memory()
         for preset in presets.split(","):
             args = ModelArgs(**PRESETS[preset], vocab_size=vocab)
-            model = Transformer(args).to(sys_["device"])
-            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), sys_["device_type"], muon="Muon" in setting)
-            step_model = torch.compile(model) if sys_["compile"] else model
-            x = torch.randint(0, vocab, (batch_size, args.max_seq_len), device=sys_["device"])
+            model = Transformer(args).to(run.device)
+            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), run.device_type, muon="Muon" in setting)
+            step_model = torch.compile(model) if run.compile else model
+            x = torch.randint(0, vocab, (batch_size, args.max_seq_len), device=run.device)
             for i in range(3 + iters):
                 if i == 3:
-                    if sys_["device_type"] == "cuda":
+                    if run.device_type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.time()
-                with sys_["autocast"]:
+                with run.autocast:
                     _, loss = step_model(x, x)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if sys_["device_type"] == "cuda":
+            if run.device_type == "cuda":
                 torch.cuda.synchronize()
             dt = (time.time() - t0) / iters
             tokens_per_s = batch_size * args.max_seq_len / dt
@@ -120,9 +120,10 @@ def bench_train():
 
 
 def bench_decode():
-    from sample import load
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    model, tok, _ = load(out_dir, "", dev, torch.float32)
+    from checkpoint import load_model
+    from training import resolve_device
+    dev, _ = resolve_device(device, "float32")
+    model, tok, _ = load_model(out_dir, dev)
     prompt = torch.tensor([[tok.bos_id] + tok.encode("床前明月光，")], device=dev)
     n = min(decode_tokens, model.args.max_seq_len - prompt.shape[1])
     print(f"== greedy decode of {n} tokens with {out_dir}/ckpt.pt ({model.num_params() / 1e6:.2f}M params) on {dev}, "
@@ -139,40 +140,8 @@ def bench_decode():
     print(f"the KV cache is {results[True] / results[False]:.1f}x faster")
 
 
-def bench_sentiment():
-    """
-    Baselines for the demo's held-out sentiment questions (the split sft.py evaluates): the majority
-    label, and multinomial Naive Bayes over the characters (and character bigrams) of the review, fit on
-    the training reviews. An SFT model that does not beat these has learned little about sentiment.
-    """
-    from prepare_data import demo_sft_conversations
-    split = {"train": [], "test": []}
-    for s, meta, messages in demo_sft_conversations():
-        if meta["task"] == "sentiment":
-            split[s].append((messages[0]["content"].split("\n", 1)[1], messages[1]["content"]))
-    train, test = split["train"], split["test"]
-    majority = collections.Counter(label for _, label in train).most_common(1)[0][0]
-    print(f"== sentiment baselines: {len(train):,} training reviews, {len(test)} held-out ones (the test sft.py runs)")
-    print(f"majority label ({majority}): {sum(label == majority for _, label in test) / len(test) * 100:.1f}%")
-    for n in (1, 2):
-        def features(review):
-            return [review[i:i + k] for k in range(1, n + 1) for i in range(len(review) - k + 1)]
-        counts, docs = collections.defaultdict(collections.Counter), collections.Counter()
-        for review, label in train:
-            docs[label] += 1
-            counts[label].update(features(review))
-        vocab = len(set().union(*counts.values()))
-        totals = {label: sum(c.values()) for label, c in counts.items()}
-
-        def predict(review):  # add-one smoothing
-            return max(counts, key=lambda label: math.log(docs[label]) + sum(
-                math.log((counts[label][f] + 1) / (totals[label] + vocab)) for f in features(review)))
-        accuracy = sum(predict(r) == label for r, label in test) / len(test)
-        print(f"Naive Bayes on character {'uni' if n == 1 else 'uni+bi'}grams: {accuracy * 100:.1f}%")
-
-
 if __name__ == "__main__":
     configure(globals())
-    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode), ("sentiment", bench_sentiment)):
+    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode)):
         if what in (name, "all"):
             fn()

@@ -1,35 +1,39 @@
 """
 The one configurator every script shares.
 
-Each script keeps its settings as plain globals at the top and then calls
+Each script keeps its settings as plain globals at the top, between two `# ----` lines, each with a
+comment saying what it is, and then calls
 
     config = configure(globals())
 
-which applies, in order, any config files named on the command line (`config/58m_4gpu.py`, plain
-Python assignments) and any `--key=value` or `--key value` overrides. Only globals that already exist
-with a simple type (int, float, bool, str, None) can be set; anything else is a one-line error, not
-a traceback. Returns the final settings as a dict (saved into checkpoints and logs).
+which applies any config files named on the command line (`config/pretrain_58m_4gpu.py`: plain Python
+assignments to the same names), then any `--key=value` or `--key value` overrides: flags win over
+files whatever their order. A value takes the type of its default; a setting whose default is None
+declares its type as an annotation (`dim: int = None`) and also accepts "none". Anything that does not
+parse, and any name that is not a setting, is a one-line error with a "did you mean". `--help` lists
+the settings with their comments. Returns the final settings as a dict (saved into checkpoints and logs).
 """
-import ast
 import difflib
+import re
 import sys
 
 SIMPLE_TYPES = (int, float, bool, str, type(None))
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def _convert(key, raw, default):
-    """Turn the command-line string `raw` into the type of `default`."""
-    if isinstance(default, bool):  # before int: bool is a subclass of int
+def _convert(key, raw, kind):
+    """Turn the command-line string `raw` into a value of type `kind`."""
+    if kind is bool:
         if raw.lower() in ("true", "1", "yes", "on"):
             return True
         if raw.lower() in ("false", "0", "no", "off"):
             return False
         _fail(f"--{key} expects true or false, got {raw!r}")
-    if isinstance(default, int):
+    if kind is int:
         try:
             return int(raw.replace("_", ""))
         except ValueError:
@@ -40,63 +44,111 @@ def _convert(key, raw, default):
             if value is not None and value.is_integer():
                 return int(value)
             _fail(f"--{key} expects an integer, got {raw!r}")
-    if isinstance(default, float):
+    if kind is float:
         try:
             return float(raw)
         except ValueError:
             _fail(f"--{key} expects a number, got {raw!r}")
-    if isinstance(default, str):
-        return raw  # strings are taken verbatim: --start=床前明月光 needs no quoting games
-    # default None: a Python literal if it parses as one, else the string itself
+    return raw  # strings are taken verbatim: --start=床前明月光 needs no quoting games
+
+
+def _settings_block(g):
+    """
+    {name: (type, comment)} of the settings a script declares between its two `# ----` lines, read from
+    its source; None when g is not a script's globals (a test's dict) or has no such block.
+    """
+    path = g.get("__file__")
+    if not path:
+        return None
     try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        return None
+    marks = [i for i, line in enumerate(lines) if line.startswith("# ----")]
+    if len(marks) < 2:
+        return None
+    block, annotations = {}, g.get("__annotations__", {})
+    for line in lines[marks[0] + 1:marks[1]]:
+        m = re.match(r"^([a-z_][a-z0-9_]*)\s*(?::\s*\w+\s*)?=[^#]*(?:#\s*(.*))?$", line)
+        if m and m.group(1) in g:
+            name = m.group(1)
+            block[name] = (annotations.get(name, type(g[name])), m.group(2) or "")
+    return block
 
 
-def _check_key(key, settable):
-    if key not in settable:
-        close = difflib.get_close_matches(key, list(settable), n=1)
-        hint = f" (did you mean --{close[0]}?)" if close else ""
-        _fail(f"unknown setting --{key}{hint}; run with --help to list them")
+def _declared(g):
+    """{name: (type, comment)} of every setting: the script's block, or else its lower-case simple globals."""
+    block = _settings_block(g)
+    if block is not None:
+        return block
+    annotations = g.get("__annotations__", {})
+    return {k: (annotations.get(k, type(v)), "") for k, v in g.items()
+            if not k.startswith("_") and k == k.lower() and isinstance(v, SIMPLE_TYPES)}
+
+
+def _check_declarations(declared):
+    for name, (kind, _) in declared.items():
+        if kind not in TYPE_NAMES:  # our bug, not the user's: a None default needs `name: int = None`
+            raise TypeError(f"setting {name!r} has no declared type: annotate it, e.g. {name}: int = None")
+
+
+def _check_key(key, declared, where="--"):
+    if key not in declared:
+        close = difflib.get_close_matches(key, list(declared), n=1)
+        hint = f" (did you mean {where}{close[0]}?)" if close else ""
+        _fail(f"unknown setting {where}{key}{hint}; run with --help to list them")
+
+
+def _help(g, declared):
+    doc = (g.get("__doc__") or "").strip()
+    lines = ([doc, ""] if doc else []) + ["settings (override with --key=value; config files are Python assignments):"]
+    for name, (kind, comment) in declared.items():
+        value = g[name]
+        shown = f"--{name}={value!r}" if not isinstance(value, str) else f"--{name}={value}"
+        lines.append(f"  {shown:<34} {comment}" if comment else f"  {shown}")
+    try:
+        print("\n".join(lines))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head` closed the pipe early: nothing went wrong
+        sys.stdout = None
+    raise SystemExit(0)
+
+
+def _apply_config_file(path, g, declared):
+    try:
+        source = open(path, encoding="utf-8").read()
+    except OSError as e:
+        _fail(f"cannot read config file {path!r}: {e.strerror}")
+    file_settings = {}
+    try:
+        exec(compile(source, path, "exec"), {}, file_settings)
+    except Exception as e:  # a broken config file is a user error: say where
+        _fail(f"config file {path!r} failed: {type(e).__name__}: {e}")
+    assigned = {k: v for k, v in file_settings.items() if not k.startswith("_") and isinstance(v, SIMPLE_TYPES)}
+    if not assigned:
+        shape = "YAML/JSON" if file_settings.get("__annotations__") or source.lstrip().startswith("{") else "nothing"
+        _fail(f"config file {path!r} assigns no setting (it reads as {shape}); write Python assignments, "
+              f"one per line, like: max_iters = 1000")
+    for key, value in assigned.items():
+        _check_key(key, declared, where="")
+        kind = declared[key][0]
+        if value is not None and not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+                _fail(f"{path}: {key} should be {TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+        g[key] = float(value) if kind is float and value is not None else value
 
 
 def configure(g, argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    settable = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, SIMPLE_TYPES)}
+    declared = _declared(g)
+    _check_declarations(declared)
     if "--help" in argv or "-h" in argv:
-        doc = (g.get("__doc__") or "").strip()
-        lines = [doc + "\n\nsettings (override with --key=value):" if doc else "settings (override with --key=value):"]
-        lines += [f"  --{k}={v!r}" for k, v in settable.items()]
-        try:
-            print("\n".join(lines))
-            sys.stdout.flush()
-        except BrokenPipeError:  # `--help | head` closed the pipe early: nothing went wrong
-            sys.stdout = None
-        raise SystemExit(0)
-    i = 0
+        _help(g, declared)
+    files, flags, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            # a config file: plain Python assignments to existing settings
-            try:
-                source = open(arg, encoding="utf-8").read()
-            except OSError as e:
-                _fail(f"cannot read config file {arg!r}: {e.strerror}")
-            file_settings = {}
-            try:
-                exec(compile(source, arg, "exec"), {}, file_settings)
-            except Exception as e:  # a broken config file is a user error: say where
-                _fail(f"config file {arg!r} failed: {type(e).__name__}: {e}")
-            for key, value in file_settings.items():
-                if key.startswith("_") or not isinstance(value, SIMPLE_TYPES):
-                    continue  # helper names or imports inside the file
-                _check_key(key, settable)
-                default = settable[key]
-                if default is not None and value is not None and not isinstance(value, type(default)) \
-                        and not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
-                    _fail(f"{arg}: {key} should be {type(default).__name__}, got {value!r}")
-                g[key] = settable[key] = float(value) if isinstance(default, float) else value
+            files.append(arg)
             i += 1
             continue
         body = arg[2:]
@@ -105,15 +157,30 @@ def configure(g, argv=None):
             i += 1
         else:  # --key value (how users type --start "床前明月光"), or a bare --flag for a bool
             key = body.replace("-", "_")
-            if isinstance(settable.get(key), bool) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
-                g[key] = settable[key] = True
+            if declared.get(key, (None,))[0] is bool and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+                flags.append((key, "true"))
                 i += 1
                 continue
             if i + 1 >= len(argv):
                 _fail(f"--{key} needs a value: --{key}=VALUE")
             raw = argv[i + 1]
             i += 2
-        key = key.replace("-", "_")
-        _check_key(key, settable)
-        g[key] = settable[key] = _convert(key, raw, settable[key])
-    return dict(settable)
+        flags.append((key.replace("-", "_"), raw))
+    for path in files:  # files first, then flags: a flag wins wherever it stands
+        _apply_config_file(path, g, declared)
+    for key, raw in flags:
+        _check_key(key, declared)
+        if raw.lower() == "none" and key in g.get("__annotations__", {}):
+            g[key] = None  # back to the default's meaning ("the preset's", "auto")
+        else:
+            g[key] = _convert(key, raw, declared[key][0])
+    return {k: g[k] for k in declared}
+
+
+def check_ranges(config, at_least_1=(), at_least_0=(), positive=()):
+    """One-line errors for settings outside their range (a zero interval would divide by zero mid-run)."""
+    for names, ok, what in ((at_least_1, lambda v: v >= 1, "at least 1"), (at_least_0, lambda v: v >= 0, "at least 0"),
+                            (positive, lambda v: v > 0, "greater than 0")):
+        for name in names:
+            if config[name] is not None and not ok(config[name]):
+                _fail(f"--{name} must be {what}, got {config[name]}")

@@ -27,9 +27,8 @@ import struct
 
 import torch
 
+from checkpoint import load_model
 from configurator import configure
-from tokenizer import Tokenizer
-from training import check_tokenizer, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model)
@@ -167,6 +166,7 @@ def export_hf(model, tok, directory):
     try:
         from safetensors.torch import save_file
         save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        readable_by_all(os.path.join(directory, "model.safetensors"))
     except ImportError:
         torch.save(state, os.path.join(directory, "pytorch_model.bin"))
     config = {
@@ -189,30 +189,47 @@ def export_hf(model, tok, directory):
                    "model_max_length": a.max_seq_len, "chat_template": HF_CHAT_TEMPLATE}, f, indent=1, ensure_ascii=False)
 
 
+def output_path(output, out_dir, default_name, is_file=True):
+    """--output, or out_dir/default_name; its directory is created, or a one-line error says why it cannot be."""
+    path = output or os.path.join(out_dir, default_name)
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the directory of --output={path}: {e.strerror}")
+    if is_file and os.path.isdir(path):
+        raise SystemExit(f"error: --output={path} is a directory; name the file to write")
+    return path
+
+
+def readable_by_all(path):
+    """Give a written file the permissions the umask allows (safetensors creates its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def main():
     configure(globals())
     if version not in ("0", "2", "hf"):
         raise SystemExit(f"error: --version must be 0, 2 or hf, not {version!r}")
-    checkpoint = load_checkpoint(out_dir)
-    tok = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
-    check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{out_dir}/ckpt.pt")
-    model = model_from_checkpoint(checkpoint).eval()
+    model, tok, _ = load_model(out_dir)
     if model.args.vocab_size != tok.n_words:
         # tokenizer.bin stores no count: run.c reads vocab_size entries, so the two must agree exactly
         raise SystemExit(f"error: the model has {model.args.vocab_size} embedding rows but the tokenizer "
                          f"{tok.n_words} pieces; llama2.c needs them equal")
     if version == "hf":
-        path = output or os.path.join(out_dir, "hf")
+        path = output_path(output, out_dir, "hf", is_file=False)
         export_hf(model, tok, path)
         print(f"wrote {path}/ (LlamaForCausalLM, {model.num_params() / 1e6:.2f}M parameters)")
         return
     if version == "0":
-        path = output or os.path.join(out_dir, "model.bin")
+        path = output_path(output, out_dir, "model.bin")
         export_v0(model, path)
         print(f"wrote {path} (version 0, fp32, {os.path.getsize(path) / 2**20:.1f} MB)")
     else:
         gs = choose_group_size(model.args.dim, model.layers[0].feed_forward.w1.weight.shape[0], group_size)
-        path = output or os.path.join(out_dir, "model_q80.bin")
+        path = output_path(output, out_dir, "model_q80.bin")
         export_v2(model, path, gs)
         print(f"wrote {path} (version 2, int8 Q8_0, group size {gs}, {os.path.getsize(path) / 2**20:.1f} MB)")
     if tokenizer_bin:

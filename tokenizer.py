@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 
+import numpy as np
 import sentencepiece as spm
 
 UINT16_MAX_IDS = 65535  # token files are uint16; ids must be < 65536 and we keep 65535 free
@@ -26,7 +27,6 @@ UINT16_MAX_IDS = 65535  # token files are uint16; ids must be < 65536 and we kee
 # call with BOS in front (and sentencepiece's dummy prefix), each answer is encode(answer) + EOS.
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-TEMPLATE_STRINGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>", f"{B_INST} ", f" {E_INST}"]
 
 
 def render_user_turn(user, system=None):
@@ -152,6 +152,17 @@ class Tokenizer:
         return ids, mask
 
 
+def turn_boundary_cut(ids, bos_id, max_tokens):
+    """
+    Where to cut a conversation of more than max_tokens tokens so that every answer it keeps is whole:
+    the start of its last user turn (each begins with BOS) that leaves at most max_tokens tokens.
+    0 when even the first turn does not fit. ids: the conversation's token ids (list or array).
+    """
+    bos = np.flatnonzero(np.asarray(ids[:max_tokens + 1]) == bos_id)
+    bos = bos[bos > 0]
+    return int(bos[-1]) if len(bos) else 0
+
+
 def split_turns(messages):
     """[(user, answer or None, system or None), ...] from a message list, validating its shape."""
     if not isinstance(messages, list) or not messages:
@@ -172,6 +183,13 @@ def split_turns(messages):
     if not turns:
         raise ValueError("a conversation needs at least one user message")
     return turns
+
+
+def is_val(text, fraction):
+    """Deterministic train/val assignment by a hash of the text: the same text lands on the same side
+    in every run, process and file order, and a larger fraction holds out a superset."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h < fraction * 2**64
 
 
 def sniff_encoding(path, sample_bytes=1 << 20):

@@ -1,29 +1,67 @@
 """
-What pretrain.py and sft.py truly share: device/DDP/precision setup, the learning-rate schedule,
-atomic checkpoints, and the one log line format. sample.py and export.py load checkpoints from here too.
+What the training loops (pretrain.py, sft.py) truly share: device/DDP/precision setup, the
+learning-rate schedule, the optimizer step, the guard on out_dir, the divergence check and the log.
 """
 import contextlib
 import ctypes
 import json
 import math
 import os
+import signal
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from model import ModelArgs, Transformer
+
+class Run(NamedTuple):
+    """Where this process runs and how: what setup_device() resolved."""
+    ddp: bool               # launched by torchrun: one of world_size processes
+    rank: int
+    local_rank: int
+    world_size: int
+    master: bool            # rank 0: evaluates, logs and saves
+    device: str             # "cpu", "cuda:0", "mps"
+    device_type: str        # "cpu", "cuda", "mps"
+    dtype: str              # "float32", "bfloat16", "float16"
+    compile: bool
+    autocast: object        # the context every forward pass runs in
+
+
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device, dtype):
+    """(device, dtype) with "auto" resolved: cuda, then mps, then cpu; bfloat16 where the GPU supports it,
+    float16 on older GPUs, float32 elsewhere (CPU autocast to bf16 is slower than fp32 on most CPUs)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = device.split(":")[0]
+    if device_type not in ("cpu", "cuda", "mps") or device.count(":") > 1 or \
+            (":" in device and not (device_type == "cuda" and device.split(":")[1].isdigit())):
+        raise SystemExit(f"error: --device={device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={device} but no CUDA GPU is visible; use --device=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps but this machine has no Apple GPU; use --device=cpu")
+    if dtype == "auto":
+        if device_type == "cuda" and torch.cuda.is_available():
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in PTDTYPE:
+        raise SystemExit(f"error: --dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    return device, dtype
 
 
 def setup_device(device, dtype, compile, keep_memory=True):
     """
     Resolve "auto" settings and start torch.distributed when launched by torchrun. On CPU, keep_memory
-    lets malloc keep freed memory for reuse (see keep_freed_memory).
-    Returns a dict: ddp, rank, local_rank, world_size, master, device, device_type, dtype, compile, autocast.
+    lets malloc keep freed memory for reuse (see keep_freed_memory). Returns a Run.
     """
     ddp = int(os.environ.get("RANK", -1)) != -1
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device, dtype = resolve_device(device, dtype)
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -31,16 +69,9 @@ def setup_device(device, dtype, compile, keep_memory=True):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device=cuda but no CUDA GPU is visible; use --device=cpu")
-    if dtype == "auto":
-        if device_type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"  # CPU autocast to bf16 is slower than fp32 on most CPUs
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: --dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    elif device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # else kernels and caches that use "the current device" land on GPU 0
+    device_type = device.split(":")[0]
     if dtype == "float16" and device_type != "cuda":
         raise SystemExit("error: float16 training needs a CUDA GPU (use bfloat16 or float32)")
     if compile is None:
@@ -50,10 +81,10 @@ def setup_device(device, dtype, compile, keep_memory=True):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
-    return dict(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
-                device_type=device_type, dtype=dtype, compile=compile, autocast=autocast)
+    autocast = contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type,
+                                                                                   dtype=PTDTYPE[dtype])
+    return Run(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
+               device_type=device_type, dtype=dtype, compile=compile, autocast=autocast)
 
 
 def keep_freed_memory():
@@ -107,43 +138,64 @@ def train_step(model, optimizer, scaler, get_batch, accumulation_steps, autocast
     return loss.detach() * accumulation_steps
 
 
-def save_checkpoint(path, checkpoint):
-    """Write to a temporary file and rename it into place: a crash never leaves a truncated checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+class Stopper:
+    """
+    Why a training loop stops early, decided by every process together at an iteration boundary, so
+    that no process is left waiting in a collective for one that has gone:
+    - Ctrl-C or SIGTERM (Slurm preemption, `docker stop`, a spot instance going away) only sets a
+      flag; the loop then saves a checkpoint at the next iteration boundary and exits. A second
+      Ctrl-C quits at once, without saving.
+    - a loss that is NaN or infinite (rank 0 reads the losses) marks the run diverged: it stops
+      without saving, so the last checkpoint on disk stays the last good one.
+    """
+    GO, INTERRUPTED, DIVERGED = 0, 1, 2
+
+    def __init__(self, run):
+        self.run, self.code, self.message = run, self.GO, ""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.code == self.INTERRUPTED and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.code = max(self.code, self.INTERRUPTED)
+        if self.run.master:
+            print(f"\n{signal.Signals(signum).name}: stopping at the end of this iteration "
+                  f"(Ctrl-C again to quit at once, without saving)", flush=True)
+
+    def check_loss(self, loss, what, iter_num):
+        if not math.isfinite(loss):
+            self.code, self.message = self.DIVERGED, f"{what} is {loss} at iteration {iter_num}: training diverged"
+        return self.code != self.DIVERGED
+
+    def agreed(self):
+        """The stop code all processes agree on (the largest any of them has); GO to carry on."""
+        if not self.run.ddp:
+            return self.code
+        code = torch.tensor([self.code], device=self.run.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return int(code.item())
 
 
-def load_checkpoint(out_dir, device="cpu", name="ckpt.pt"):
-    path = os.path.join(out_dir, name)
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}; train one with `python pretrain.py` (or sft.py), "
-                         f"or point --out_dir at a directory that has one")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a corrupt or foreign file is a user-facing problem, not a traceback
-        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}")
+def end_distributed(run, finished):
+    """
+    Leave the process group. After a normal end every process first waits for the others: one that
+    tore its gloo connections down while rank 0 was still evaluating was seen to abort at exit.
+    """
+    if not run.ddp:
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
-def model_from_checkpoint(checkpoint, device="cpu"):
-    """The Transformer a checkpoint describes, with its weights loaded."""
-    model = Transformer(ModelArgs(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device)
-
-
-def stop_if_diverged(loss, what, iter_num, out_dir, hint="lower --learning_rate"):
-    """A NaN/inf loss ends the run with the way back, instead of training on (and saving) garbage."""
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: {what} is {loss} at iteration {iter_num}; training diverged. "
-                         f"The last good checkpoint is {out_dir}/ckpt.pt; {hint}")
-
-
-def check_tokenizer(checkpoint_sha, tokenizer_sha, what):
-    if checkpoint_sha and tokenizer_sha and checkpoint_sha != tokenizer_sha:
-        raise SystemExit(f"error: {what} was made with tokenizer {checkpoint_sha} but the tokenizer here is "
-                         f"{tokenizer_sha}; use the matching data directory or start from scratch")
+def last_checkpoint_note(out_dir, saved_iter):
+    """What a run that stopped early leaves on disk, in words (never a checkpoint it did not write)."""
+    if saved_iter is not None:
+        return f"The last good checkpoint is {out_dir}/ckpt.pt (iteration {saved_iter})"
+    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        return f"This run saved no checkpoint: {out_dir}/ckpt.pt is still the one it started from"
+    return "This run saved no checkpoint"
 
 
 _out_dir_lock = None  # the open lock file: held for as long as this process lives

@@ -1,12 +1,18 @@
+"""What the tests share: running a script as a user would, the demo data and a tiny checkpoint made
+once per session, a tiny model, and readers for the files the scripts write."""
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from model import ModelArgs, Transformer  # noqa: E402  (after the path insert)
 
 
 def run(script, *args, check=True, timeout=600, extra_env=None, launcher=None):
@@ -53,3 +59,17 @@ def documents_in(out_dir, split, tok):
             assert not tokens or starts[0] == 0
             docs += [tok.decode(tokens[a + 1:b]) for a, b in zip(starts, starts[1:])]
     return docs
+
+
+def read_log(out_dir):
+    """The records of out_dir/log.jsonl."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny(**kw):
+    """A small random Transformer in eval mode (seeded, so two calls with the same kw build the same model)."""
+    torch.manual_seed(0)
+    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=48)
+    args.update(kw)
+    return Transformer(ModelArgs(**args)).eval()

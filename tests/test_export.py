@@ -8,16 +8,16 @@ import pytest
 import torch
 
 import export
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import run, tiny
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 
-def tiny(**kw):
-    torch.manual_seed(0)
-    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=8192, max_seq_len=32)
-    args.update(kw)
-    model = Transformer(ModelArgs(**args)).eval()
-    with torch.no_grad():  # non-trivial norms, so a swapped or misplaced norm shows up
+def tiny_model(**kw):
+    """conftest.tiny with an 8192-id vocabulary and non-trivial norms, so a swapped or misplaced norm shows up."""
+    model = tiny(**dict(dict(vocab_size=8192, max_seq_len=32), **kw))
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
@@ -88,7 +88,7 @@ def numpy_forward(cfg, w, tokens):
 
 @pytest.mark.parametrize("kw", [{}, {"tie_embeddings": False}, {"n_kv_heads": 1}, {"n_kv_heads": 4}])
 def test_a_numpy_forward_over_the_v0_file_reproduces_model_py(tmp_path, kw):
-    model = tiny(**kw)
+    model = tiny_model(**kw)
     path = str(tmp_path / "model.bin")
     export.export_v0(model, path)
     cfg, w = read_v0(path)
@@ -128,7 +128,7 @@ def read_v2(path):
 
 
 def test_the_v2_file_stays_within_the_q8_bound_and_predicts_the_same_tokens(tmp_path):
-    model = tiny(dim=128, n_heads=4, n_kv_heads=2)  # hidden_dim 352: group size backs off from 64 to 32
+    model = tiny_model(dim=128, n_heads=4, n_kv_heads=2)  # hidden_dim 352: group size backs off from 64 to 32
     gs = export.choose_group_size(128, 352, 64)
     assert gs == 32
     path = str(tmp_path / "q.bin")
@@ -216,8 +216,6 @@ def test_run_c_tokenizes_chinese_prompts_exactly_as_we_do(demo_data, tmp_path):
 
 
 def test_export_refuses_a_model_whose_vocabulary_differs_from_the_tokenizer(tiny_ckpt, tmp_path):
-    from conftest import run
-    from training import load_checkpoint, save_checkpoint
     ckpt = load_checkpoint(tiny_ckpt)
     args = dict(ckpt["model_args"], vocab_size=ckpt["model_args"]["vocab_size"] + 64)
     model = Transformer(ModelArgs(**args))
@@ -228,7 +226,6 @@ def test_export_refuses_a_model_whose_vocabulary_differs_from_the_tokenizer(tiny
 
 
 def test_the_command_line_writes_the_model_and_tokenizer(tiny_ckpt, tmp_path):
-    from conftest import run
     run("export.py", f"--out_dir={tiny_ckpt}", f"--output={tmp_path / 'm.bin'}")
     run("export.py", f"--out_dir={tiny_ckpt}", "--version=2", f"--output={tmp_path / 'q.bin'}")
     assert (tmp_path / "tokenizer.bin").exists() and read_v2(str(tmp_path / "q.bin"))[0] == 32
@@ -238,7 +235,7 @@ def test_hugging_face_export_computes_the_same_logits(tmp_path):
     pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
     from transformers import LlamaForCausalLM
     for kw in ({}, {"tie_embeddings": False}):
-        model = tiny(**kw)
+        model = tiny_model(**kw)
 
         class FakeTok:  # export_hf needs only these from the tokenizer
             bos_id, eos_id = 1, 2

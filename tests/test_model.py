@@ -5,14 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny
 from model import PRESETS, ModelArgs, Transformer, apply_rope, rope_tables, sample_next
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=48)
-    args.update(kw)
-    return Transformer(ModelArgs(**args)).eval()
 
 
 def test_shapes_with_and_without_targets():

@@ -6,12 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_MODEL, run
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from conftest import TINY_MODEL, read_log, run
 
 
 def train_losses(out_dir):

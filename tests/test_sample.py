@@ -7,7 +7,7 @@ import torch
 from conftest import run
 from sample import TextStreamer, fit_history
 from tokenizer import Tokenizer
-from training import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

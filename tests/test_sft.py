@@ -1,4 +1,4 @@
-"""sft.py: answer-only loss, packing that keeps conversations apart, LoRA, resume, and the evaluation."""
+"""sft.py: answer-only loss, packing that keeps conversations apart, LoRA, and resume."""
 import json
 import os
 
@@ -6,25 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run
+from conftest import read_log, run, tiny
 from lora import add_lora, merged_state_dict
-from model import ModelArgs, Transformer
-from sft import Conversations, evaluate_on_tasks, parse_names, score
+from sft import Conversations
 from tokenizer import Tokenizer
 
 SFT_TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2",
             "--evaluate_tasks=False"]
 
 
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def tiny_model(**kw):
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(**dict(dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=8192,
-                                             max_seq_len=128), **kw))).eval()
+    return tiny(**dict(dict(dim=32, vocab_size=8192, max_seq_len=128), **kw))
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -150,45 +142,6 @@ def test_sft_resume_continues_exactly(demo_data, tiny_ckpt, tmp_path, lora):
     resumed = {r["iter"]: r["loss"] for r in read_log(tmp_path / "resumed") if "loss" in r}
     for it in range(6, 11):
         assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
-
-
-def test_the_evaluation_scores_perfect_answers_1_and_wrong_answers_0():
-    idioms = {"一马当先", "先发制人", "人山人海"}
-    perfect = [("sentiment", "这条评论是正面还是负面？\n很好", "正面", "正面"),
-               ("chain", "成语接龙：一马当先", "先发制人", "先发制人"),
-               ("ner", "找出……：…", "人名：江泽民\n地名：香港、澳门\n机构名：无", "人名：江泽民\n地名：澳门、香港\n机构名：无"),
-               ("meaning", "“人山人海”是什么意思？", "形容人聚集得非常多。", "形容人聚集得非常多。")]
-    wrong = [("sentiment", "这条评论是正面还是负面？\n很好", "正面", "负面"),
-             ("chain", "成语接龙：一马当先", "先发制人", "人山人海"),   # a real idiom, but the wrong first character
-             ("chain", "成语接龙：一马当先", "先发制人", "先来后到"),   # the right character, but not in the list
-             ("ner", "找出……：…", "人名：江泽民\n地名：香港\n机构名：无", "人名：李鹏\n地名：北京\n机构名：新华社"),
-             ("meaning", "“人山人海”是什么意思？", "形容人聚集得非常多。", "形容人很少。")]
-    assert [score(t, q, r, p, idioms) for t, q, r, p in perfect] == [1.0] * 4
-    assert [score(t, q, r, p, idioms) for t, q, r, p in wrong] == [0.0] * 5
-    assert score("ner", "", "人名：江泽民\n地名：香港\n机构名：无", "人名：江泽民\n地名：无\n机构名：无", idioms) == pytest.approx(2 / 3)
-    assert parse_names("人名：江泽民、李鹏\n地名：无") == {("人名", "江泽民"), ("人名", "李鹏")}
-
-
-def test_the_evaluation_skips_questions_longer_than_the_context_instead_of_cutting_them(demo_data, capsys):
-    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
-    short = {"task": "sentiment", "messages": [{"role": "user", "content": "这条评论是正面还是负面？\n很好"},
-                                               {"role": "assistant", "content": "正面"}]}
-    long = {"task": "sentiment", "messages": [{"role": "user", "content": "这条评论是正面还是负面？\n" + "房间很干净" * 20},
-                                              {"role": "assistant", "content": "正面"}]}
-    results = evaluate_on_tasks(tiny_model(max_seq_len=48), tok, [long, short, long, short], set(), "cpu", per_task=0)
-    assert results["sentiment"][1] == 2  # the two short questions were answered; the long ones were not
-    assert "2 question(s) longer than the context skipped" in capsys.readouterr().out
-    results = evaluate_on_tasks(tiny_model(max_seq_len=48), tok, [long, short, long, short], set(), "cpu", per_task=1)
-    assert results["sentiment"][1] == 1
-
-
-def test_eval_only_compares_the_sft_model_with_its_base(demo_data, tiny_ckpt, tmp_path):
-    run("sft.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path}", *SFT_TINY,
-        "--max_iters=2", "--eval_interval=2")
-    p = run("sft.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path}", "--eval_only=True", "--eval_per_task=2")
-    assert "sentiment (accuracy)" in p.out and "pretrained" in p.out and "SFT" in p.out
-    results = json.load(open(tmp_path / "eval.json"))
-    assert set(results) == {"pretrained", "SFT"} and results["SFT"]["sentiment"]["n"] == 2
 
 
 def test_sft_without_a_pretrained_checkpoint_says_what_to_run(demo_data, tmp_path):

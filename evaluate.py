@@ -1,0 +1,198 @@
+"""
+The held-out task evaluation: a checkpoint answers the test questions prepare_data.py held out
+(data_dir/sft_test.jsonl), greedily, in the chat template it was tuned with, beside the model it
+started from, so that what a stage bought is visible task by task.
+
+    python evaluate.py                          # out-sft beside its pretrained base
+    python evaluate.py --out_dir=out-dpo        # any checkpoint directory: a DPO model beside its SFT model
+    python evaluate.py --base=none --per_task=100
+    python evaluate.py --baselines              # also what simple classifiers score on the sentiment task
+
+Scores per task (demo.score): sentiment accuracy, the share of idiom-chain answers that are real idioms
+with the right first character, name-extraction F1, exact match for the rest. The table is printed
+and written to out_dir/eval.json ({"models": {name: {"checkpoint", "tasks": {task: {"metric", "score", "n"}}}}}).
+sft.py runs this at the end of training.
+"""
+import collections
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+import demo
+from checkpoint import check_tokenizer, load_model
+from configurator import check_ranges, configure
+from training import PTDTYPE, resolve_device
+
+# -----------------------------------------------------------------------------
+out_dir = "out-sft"          # the checkpoint to evaluate (ckpt.pt, tokenizer.model); eval.json is written here
+data_dir = "data"            # where the held-out questions are: data_dir/sft_test.jsonl
+base = "auto"                # the model to compare with: auto (the one the checkpoint was tuned from), none, or a directory
+per_task = 1000              # held-out questions per task (the demo has 833 reviews and 200 of each other task); 0: all
+batch_size = 32              # questions answered together (same-length prompts only, so answers never change)
+baselines = False            # also score the sentiment task's majority label and Naive Bayes classifiers
+val_fraction = 0.01          # baselines: the --val_fraction prepare_data.py split the demo with
+device = "auto"              # auto: cuda, then mps, then cpu
+dtype = "float32"            # float32, or bfloat16 on GPUs (greedy answers can then differ in near ties)
+# -----------------------------------------------------------------------------
+
+STAGE_NAMES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO"}
+
+
+def load_tests(data_dir):
+    """The held-out conversations prepare_data.py wrote, or None when there are none."""
+    path = os.path.join(data_dir, "sft_test.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, record=None):
+    """
+    Greedy answers to the held-out questions; returns {task: (mean score, n)}, and appends
+    (task, question, reference, answer) to record if it is a list. Questions whose prompts have the
+    same number of tokens are answered together in one batch: no padding, so each answer is the one
+    the model gives to that question alone (tests/test_evaluate.py holds it to that).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    by_task = {}
+    for t in tests:
+        by_task.setdefault(t.get("task", "exact"), []).append(t)
+    results = {}
+    for task, examples in sorted(by_task.items()):
+        by_length, n, too_long = {}, 0, 0  # prompt length -> [(prompt ids, answer budget, question, reference)]
+        for t in examples:
+            if per_task and n == per_task:
+                break
+            *context, answer = t["messages"]
+            ids, _ = tok.encode_chat(context)
+            budget = len(tok.encode(answer["content"])) + 8  # room for the answer and a little more
+            if len(ids) + budget > model.args.max_seq_len:  # skipped, as in training: a cut prompt loses the question
+                too_long += 1
+                continue
+            by_length.setdefault(len(ids), []).append((ids, budget, context[-1]["content"], answer["content"]))
+            n += 1
+        scores = []
+        for group in by_length.values():
+            for i in range(0, len(group), batch_size):
+                chunk = group[i:i + batch_size]
+                prompts = torch.tensor([ids for ids, *_ in chunk], device=device)
+                answers, done = [[] for _ in chunk], [False] * len(chunk)
+                for step in model.generate(prompts, max(b for _, b, *_ in chunk), temperature=0,
+                                           stop_tokens=(tok.eos_id, tok.bos_id)):
+                    for r, token in enumerate(step.tolist()):
+                        if done[r] or token in (tok.eos_id, tok.bos_id) or len(answers[r]) == chunk[r][1]:
+                            done[r] = True
+                        else:
+                            answers[r].append(token)
+                    if all(done):
+                        break
+                for (_, _, question, reference), out in zip(chunk, answers):
+                    scores.append(demo.score(task, question, reference, tok.decode(out), idiom_words))
+                    if record is not None:
+                        record.append((task, question, reference, tok.decode(out)))
+        if too_long:
+            print(f"  {task}: {too_long} question(s) longer than the context skipped")
+        if scores:
+            results[task] = (float(np.mean(scores)), len(scores))
+    return results
+
+
+def sentiment_baselines(tests, val_fraction):
+    """
+    What the sentiment questions are worth without a language model: the majority label, and
+    multinomial Naive Bayes over the characters (and character bigrams) of the review, fit on the
+    demo's training reviews. {name: {"sentiment": (accuracy, n)}}.
+    """
+    train = [(m[0]["content"].split("\n", 1)[1], m[1]["content"])
+             for split, task, m in demo.sft_examples(val_fraction) if split == "train" and task == "sentiment"]
+    test = [(t["messages"][0]["content"].split("\n", 1)[1], t["messages"][1]["content"])
+            for t in tests if t.get("task") == "sentiment"]
+    if not train or not test:
+        return {}
+    majority = collections.Counter(label for _, label in train).most_common(1)[0][0]
+    results = {"majority label": {"sentiment": (float(np.mean([label == majority for _, label in test])), len(test))}}
+    for n, name in ((1, "Naive Bayes, chars"), (2, "Naive Bayes, chars+bigrams")):
+        def features(review):
+            return [review[i:i + k] for k in range(1, n + 1) for i in range(len(review) - k + 1)]
+        counts, docs = collections.defaultdict(collections.Counter), collections.Counter()
+        for review, label in train:
+            docs[label] += 1
+            counts[label].update(features(review))
+        vocab = len(set().union(*counts.values()))
+        totals = {label: sum(c.values()) for label, c in counts.items()}
+
+        def predict(review):  # add-one smoothing
+            return max(counts, key=lambda label: math.log(docs[label]) + sum(
+                math.log((counts[label][f] + 1) / (totals[label] + vocab)) for f in features(review)))
+        results[name] = {"sentiment": (float(np.mean([predict(r) == label for r, label in test])), len(test))}
+    return results
+
+
+def print_comparison(results):
+    names = list(results)
+    tasks = sorted({task for r in results.values() for task in r})
+    width = max(18, *(len(n) + 2 for n in names))
+    print(f"{'task (metric)':<28}" + "".join(f"{n:>{width}}" for n in names))
+    for task in tasks:
+        label = f"{task} ({demo.METRIC_NAMES.get(task, 'exact match')})"
+        cells = "".join(f"{results[n][task][0] * 100:>{width - 6}.1f}% n={results[n][task][1]:<3}" if task in results[n]
+                        else f"{'-':>{width}}" for n in names)
+        print(f"{label:<28}{cells}")
+
+
+def compare(models, tok, data_dir, per_task, report_path, batch_size=32, extra=None):
+    """
+    models: {name: (Transformer, checkpoint directory)}. Every model answers the held-out questions;
+    prints the table (with extra, e.g. baselines, as more columns) and writes report_path. Returns
+    {name: {task: (score, n)}}, or None when data_dir holds no held-out questions.
+    """
+    tests = load_tests(data_dir)
+    if tests is None:
+        print(f"no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on")
+        return None
+    idiom_words = demo.idiom_words() if any(t.get("task") == "chain" for t in tests) else set()
+    results, t0 = {}, time.time()
+    for name, (model, _) in models.items():
+        results[name] = evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size)
+    print(f"held-out task evaluation ({time.time() - t0:.0f}s, greedy, the same chat template for every model):")
+    everything = dict(results, **(extra or {}))
+    print_comparison(everything)
+    sources = {name: source for name, (_, source) in models.items()}
+    report = {"data": os.path.join(data_dir, "sft_test.jsonl"), "per_task": per_task, "models": {
+        name: {"checkpoint": sources.get(name), "tasks": {
+            task: {"metric": demo.METRIC_NAMES.get(task, "exact match"), "score": s, "n": n} for task, (s, n) in r.items()}}
+        for name, r in everything.items()}}
+    with open(report_path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    os.replace(report_path + ".tmp", report_path)
+    return results
+
+
+def main():
+    config = configure(globals())
+    check_ranges(config, at_least_0=("per_task",), at_least_1=("batch_size",))
+    dev, dt = resolve_device(device, dtype)
+    model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
+    models = {STAGE_NAMES.get(checkpoint.get("stage"), "model"): (model, out_dir)}
+    base_dir = checkpoint.get("base") if base == "auto" else None if base == "none" else base
+    if base_dir:
+        if os.path.exists(os.path.join(base_dir, "ckpt.pt")):
+            base_model, base_tok, base_checkpoint = load_model(base_dir, dev, PTDTYPE[dt])
+            check_tokenizer(base_checkpoint.get("tokenizer_sha"), tok.sha, f"{base_dir}/ckpt.pt",
+                            fix="compare models that share a tokenizer (--base=none to evaluate alone)")
+            name = STAGE_NAMES.get(base_checkpoint.get("stage"), "base")
+            models = {name if name not in models else "base": (base_model, base_dir), **models}
+        else:
+            print(f"note: the base {base_dir}/ckpt.pt is gone; evaluating {out_dir} alone")
+    extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
+    compare(models, tok, data_dir, per_task, os.path.join(out_dir, "eval.json"), batch_size, extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""evaluate.py and demo.py's scoring: answers scored as the task defines, batching that changes no
+answer, the command's table and its machine-readable report, and the sentiment baselines."""
+import json
+import os
+
+import pytest
+
+import demo
+from conftest import run, tiny
+from evaluate import evaluate_on_tasks, load_tests
+from tokenizer import Tokenizer
+
+SFT_TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2",
+            "--evaluate_tasks=False"]
+
+
+def test_answers_are_scored_as_each_task_defines():
+    idioms = {"一马当先", "先发制人", "人山人海"}
+    perfect = [("sentiment", "这条评论是正面还是负面？\n很好", "正面", "正面"),
+               ("chain", "成语接龙：一马当先", "先发制人", "先发制人"),
+               ("ner", "找出……：…", "人名：江泽民\n地名：香港、澳门\n机构名：无", "人名：江泽民\n地名：澳门、香港\n机构名：无"),
+               ("meaning", "“人山人海”是什么意思？", "形容人聚集得非常多。", "形容人聚集得非常多。")]
+    wrong = [("sentiment", "这条评论是正面还是负面？\n很好", "正面", "负面"),
+             ("chain", "成语接龙：一马当先", "先发制人", "人山人海"),   # a real idiom, but the wrong first character
+             ("chain", "成语接龙：一马当先", "先发制人", "先来后到"),   # the right character, but not in the list
+             ("ner", "找出……：…", "人名：江泽民\n地名：香港\n机构名：无", "人名：李鹏\n地名：北京\n机构名：新华社"),
+             ("meaning", "“人山人海”是什么意思？", "形容人聚集得非常多。", "形容人很少。")]
+    assert [demo.score(t, q, r, p, idioms) for t, q, r, p in perfect] == [1.0] * 4
+    assert [demo.score(t, q, r, p, idioms) for t, q, r, p in wrong] == [0.0] * 5
+    half = demo.score("ner", "", "人名：江泽民\n地名：香港\n机构名：无", "人名：江泽民\n地名：无\n机构名：无", idioms)
+    assert half == pytest.approx(2 / 3)
+
+
+def test_the_name_answer_format_reads_back_what_it_writes():
+    words = [("江", "nr"), ("泽民", "nr"), ("在", "p"), ("香港", "ns"), ("和", "c"), ("澳门", "ns"), ("会见", "v"),
+             ("新华社", "nt"), ("记者", "n"), ("李鹏", "nr")]
+    ents = demo.entities(words)
+    assert ents == {"nr": ["江泽民", "李鹏"], "ns": ["香港", "澳门"], "nt": ["新华社"]}  # a surname joins its name
+    answer = demo.ner_answer(ents)
+    assert answer == "人名：江泽民、李鹏\n地名：香港、澳门\n机构名：新华社"
+    assert demo.parse_names(answer) == {("人名", "江泽民"), ("人名", "李鹏"), ("地名", "香港"), ("地名", "澳门"),
+                                        ("机构名", "新华社")}
+    assert demo.parse_names(demo.ner_answer({"nr": [], "ns": [], "nt": []})) == set()  # 无 is no name
+
+
+def test_questions_longer_than_the_context_are_skipped_not_cut(demo_data, capsys):
+    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
+    short = {"task": "sentiment", "messages": [{"role": "user", "content": "这条评论是正面还是负面？\n很好"},
+                                               {"role": "assistant", "content": "正面"}]}
+    long = {"task": "sentiment", "messages": [{"role": "user", "content": "这条评论是正面还是负面？\n" + "房间很干净" * 20},
+                                              {"role": "assistant", "content": "正面"}]}
+    model = tiny(dim=32, vocab_size=8192, max_seq_len=48)
+    results = evaluate_on_tasks(model, tok, [long, short, long, short], set(), per_task=0)
+    assert results["sentiment"][1] == 2  # the two short questions were answered; the long ones were not
+    assert "2 question(s) longer than the context skipped" in capsys.readouterr().out
+    assert evaluate_on_tasks(model, tok, [long, short, long, short], set(), per_task=1)["sentiment"][1] == 1
+
+
+def test_answering_in_batches_gives_each_question_the_answer_it_gets_alone(demo_data, tiny_ckpt):
+    from checkpoint import load_model
+    model, tok, _ = load_model(tiny_ckpt)
+    tests = [t for t in load_tests(demo_data) if t["task"] in ("sentiment", "pinyin")]
+    batched, alone = [], []
+    evaluate_on_tasks(model, tok, tests, set(), per_task=40, batch_size=32, record=batched)
+    evaluate_on_tasks(model, tok, tests, set(), per_task=40, batch_size=1, record=alone)
+    assert len(batched) == 80 and sorted(batched) == sorted(alone)
+    assert len({answer for *_, answer in batched}) > 1  # the model does answer, and not always the same
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(demo_data, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_sft")
+    run("sft.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={out}", *SFT_TINY,
+        "--max_iters=4", "--eval_interval=4")
+    return str(out)
+
+
+def test_the_command_compares_a_checkpoint_with_its_base_and_writes_a_report(demo_data, tiny_ckpt, tiny_sft):
+    p = run("evaluate.py", f"--out_dir={tiny_sft}", f"--data_dir={demo_data}", "--per_task=3")
+    assert "sentiment (accuracy)" in p.out and "pretrained" in p.out and "SFT" in p.out
+    report = json.load(open(os.path.join(tiny_sft, "eval.json")))
+    assert list(report["models"]) == ["pretrained", "SFT"]
+    assert report["models"]["pretrained"]["checkpoint"] == tiny_ckpt
+    assert report["models"]["SFT"]["checkpoint"] == tiny_sft
+    sentiment = report["models"]["SFT"]["tasks"]["sentiment"]
+    assert sentiment["n"] == 3 and sentiment["metric"] == "accuracy" and 0 <= sentiment["score"] <= 1
+    assert report["models"]["SFT"]["tasks"].keys() == report["models"]["pretrained"]["tasks"].keys()
+
+
+def test_the_sentiment_baselines_beat_the_majority_label(demo_data, tiny_sft):
+    p = run("evaluate.py", f"--out_dir={tiny_sft}", f"--data_dir={demo_data}", "--per_task=2", "--base=none",
+            "--baselines")
+    report = json.load(open(os.path.join(tiny_sft, "eval.json")))["models"]
+    majority = report["majority label"]["tasks"]["sentiment"]
+    bigrams = report["Naive Bayes, chars+bigrams"]["tasks"]["sentiment"]
+    assert majority["n"] == bigrams["n"] > 600  # every held-out review, not --per_task of them
+    assert 0.5 < majority["score"] < 0.6 and bigrams["score"] > majority["score"] + 0.1
+    assert "pretrained" not in p.out
+
+
+def test_a_missing_checkpoint_says_how_to_make_one(tmp_path):
+    p = run("evaluate.py", f"--out_dir={tmp_path}", check=False)
+    assert p.returncode != 0 and "sft.py" in p.out and "Traceback" not in p.out
