@@ -26,11 +26,11 @@ out_dir = "out"              # the checkpoint to decode with
 big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
 presets = "demo"             # comma-separated presets for --what=train
 vocab_size = 0               # train: 0 = the data's tokenizer size; 64793 matches the size table's names
-batch_size = 8
+batch_size = 8               # train: sequences per step
 iters = 10                   # timed training iterations (after 3 warm-up ones)
-decode_tokens = 200
-device = "auto"
-dtype = "auto"
+decode_tokens = 200          # decode: tokens generated per measurement
+device = "auto"              # auto: cuda, then mps, then cpu
+dtype = "auto"               # auto: bfloat16 where supported, float32 on CPU
 compile: bool = None       # torch.compile; None: on for CUDA, off elsewhere
 # -----------------------------------------------------------------------------
 
@@ -53,7 +53,8 @@ def bench_prep():
         raise SystemExit(f"error: no {tok}; run `python prepare_data.py` first")
     print("== prepare_data.py on the demo corpus (tokenizer given, so this is reading + tokenizing + writing)")
     for workers in (1, os.cpu_count()):
-        out, dt, _ = run_prepare("--sft_input=", f"--tokenizer_model={tok}", f"--workers={workers}", "--out_dir=/tmp/bench_prep")
+        out, dt, _ = run_prepare("--sft_input=", f"--tokenizer_model={tok}", f"--workers={workers}",
+                                 "--out_dir=/tmp/bench_prep")
         line = next(l for l in out.splitlines() if l.startswith("pretraining tokens"))
         print(f"workers={workers}: {line.split(';')[-1].strip()}, {dt:.1f}s wall")
     if big_jsonl_gb <= 0:
@@ -71,7 +72,8 @@ def bench_prep():
                 f.write(line)
                 written += len(line.encode("utf-8"))
                 i += 1
-        _, dt, peak_mb = run_prepare(f"--input={path}", "--sft_input=", f"--tokenizer_model={tok}", "--out_dir=/tmp/bench_big")
+        _, dt, peak_mb = run_prepare(f"--input={path}", "--sft_input=", f"--tokenizer_model={tok}",
+                                     "--out_dir=/tmp/bench_big")
         print(f"{os.path.getsize(path) / 2**30:.2f} GB JSONL: {dt:.0f}s, peak RSS {peak_mb:.0f} MB")
         os.remove(path)
 

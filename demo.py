@@ -60,7 +60,8 @@ def idioms():
         word = r["word"].strip()
         if not word or word in idioms:
             continue
-        fields = {k: ("" if r[k].strip() == "无" else r[k].strip()) for k in ("pinyin", "explanation", "derivation", "example")}
+        fields = {k: ("" if r[k].strip() == "无" else r[k].strip())
+                  for k in ("pinyin", "explanation", "derivation", "example")}
         fields["example"] = fields["example"].replace("～", word)
         idioms[word] = fields
     return idioms
@@ -79,8 +80,9 @@ def news_text(words):
     return "".join(w for w, _ in words)
 
 
-# the sentiment test needs more reviews than val_fraction holds out (1% is ~180 reviews, +-3 points of
-# accuracy): these are kept out of the training text too (in val if val_fraction picks them, else nowhere)
+# the sentiment test needs more reviews than val_fraction holds out, for an accuracy worth quoting
+# (docs/experiments.md): these are kept out of the training text too (in val if val_fraction picks them,
+# else nowhere)
 REVIEW_TEST_FRACTION = 0.05
 
 
@@ -119,7 +121,7 @@ def ner_answer(ents):
 
 
 def parse_names(text):
-    """{(kind, name)} from an answer like '人名：江泽民\\n地名：香港、澳门\\n机构名：无' (ner_answer's format)."""
+    """{(kind, name)} from an answer in ner_answer's format, like '人名：江泽民\\n地名：香港、澳门\\n机构名：无'."""
     names = set()
     for line in text.split("\n"):
         kind, _, rest = line.partition("：")
@@ -152,11 +154,13 @@ def sft_examples(val_fraction):
                 ents = entities(sentence)
                 if 10 <= len(text) <= 120 and any(ents.values()):
                     held_out = split == "test" and text not in train_news
-                    yield "test" if held_out else "train", "ner", [{"role": "user", "content": f"找出这句话中的人名、地名和机构名：{text}"},
-                                         {"role": "assistant", "content": ner_answer(ents)}]
+                    yield "test" if held_out else "train", "ner", [
+                        {"role": "user", "content": f"找出这句话中的人名、地名和机构名：{text}"},
+                        {"role": "assistant", "content": ner_answer(ents)}]
                 sentence = []
     labelled = reviews()
-    train_reviews = "\n".join(r for r, _ in labelled if not review_held_out(r, val_fraction))  # reviews repeat inside others too
+    # reviews repeat inside other reviews too: a held-out one must be absent from all the training text
+    train_reviews = "\n".join(r for r, _ in labelled if not review_held_out(r, val_fraction))
     for review, label in labelled:
         if 8 <= len(review) <= 300:  # "备注：" is not a review worth a question
             held_out = review_held_out(review, val_fraction) and review not in train_reviews
@@ -192,7 +196,6 @@ def sft_conversations(val_fraction):
     # the one the demo's target is set on); the idiom tasks, which it cannot learn, are kept small, as
     # their long answers would otherwise hold most of the answer tokens and drown the sentiment signal
     # (measured: docs/experiments.md)
-    # with that day's sft.py defaults: see docs/experiments.md)
     out = []
     for (split, task), examples in sorted(by_task.items()):
         rng.shuffle(examples)

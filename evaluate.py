@@ -30,7 +30,7 @@ from training import PTDTYPE, resolve_device
 # -----------------------------------------------------------------------------
 out_dir = "out-sft"          # the checkpoint to evaluate (ckpt.pt, tokenizer.model); eval.json is written here
 data_dir = "data"            # where the held-out questions are: data_dir/sft_test.jsonl
-base = "auto"                # the model to compare with: auto (the one the checkpoint was tuned from), none, or a directory
+base = "auto"                # compare with: auto (the model the checkpoint was tuned from), none, or a directory
 per_task = 1000              # held-out questions per task (the demo has 833 reviews and 200 of each other task); 0: all
 batch_size = 32              # questions answered together (same-length prompts only, so answers never change)
 baselines = False            # also score the sentiment task's majority label and Naive Bayes classifiers
@@ -166,7 +166,8 @@ def compare(models, tok, data_dir, per_task, report_path, batch_size=32, extra=N
     sources = {name: source for name, (_, source) in models.items()}
     report = {"data": os.path.join(data_dir, "sft_test.jsonl"), "per_task": per_task, "models": {
         name: {"checkpoint": sources.get(name), "tasks": {
-            task: {"metric": demo.METRIC_NAMES.get(task, "exact match"), "score": s, "n": n} for task, (s, n) in r.items()}}
+            task: {"metric": demo.METRIC_NAMES.get(task, "exact match"), "score": s, "n": n}
+            for task, (s, n) in r.items()}}
         for name, r in everything.items()}}
     with open(report_path + ".tmp", "w") as f:
         json.dump(report, f, indent=1, ensure_ascii=False)

@@ -1,7 +1,7 @@
 """
 Export a checkpoint from pretrain.py or sft.py for llama2.c or Hugging Face transformers.
 
-    python export.py                                  # out/ckpt.pt -> out/model.bin (version 0, fp32) + out/tokenizer.bin
+    python export.py                                  # out/ckpt.pt -> out/model.bin (version 0, fp32), tokenizer.bin
     python export.py --version=2 --output=out/model_q80.bin     # int8 Q8_0 for runq.c
     python export.py --version=hf --output=hf-model   # a LlamaForCausalLM directory
     python export.py --out_dir=out-sft                # any checkpoint directory
@@ -98,7 +98,8 @@ def export_v2(model, path, gs):
         f.write(b"\0" * (256 - f.tell()))
         for t in [*layer_weights(model, "attention_norm"), *layer_weights(model, "ffn_norm"), model.norm.weight]:
             f.write(fp32_bytes(t))
-        matrices = [model.tok_embeddings.weight, *layer_weights(model, "attention.wq"), *layer_weights(model, "attention.wk"),
+        matrices = [model.tok_embeddings.weight, *layer_weights(model, "attention.wq"),
+                    *layer_weights(model, "attention.wk"),
                     *layer_weights(model, "attention.wv"), *layer_weights(model, "attention.wo"),
                     *layer_weights(model, "feed_forward.w1"), *layer_weights(model, "feed_forward.w2"),
                     *layer_weights(model, "feed_forward.w3")]
@@ -186,7 +187,8 @@ def export_hf(model, tok, directory):
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                    "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
-                   "model_max_length": a.max_seq_len, "chat_template": HF_CHAT_TEMPLATE}, f, indent=1, ensure_ascii=False)
+                   "model_max_length": a.max_seq_len, "chat_template": HF_CHAT_TEMPLATE},
+                  f, indent=1, ensure_ascii=False)
 
 
 def output_path(output, out_dir, default_name, is_file=True):

@@ -36,7 +36,8 @@ def add_lora(model, targets, rank, alpha, dropout):
                 setattr(module, name, LoRALinear(child, rank, alpha, dropout))
                 wrapped += 1
     if not wrapped:
-        raise SystemExit(f"error: lora_targets {sorted(targets)} name no Linear layer (choose from wq, wk, wv, wo, w1, w2, w3)")
+        raise SystemExit(f"error: lora_targets {sorted(targets)} name no Linear layer "
+                         f"(choose from wq, wk, wv, wo, w1, w2, w3)")
     return model
 
 

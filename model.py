@@ -200,8 +200,9 @@ class Transformer(nn.Module):
             logits = self.output(h)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
             return logits, loss
-        # SFT: only the answer tokens (~16% of the demo's) carry loss, so the classifier runs on those
-        # alone; at dim 128 its 8192-way matmul is half the FLOPs, and this halves the step time on CPU
+        # SFT: only the answer tokens (a small share of the demo's) carry loss, so the classifier runs on
+        # those alone; in a small model with a large vocabulary that matmul is a large part of the step
+        # (docs/benchmarks.md)
         mask = loss_mask.flatten()
         keep = mask > 0
         logits = self.output(h.flatten(0, 1)[keep])                         # (N, V)

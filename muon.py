@@ -5,9 +5,9 @@ torch.optim.Optimizer so that the LR schedule, gradient clipping, AMP and checkp
 
 Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is Scalable for LLM Training") takes the momentum of a
 weight's gradient and replaces it by the nearest semi-orthogonal matrix, so every direction of the
-update moves by the same amount instead of the few largest directions dominating. Measured on the
-demo (README, Numbers): the same 1700 iterations reach val loss 4.92 instead of AdamW's 5.23, about what
-AdamW reaches in 3000, for 8% more time per step.
+update moves by the same amount instead of the few largest directions dominating. On the demo it
+reaches a given val loss in far fewer iterations than AdamW for a little more time per step
+(docs/experiments.md, docs/benchmarks.md).
 """
 import math
 
@@ -19,7 +19,7 @@ def orthogonalize(G, steps=5):
     About U V^T for G = U S V^T: a quintic Newton-Schulz iteration whose coefficients trade exactness for
     speed (all but the tiniest singular values land within roughly 0.7..1.2, which works as well as exact).
     In fp32: torch.optim.Muon iterates in bf16, which most CPUs have no fast matmul for
-    (one step over the demo's block matrices: 490 ms in bf16, 27 ms in fp32 on 2 cores).
+    (an order of magnitude slower on this project's CPU: docs/benchmarks.md).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G / (G.norm() + 1e-7)  # singular values <= 1, where the iteration converges

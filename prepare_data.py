@@ -46,7 +46,7 @@ from tokenizer import (Tokenizer, compatibility_warnings, is_val, sniff_encoding
                        turn_boundary_cut)
 
 # -----------------------------------------------------------------------------
-input = "demo"              # pretraining sources: "demo", or comma-separated files/directories; "" skips pretraining data
+input = "demo"              # pretraining sources: "demo", or comma-separated files/directories; "": none
 sft_input = "demo"          # SFT sources: "demo", or comma-separated files/directories; "" skips SFT data
 out_dir = "data"            # where the tokenizer and token files go
 vocab_size = 8192           # size of the tokenizer to train (at most 65535: token files are uint16)
@@ -114,7 +114,8 @@ def read_lines(path, counts, progress):
                 line = raw.decode(counts.encoding)
             except UnicodeDecodeError:
                 line = raw.decode(counts.encoding, errors="replace")
-                counts[f"lines with invalid {'UTF-8' if counts.encoding == 'utf-8' else counts.encoding.upper()} repaired"] += 1
+                encoding = "UTF-8" if counts.encoding == "utf-8" else counts.encoding.upper()
+                counts[f"lines with invalid {encoding} repaired"] += 1
             if line.endswith("\r\n"):
                 line = line[:-2] + "\n"
             yield line
@@ -584,7 +585,8 @@ def main():
         conversations = lambda: file_conversations(sft_files, val_fraction)  # noqa: E731
     tokenizer_path = os.path.join(out_dir, "tokenizer.model")
     if documents is None and not tokenizer_model and not os.path.exists(tokenizer_path):
-        raise SystemExit("error: SFT data alone needs a tokenizer: pass --tokenizer_model or prepare pretraining data first")
+        raise SystemExit("error: SFT data alone needs a tokenizer: pass --tokenizer_model or prepare pretraining "
+                         "data first")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"error: --out_dir={out_dir} is a file, not a directory; choose another --out_dir")
     os.makedirs(out_dir, exist_ok=True)

@@ -1,7 +1,7 @@
 """
 Pretrain the Llama 2 model on the token files prepare_data.py wrote.
 
-    python pretrain.py                                        # the demo preset, ~7.5 minutes on a 2-core CPU
+    python pretrain.py                                        # the demo preset, minutes on a laptop CPU
     python pretrain.py --max_iters=100 --batch_size=8         # any setting below, as --key=value
     torchrun --standalone --nproc_per_node=4 pretrain.py config/pretrain_58m_4gpu.py
 
@@ -39,11 +39,11 @@ log_interval = 25                 # iterations per log line
 # model
 preset = "demo"                   # a size from model.PRESETS: demo, 9m, 24m, 58m, 134m, 256m
 dim: int = None                   # dim, n_layers, n_heads, n_kv_heads override the preset when set
-n_layers: int = None
-n_heads: int = None
-n_kv_heads: int = None
+n_layers: int = None              # transformer blocks
+n_heads: int = None               # attention heads (dim must split into them evenly)
+n_kv_heads: int = None            # key/value heads; fewer than n_heads is grouped-query attention
 block_size: int = None            # context length; None: the preset's max_seq_len
-dropout = 0.0
+dropout = 0.0                     # off: a model that sees each token about once does not overfit
 tie_embeddings = True             # the classifier shares the input embedding's weights
 # optimization
 batch_size = 8                    # sequences per micro-step, per process
@@ -51,18 +51,18 @@ gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
 max_iters = 1700                  # optimizer steps in the whole run
 learning_rate = 5e-3              # peak, after warmup
 min_lr = 5e-4                     # at the end of the cosine decay
-warmup_iters = 50
+warmup_iters = 50                 # iterations of linear warmup to learning_rate
 lr_decay_iters: int = None        # None: max_iters
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 0.1                # decoupled, on matrices and embeddings (never on norms)
+beta1 = 0.9                       # AdamW (and Muon's AdamW half): decay of the first moment
+beta2 = 0.95                      # and of the second moment
 grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
 muon = True                       # Muon for the blocks' matrices, AdamW for the rest (muon.py); False: AdamW for all
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
-seed = 1337
+seed = 1337                       # model init, batches and dropout: a run is a function of it
 # -----------------------------------------------------------------------------
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
@@ -245,7 +245,8 @@ def main():
         save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
-            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size, "torch_rng": torch.get_rng_state(),
+            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
+            "torch_rng": torch.get_rng_state(),
             "stage": "pretrain",
         })
         logger.commit()
@@ -264,7 +265,8 @@ def main():
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            if run.master and (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or not resume):
+            eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
+            if run.master and eval_due and (iter_num > start_iter or not resume):  # a resumed run has its eval
                 val_loss = evaluate()
                 if stopper.check_loss(val_loss, "val loss", iter_num):
                     bpc = val_loss / math.log(2) * val_data.tokens_per_char

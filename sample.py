@@ -30,7 +30,7 @@ chat = False                 # chat with an SFT model instead of continuing text
 system = ""                  # chat: an optional system prompt
 prompt = ""                  # chat: answer this one message and exit instead of reading from the terminal
 use_cache = True             # the KV cache; off only to measure what it saves
-seed = 1337
+seed = 1337                  # sampling at temperature > 0 is a function of it
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
 # -----------------------------------------------------------------------------
@@ -189,7 +189,8 @@ def chat_loop(model, tok, checkpoint, context, settings):
                 continue
         messages, kept = fit_history(tok, system, turns, user, budget)
         if kept < len(turns):
-            print(f"(dropped the {len(turns) - kept} oldest turn(s) to fit the {context}-token context)", file=sys.stderr)
+            print(f"(dropped the {len(turns) - kept} oldest turn(s) to fit the {context}-token context)",
+                  file=sys.stderr)
         turns = turns[len(turns) - kept:]
         ids, _ = tok.encode_chat(messages)
         if len(ids) > budget:

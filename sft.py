@@ -49,23 +49,23 @@ gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
 max_iters = 3200                  # 1.46 epochs of the demo SFT set
 learning_rate = 1e-3              # higher rates undo what pretraining taught (docs/experiments.md)
 min_lr = 1e-4                     # at the end of the cosine decay
-warmup_iters = 30
+warmup_iters = 30                 # iterations of linear warmup to learning_rate
 lr_decay_iters: int = None        # None: max_iters
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 0.0                # decoupled AdamW weight decay
+beta1 = 0.9                       # AdamW: decay of the first moment
+beta2 = 0.95                      # and of the second moment
 grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
-dropout = 0.0
+dropout = 0.0                     # regularizing SFT did not help the demo (docs/experiments.md)
 # LoRA
 lora_rank = 0                     # 0: full fine-tuning; > 0: freeze the model and train rank-r adapters
 lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A x
-lora_dropout = 0.0
+lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
-seed = 1337
+seed = 1337                       # batch order and any dropout
 # -----------------------------------------------------------------------------
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
@@ -112,7 +112,8 @@ class Conversations:
 
     def _maps(self):
         # fresh memmaps per batch: a long-lived one keeps every page it touched in RSS
-        return np.memmap(self.tokens_path, dtype=np.uint16, mode="r"), np.memmap(self.mask_path, dtype=np.uint8, mode="r")
+        return (np.memmap(self.tokens_path, dtype=np.uint16, mode="r"),
+                np.memmap(self.mask_path, dtype=np.uint8, mode="r"))
 
     def __len__(self):
         return len(self.starts)
@@ -120,8 +121,8 @@ class Conversations:
     def _lay_out(self, epoch):
         """
         Every conversation once, shuffled anew each epoch. Packed, each goes into the first of the open
-        rows with room for it. (Drawing conversations at random until one does not fit would train a
-        200-token conversation 3x less often than a 30-token one: measured on the demo data.)
+        rows with room for it. (Drawing conversations at random until one does not fit would train long
+        conversations several times less often than short ones: docs/experiments.md.)
         """
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
         if not self.packed:
@@ -206,8 +207,9 @@ def main():
     if resume:
         checkpoint = load_checkpoint(out_dir)
         if checkpoint.get("stage") != "sft":
-            raise SystemExit(f"error: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint, not an SFT "
-                             f"run to resume; to fine-tune it, pass --init_from={out_dir} and a new --out_dir")
+            stage = checkpoint.get("stage", "unknown")
+            raise SystemExit(f"error: {out_dir}/ckpt.pt is a {stage} checkpoint, not an SFT run to resume; "
+                             f"to fine-tune it, pass --init_from={out_dir} and a new --out_dir")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         saved = checkpoint["config"]
         if run.master:
@@ -223,10 +225,12 @@ def main():
     model.load_state_dict(base["model"])
     del base  # the base's optimizer state is of no use here
     # a resumed run keeps the adapters it was started with
-    lora = {k: (checkpoint["config"] if resume else config)[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+    lora = {k: (checkpoint["config"] if resume else config)[k]
+            for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
     use_lora = lora["lora_rank"] > 0
     if use_lora:
-        add_lora(model, set(lora["lora_targets"].split(",")), lora["lora_rank"], lora["lora_alpha"], lora["lora_dropout"])
+        add_lora(model, set(lora["lora_targets"].split(",")), lora["lora_rank"], lora["lora_alpha"],
+                 lora["lora_dropout"])
         if resume:
             model.load_state_dict(checkpoint["lora"], strict=False)
     elif resume:
@@ -313,7 +317,8 @@ def main():
             "lora": adapter_state_dict(raw_model) if use_lora else None,
             "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
-            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size, "torch_rng": torch.get_rng_state(),
+            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
+            "torch_rng": torch.get_rng_state(),
             "stage": "sft", "base": base_dir,
         })
         logger.commit()
@@ -333,7 +338,8 @@ def main():
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            if run.master and (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or not resume):
+            eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
+            if run.master and eval_due and (iter_num > start_iter or not resume):  # a resumed run has its eval
                 val_loss = evaluate_loss()
                 if stopper.check_loss(val_loss, "test answer loss", iter_num):
                     print(f"iter {iter_num}: test answer loss {val_loss:.4f}")
@@ -378,7 +384,8 @@ def main():
         print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {iter_num}; continue with --init_from=resume")
         return
     if stop == Stopper.DIVERGED:
-        raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter) + "; lower --learning_rate")
+        raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
+                         + "; lower --learning_rate")
     print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best test answer loss "
           f"{best_val_loss:.4f}; checkpoint in {out_dir}/ckpt.pt")
     if evaluate_tasks:

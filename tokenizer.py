@@ -41,7 +41,8 @@ def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
     if vocab_size > UINT16_MAX_IDS:
         raise SystemExit(f"error: vocab_size={vocab_size} does not fit uint16 token files (at most {UINT16_MAX_IDS})")
     if vocab_size < 300:
-        raise SystemExit(f"error: vocab_size={vocab_size} is too small: 259 ids are taken by <unk>, <s>, </s> and the 256 bytes")
+        raise SystemExit(f"error: vocab_size={vocab_size} is too small: 259 ids are taken by <unk>, <s>, </s> "
+                         f"and the 256 bytes")
     # the template's literal strings, often enough that they become cheap pieces
     template_lines = [render_user_turn("你好", "你是一个助手") for _ in range(2000)]
     model = io.BytesIO()
@@ -67,7 +68,8 @@ def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
     except RuntimeError as e:
         msg = str(e).split("] ")[-1]
         if "required_chars" in msg:  # sentencepiece's own advice names options we do not expose
-            msg = f"the text needs more single-character pieces than vocab_size={vocab_size} leaves room for ({msg.split('.')[1].strip()}); raise --vocab_size"
+            msg = (f"the text needs more single-character pieces than vocab_size={vocab_size} leaves room for "
+                   f"({msg.split('.')[1].strip()}); raise --vocab_size")
         raise SystemExit(f"error: tokenizer training failed: {msg}")
     tmp = model_path + ".tmp"
     with open(tmp, "wb") as f:
@@ -87,9 +89,11 @@ def compatibility_warnings(sp):
     if n > UINT16_MAX_IDS:
         warnings.append(f"vocabulary of {n} ids does not fit uint16 token files")
     if (sp.unk_id(), sp.bos_id(), sp.eos_id()) != (0, 1, 2):
-        warnings.append(f"special ids are unk {sp.unk_id()} / bos {sp.bos_id()} / eos {sp.eos_id()}; run.c expects 0 / 1 / 2")
+        warnings.append(f"special ids are unk {sp.unk_id()} / bos {sp.bos_id()} / eos {sp.eos_id()}; "
+                        f"run.c expects 0 / 1 / 2")
     if n < 259 or not all(sp.is_byte(i) and sp.id_to_piece(i) == f"<0x{i - 3:02X}>" for i in range(3, 259)):
-        warnings.append("byte pieces are not at ids 3..258 (no byte fallback, or other pieces before them); run.c hard-codes byte + 3")
+        warnings.append("byte pieces are not at ids 3..258 (no byte fallback, or other pieces before them); "
+                        "run.c hard-codes byte + 3")
     if sp.piece_to_id("▁") == sp.unk_id():
         warnings.append('no "▁" piece; run.c prepends it as the dummy prefix')
     probe = "全角，！？\n  两个空格"
@@ -168,7 +172,8 @@ def split_turns(messages):
     if not isinstance(messages, list) or not messages:
         raise ValueError("a conversation is a non-empty list of messages")
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) \
+                or m.get("role") not in ("system", "user", "assistant"):
             raise ValueError("each message needs a role (system, user or assistant) and a string content")
     system = None
     if messages[0]["role"] == "system":
@@ -203,7 +208,8 @@ def sniff_encoding(path, sample_bytes=1 << 20):
     with open(path, "rb") as f:
         sample = f.read(sample_bytes)
     if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise SystemExit(f"error: {path} is UTF-16; convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8 {path} > new_file)")
+        raise SystemExit(f"error: {path} is UTF-16; convert it to UTF-8 first "
+                         f"(iconv -f UTF-16 -t UTF-8 {path} > new_file)")
     if len(sample) == sample_bytes and b"\n" in sample:
         sample = sample[:sample.rindex(b"\n") + 1]  # never judge a character cut at the sample's end
     non_ascii = sum(1 for b in sample if b >= 0x80)
@@ -215,7 +221,8 @@ def sniff_encoding(path, sample_bytes=1 << 20):
         return "gb18030"
     except UnicodeDecodeError:
         raise SystemExit(f"error: {path} is not UTF-8 ({bad * 100 // max(1, non_ascii)}% of its non-ASCII bytes do not "
-                         f"decode) nor GBK/GB18030; convert it to UTF-8 first (e.g. iconv -f BIG5 -t UTF-8 {path} > new_file)")
+                         f"decode) nor GBK/GB18030; convert it to UTF-8 first "
+                         f"(e.g. iconv -f BIG5 -t UTF-8 {path} > new_file)")
 
 
 def read_text_file(path):

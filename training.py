@@ -64,7 +64,8 @@ def setup_device(device, dtype, compile, keep_memory=True):
     device, dtype = resolve_device(device, dtype)
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -89,10 +90,10 @@ def setup_device(device, dtype, compile, keep_memory=True):
 
 def keep_freed_memory():
     """
-    Let glibc's malloc keep freed memory for the next training step. By default it hands every freed
-    block over 32 MB back to the kernel, and the next step faults it in again page by page: with the
-    demo's 64 MB logits that was 65k page faults and a third of each CPU step's time spent in the
-    kernel (`python bench.py --what=train`: 320 -> 236 ms per demo step). Elsewhere (macOS, Windows, musl) nothing happens.
+    Let glibc's malloc keep freed memory for the next training step. By default it hands every large
+    freed block back to the kernel, and the next step faults it in again page by page: with the demo's
+    logits a third of each CPU step's time went to the kernel (docs/benchmarks.md). The price: the
+    process keeps its peak memory. Elsewhere (macOS, Windows, musl) nothing happens.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

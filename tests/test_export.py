@@ -250,3 +250,23 @@ def test_hugging_face_export_computes_the_same_logits(tmp_path):
             got = hf(tokens).logits
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         assert json.load(open(directory / "config.json"))["tie_word_embeddings"] == (kw == {})
+
+
+def test_the_hugging_face_tokenizer_and_chat_template_give_our_ids(tiny_ckpt, tmp_path):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read tokenizer.model")
+    from transformers import AutoTokenizer
+    run("export.py", f"--out_dir={tiny_ckpt}", "--version=hf", f"--output={tmp_path / 'hf'}")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    tok = Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    conversations = [
+        [{"role": "user", "content": "这条评论是正面还是负面？\n房间很干净。"}],
+        [{"role": "system", "content": "你是一个知识渊博、乐于助人的中文助手。"}, {"role": "user", "content": "你好"},
+         {"role": "assistant", "content": "你好！有什么可以帮你？"}, {"role": "user", "content": "成语接龙：一马当先"}],
+        [{"role": "user", "content": "mixed English 和中文 😀"}, {"role": "assistant", "content": "好的  two spaces"}],
+    ]
+    for messages in conversations:
+        ids = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert ids == tok.encode_chat(messages)[0], messages
+    for text in ("床前明月光，疑是地上霜。", "龘𠮷 byte fallback", "code: x = [1, 2]"):
+        assert hf(text)["input_ids"] == [tok.bos_id] + tok.encode(text)

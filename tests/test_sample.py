@@ -7,7 +7,7 @@ import torch
 from conftest import run
 from sample import TextStreamer, fit_history
 from tokenizer import Tokenizer
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,18 @@ def test_chat_history_drops_the_oldest_turns_and_keeps_the_system_prompt(demo_da
 
 
 def test_non_interactive_chat_answers_once_and_exits(tiny_sft_ckpt):
-    p = run("sample.py", f"--out_dir={tiny_sft_ckpt}", "--chat", "--prompt", "“一马当先”是什么意思？",
-            "--max_new_tokens=10", "--system=你是助手")
-    assert "tokens/s" in p.stderr and "warning" not in p.stderr
+    question = "“一马当先”是什么意思？"
+    p = run("sample.py", f"--out_dir={tiny_sft_ckpt}", "--chat", "--prompt", question, "--max_new_tokens=10",
+            "--system=你是助手", "--temperature=0", "--repetition_penalty=1.0")
+    assert p.stderr.count("tokens/s") == 1 and "warning" not in p.stderr  # one answer, then it exited
+    model, tok, _ = load_model(tiny_sft_ckpt)
+    ids, _ = tok.encode_chat([{"role": "system", "content": "你是助手"}, {"role": "user", "content": question}])
+    answer = []
+    for t in model.generate(torch.tensor([ids]), 10, temperature=0, stop_tokens=(tok.eos_id, tok.bos_id)):
+        if t.item() in (tok.eos_id, tok.bos_id):
+            break
+        answer.append(t.item())
+    assert answer and p.stdout == tok.decode(answer) + "\n"  # the greedy answer alone: no leading space, a newline
 
 
 def test_chat_with_a_pretrained_checkpoint_warns(tiny_ckpt):
