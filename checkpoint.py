@@ -19,12 +19,15 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def load_checkpoint(out_dir, name="ckpt.pt"):
-    """The checkpoint dict of out_dir, on the CPU (a stage moves only the weights it needs to its device)."""
-    path = os.path.join(out_dir, name)
+def load_checkpoint(out_dir, flag="--out_dir"):
+    """
+    The checkpoint dict of out_dir, on the CPU (a stage moves only the weights it needs to its device).
+    flag: the setting that named out_dir, for the message when there is none.
+    """
+    path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one with `python pretrain.py` (or sft.py), "
-                         f"or point --out_dir at a directory that has one")
+                         f"or point {flag} at a directory that has one")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file is a user-facing problem, not a traceback
@@ -45,12 +48,12 @@ def check_tokenizer(checkpoint_sha, tokenizer_sha, what, fix="use the data direc
                          f"{tokenizer_sha}; {fix}")
 
 
-def load_model(out_dir, device="cpu", dtype=torch.float32, tokenizer_path=""):
+def load_model(out_dir, device="cpu", dtype=torch.float32, tokenizer_path="", flag="--out_dir"):
     """
     (model in eval mode on device/dtype, its Tokenizer, the checkpoint dict without its weights) from a
     checkpoint directory. The tokenizer is tokenizer_path if given, else the one saved beside the checkpoint.
     """
-    checkpoint = load_checkpoint(out_dir)
+    checkpoint = load_checkpoint(out_dir, flag)
     tok = Tokenizer(tokenizer_path or os.path.join(out_dir, "tokenizer.model"))
     check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{out_dir}/ckpt.pt",
                     fix="pass the tokenizer it was trained with as --tokenizer=path/to/tokenizer.model")

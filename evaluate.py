@@ -191,8 +191,11 @@ def main():
             models = {name if name not in models else "base": (base_model, base_dir), **models}
         else:
             print(f"note: the base {base_dir}/ckpt.pt is gone; evaluating {out_dir} alone")
-    extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
-    compare(models, tok, data_dir, per_task, os.path.join(out_dir, "eval.json"), batch_size, extra)
+    try:
+        extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
+        compare(models, tok, data_dir, per_task, os.path.join(out_dir, "eval.json"), batch_size, extra)
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: nothing was written")
 
 
 if __name__ == "__main__":

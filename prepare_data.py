@@ -72,9 +72,14 @@ class Counts(collections.Counter):
     """
     encoding = "utf-8"
 
+    def __init__(self):
+        super().__init__()
+        self.notes = []  # how the file was read, where that is not what its name says
+
     def summary(self, name):
         issues = ", ".join(f"{n} {what}" for what, n in self.items() if what != "kept" and not what.startswith("_"))
-        read_as = "" if self.encoding == "utf-8" else f" (decoded as {self.encoding.upper()})"
+        notes = self.notes + ([f"decoded as {self.encoding.upper()}"] if self.encoding != "utf-8" else [])
+        read_as = f" ({'; '.join(notes)})" if notes else ""
         return f"  {name}{read_as}: {self['kept']} kept" + (f"; {issues}" if issues else "")
 
     def check_replacement(self, name, limit=0.1):
@@ -118,11 +123,15 @@ def read_lines(path, counts, progress):
                 counts[f"lines with invalid {encoding} repaired"] += 1
             if line.endswith("\r\n"):
                 line = line[:-2] + "\n"
+                counts["CRLF line ends repaired"] += 1
             yield line
 
 
-def read_json_array(path, counts, progress, chunk_chars=1 << 20, max_object_chars=1 << 26):
-    """Elements of a top-level JSON array, parsed incrementally: memory stays at about one element."""
+def read_json_values(path, counts, progress, array=True, chunk_chars=1 << 20, max_object_chars=1 << 26):
+    """
+    The elements of a top-level JSON array (array=True), or a file of JSON values one after another
+    (pretty-printed objects), parsed incrementally: memory stays at about one element.
+    """
     decoder = json.JSONDecoder()
     bad_bytes = [0]
 
@@ -145,26 +154,27 @@ def read_json_array(path, counts, progress, chunk_chars=1 << 20, max_object_char
             buf, pos = buf[pos:] + chunk, 0
 
         more()
-        while True:  # skip to "["
+        while array:  # skip to "["
             buf_ws = len(buf) - len(buf[pos:].lstrip())
             pos += buf_ws
             if pos < len(buf) or eof:
                 break
             more()
-        if pos >= len(buf) or buf[pos] != "[":
+        if array and (pos >= len(buf) or buf[pos] != "["):
             counts["not a JSON array: file skipped"] += 1
             return
-        pos += 1
+        pos += array
         while True:
             while pos < len(buf) and buf[pos] in " \t\r\n,":
                 pos += 1
             if pos >= len(buf):
                 if eof:
-                    counts["unterminated JSON array"] += 1
+                    if array:
+                        counts["unterminated JSON array"] += 1
                     break
                 more()
                 continue
-            if buf[pos] == "]":
+            if array and buf[pos] == "]":
                 break
             try:
                 obj, end = decoder.raw_decode(buf, pos)
@@ -183,13 +193,23 @@ def read_json_array(path, counts, progress, chunk_chars=1 << 20, max_object_char
 
 
 def read_json_records(path, counts, progress):
-    """JSON values of a .jsonl file, or of a .json file (an array, or JSONL under another name)."""
-    if path.endswith(".json"):
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
-        if head.startswith(b"["):
-            yield from read_json_array(path, counts, progress)
-            return
+    """
+    JSON values of a .jsonl or .json file, whichever of the common shapes it has: JSON Lines, a JSON
+    array (also when saved as .jsonl), or pretty-printed objects one after another. A shape that is
+    not what the file's name says is named in its summary line.
+    """
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).lstrip(codecs.BOM_UTF8).lstrip()
+    if head.startswith(b"["):
+        if path.endswith(".jsonl"):
+            counts.notes.append("a JSON array, not JSON Lines: read as an array")
+        yield from read_json_values(path, counts, progress, array=True)
+        return
+    first, _, rest = head.partition(b"\n")
+    if first.startswith(b"{") and not first.rstrip().endswith(b"}") and rest[:1] in (b" ", b"\t", b"}", b'"'):
+        counts.notes.append("pretty-printed JSON, not one object per line: read object by object")
+        yield from read_json_values(path, counts, progress, array=False)
+        return
     for line in read_lines(path, counts, progress):
         if not line.strip():
             counts["empty lines skipped"] += 1
@@ -279,14 +299,17 @@ def input_files(spec, exts):
             files.append(item)
         else:
             raise SystemExit(f"error: input {item} does not exist")
-    for p in files:
-        if os.path.getsize(p) == 0:
-            raise SystemExit(f"error: input {p} is empty")
-    return files
+    empty = [p for p in files if os.path.getsize(p) == 0]
+    if len(empty) == len(files):
+        raise SystemExit(f"error: input {empty[0]} is empty" if len(empty) == 1 else
+                         f"error: all {len(empty)} input files are empty")
+    for p in empty:
+        print(f"  {p}: empty file skipped")
+    return [p for p in files if p not in empty]
 
 
-def iter_file_inputs(files, reader, label):
-    """Stream records from files with one byte-based progress bar and a summary line per file."""
+def iter_file_inputs(files, reader, label, report=True):
+    """Stream records from files with one byte-based progress bar and (if report) a summary line per file."""
     total = sum(os.path.getsize(p) for p in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc=label, dynamic_ncols=True) as bar:
         for path in files:
@@ -297,7 +320,8 @@ def iter_file_inputs(files, reader, label):
                 yield item, counts
             bar.n = start + os.path.getsize(path)  # the JSON array reader reports bytes coarsely
             bar.refresh()
-            tqdm.write(counts.summary(path))
+            if report:
+                tqdm.write(counts.summary(path))
             counts.check_replacement(path)
 
 
@@ -451,7 +475,7 @@ def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction
 
     def train_lines():
         n = 0
-        for doc in documents():
+        for doc in documents(report=False):
             if is_val(doc, val_fraction):
                 continue  # the tokenizer never sees val text either
             for line in doc.split("\n"):
@@ -540,9 +564,9 @@ def prepare_sft(tok, conversations, out_dir, workers, max_len):
     return tmp_paths
 
 
-def file_documents(files):
-    """The pretraining documents of the input files, repaired, with one summary line per file."""
-    for doc, counts in iter_file_inputs(files, read_documents, "reading"):
+def file_documents(files, report=True):
+    """The pretraining documents of the input files, repaired, with one summary line per file if report."""
+    for doc, counts in iter_file_inputs(files, read_documents, "reading" if report else "tokenizer text", report):
         doc = clean_text(doc, counts)
         if doc is not None:
             counts["kept"] += 1
@@ -574,10 +598,11 @@ def main():
         raise SystemExit("error: --workers must be at least 1")
     documents = conversations = None
     if input == "demo":
-        documents = lambda: demo.documents(val_fraction)  # noqa: E731 (called twice: tokenizer, then tokens)
+        # called twice: for the tokenizer (without the per-file summaries), then for the tokens
+        documents = lambda report=True: demo.documents(val_fraction)  # noqa: E731
     elif input:
         files = input_files(input, (".jsonl", ".json", ".txt"))
-        documents = lambda: file_documents(files)  # noqa: E731
+        documents = lambda report=True: file_documents(files, report)  # noqa: E731
     if sft_input == "demo":
         conversations = lambda: demo.sft_conversations(val_fraction)  # noqa: E731
     elif sft_input:

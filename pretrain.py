@@ -161,6 +161,7 @@ def main():
                     != run.world_size * gradient_accumulation_steps:
                 print("warning: resuming with a different world_size x gradient_accumulation_steps: "
                       "the batches will differ from the original run's")
+        config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
     else:
         model_args = model_args_from_settings(tok.n_words)
     seq_len = model_args.max_seq_len
@@ -302,6 +303,7 @@ def main():
                   + (f"iteration {saved_iter}" if saved_iter is not None else "what it held before this run"))
         raise SystemExit(130)
     finally:
+        stopper.restore()
         end_distributed(run, finished)
     if not run.master:
         return
@@ -314,8 +316,9 @@ def main():
         raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
                          + "; lower --learning_rate, or use bfloat16 where float16 overflows")
     else:
-        print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, "
-              f"best val loss {best_val_loss:.4f}; checkpoint in {out_dir}/ckpt.pt")
+        print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best val loss "
+              f"{best_val_loss:.4f}; " + (f"checkpoint in {out_dir}/ckpt.pt" if saved_iter is not None else
+                                          "no checkpoint written (no iteration was trained)"))
 
 
 if __name__ == "__main__":

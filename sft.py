@@ -216,17 +216,17 @@ def main():
             for key in FIXED_ON_RESUME:
                 if key in saved and config[key] != saved[key]:
                     print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
+        config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
     base_dir = checkpoint["base"] if resume else init_from
-    base = load_checkpoint(base_dir)
+    base = load_checkpoint(base_dir, flag="--init_from")
     check_tokenizer(base["tokenizer_sha"], tok.sha, f"{base_dir}/ckpt.pt",
                     fix="point --data_dir at data prepared with the base model's tokenizer")
-    model_args = ModelArgs(**dict(base["model_args"], dropout=checkpoint["config"]["dropout"] if resume else dropout))
+    model_args = ModelArgs(**dict(base["model_args"], dropout=config["dropout"]))
     model = Transformer(model_args)
     model.load_state_dict(base["model"])
     del base  # the base's optimizer state is of no use here
-    # a resumed run keeps the adapters it was started with
-    lora = {k: (checkpoint["config"] if resume else config)[k]
-            for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+    # a resumed run keeps the adapters it was started with (config holds the checkpoint's values then)
+    lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
     use_lora = lora["lora_rank"] > 0
     if use_lora:
         add_lora(model, set(lora["lora_targets"].split(",")), lora["lora_rank"], lora["lora_alpha"],
@@ -374,6 +374,7 @@ def main():
                   + (f"iteration {saved_iter}" if saved_iter is not None else "what it held before this run"))
         raise SystemExit(130)
     finally:
+        stopper.restore()
         end_distributed(run, finished)
     if not run.master:
         return
@@ -387,12 +388,17 @@ def main():
         raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
                          + "; lower --learning_rate")
     print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best test answer loss "
-          f"{best_val_loss:.4f}; checkpoint in {out_dir}/ckpt.pt")
-    if evaluate_tasks:
-        sft_model = model_from_checkpoint(load_checkpoint(out_dir), run.device)
-        base_model = model_from_checkpoint(load_checkpoint(base_dir), run.device)
-        evaluate.compare({"pretrained": (base_model, base_dir), "SFT": (sft_model, out_dir)}, tok, data_dir,
-                         eval_per_task, os.path.join(out_dir, "eval.json"))
+          f"{best_val_loss:.4f}; " + (f"checkpoint in {out_dir}/ckpt.pt" if saved_iter is not None else
+                                      "no checkpoint written (no iteration was trained)"))
+    if evaluate_tasks and saved_iter is not None:
+        try:
+            sft_model = model_from_checkpoint(load_checkpoint(out_dir), run.device)
+            base_model = model_from_checkpoint(load_checkpoint(base_dir), run.device)
+            evaluate.compare({"pretrained": (base_model, base_dir), "SFT": (sft_model, out_dir)}, tok, data_dir,
+                             eval_per_task, os.path.join(out_dir, "eval.json"))
+        except KeyboardInterrupt:
+            raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
+                             f"`python evaluate.py --out_dir={out_dir}`")
 
 
 if __name__ == "__main__":

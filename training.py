@@ -153,8 +153,12 @@ class Stopper:
 
     def __init__(self, run):
         self.run, self.code, self.message = run, self.GO, ""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        """Put the signal handlers back: after the loop, Ctrl-C interrupts again at once."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame):
         if self.code == self.INTERRUPTED and signum == signal.SIGINT:

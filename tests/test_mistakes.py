@@ -6,10 +6,17 @@ nothing good on disk changes.
 import json
 import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 
-from conftest import TINY_MODEL, documents_in, run
+from checkpoint import load_checkpoint
+from conftest import ROOT, TINY_MODEL, documents_in, run
 from tokenizer import Tokenizer
 
 
@@ -116,3 +123,287 @@ def test_sample_reads_a_gbk_prompt_file(tiny_ckpt, tmp_path):
     path.write_bytes("床前明月光，".encode("gbk"))
     p = run("sample.py", f"--out_dir={tiny_ckpt}", f"--start=FILE:{path}", "--max_new_tokens=3", "--temperature=0")
     assert p.stdout.startswith("床前明月光，") and "GB18030" in p.stderr
+
+
+# ---- 3. Ctrl-C during data preparation
+
+def interrupt_after(args, seconds, timeout=60):
+    """Start a script in its own process group, Ctrl-C the whole group (as a terminal does) after
+    `seconds`, and return (exit code, output, seconds it took to exit after the signal)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2"))
+    time.sleep(seconds)
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out, time.time() - t0
+
+
+@pytest.mark.parametrize("seconds", [1.5, 5.0, 8.0])  # training the tokenizer, encoding, the SFT set
+def test_ctrl_c_during_data_preparation_exits_promptly_and_leaves_the_last_run_intact(demo_data, tmp_path, seconds):
+    out = tmp_path / "data"
+    shutil.copytree(demo_data, out)
+    before = snapshot(out)
+    code, log, took = interrupt_after(["prepare_data.py", f"--out_dir={out}", "--workers=2"], seconds)
+    if code == 0:  # this machine finished before the signal: nothing to check
+        pytest.skip(f"prepare_data.py finished within {seconds} s")
+    assert took < 20 and "interrupted: nothing was written" in log and "Traceback" not in log
+    assert snapshot(out) == before and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+# ---- 4, 5. settings that do not parse, config files in the wrong syntax
+
+@pytest.mark.parametrize("args, message", [
+    (["--dim=abc"], "--dim expects an integer, got 'abc'"),
+    (["--lr_decay_iters=abc"], "--lr_decay_iters expects an integer"),
+    (["--compile=maybe"], "--compile expects true or false"),
+])
+def test_settings_that_do_not_parse_stop_before_anything_runs(tmp_path, args, message):
+    p = run("pretrain.py", f"--out_dir={tmp_path / 'out'}", *args, check=False)
+    assert_one_line_error(p, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_false_means_off(demo_data, tmp_path):
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path}", *TINY_MODEL, "--max_iters=1",
+            "--eval_interval=1", "--compile=false")
+    assert "compile False" in p.out
+
+
+@pytest.mark.parametrize("text, shape", [('{"max_iters": 1}\n', "JSON"), ("max_iters: 1\n", "YAML")])
+def test_a_config_file_in_json_or_yaml_is_refused_before_anything_runs(tmp_path, text, shape):
+    config = tmp_path / "my_config.py"
+    config.write_text(text)
+    p = run("pretrain.py", str(config), f"--out_dir={tmp_path / 'out'}", check=False)
+    assert_one_line_error(p, "assigns no setting", "YAML/JSON", "max_iters = 1000")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 7, 8. no usable records; a data directory never mixes two runs
+
+def test_input_with_no_usable_record_is_an_error_and_replaces_nothing(demo_data, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(demo_data, out)
+    before = snapshot(out)
+    bad_sft = tmp_path / "bad_sft.jsonl"
+    bad_sft.write_text('{"question": "no conversation here"}\n{"messages": "nor here"}\n', encoding="utf-8")
+    p = run("prepare_data.py", "--input=", f"--sft_input={bad_sft}", f"--out_dir={out}", check=False)
+    assert_one_line_error(p, "no usable training conversation", "nothing was written")
+    bad_text = tmp_path / "bad.jsonl"
+    bad_text.write_text('{"title": "no text"}\nnot json\n', encoding="utf-8")
+    p = run("prepare_data.py", f"--input={bad_text}", "--sft_input=", f"--tokenizer_model={out}/tokenizer.model",
+            f"--out_dir={out}", check=False)
+    assert_one_line_error(p, "no usable document", "nothing was written")
+    assert snapshot(out) == before
+
+
+def test_outputs_of_another_tokenizer_are_removed_when_the_tokenizer_changes(demo_data, tmp_path):
+    out = tmp_path / "data"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in POEMS), encoding="utf-8")
+    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--out_dir={out}")
+    assert (out / "train_000.bin").exists()
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": d, "output": "好"}, ensure_ascii=False) + "\n" for d in POEMS),
+                   encoding="utf-8")
+    # SFT data alone, with the demo's tokenizer: the pretraining shards of the old one must go
+    p = run("prepare_data.py", "--input=", f"--sft_input={sft}", f"--tokenizer_model={demo_data}/tokenizer.model",
+            f"--out_dir={out}")
+    assert "made with another tokenizer" in p.out
+    names = set(os.listdir(out)) - {"lock"}
+    assert not any(n.startswith(("train_", "val_")) for n in names)
+    sha = Tokenizer(str(out / "tokenizer.model")).sha
+    assert all(json.load(open(out / n))["tokenizer_sha"] == sha for n in names if n.endswith(".json"))
+
+
+# ---- 9, 17. two writers at once; SIGTERM
+
+def start(script, *args):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    lines = []
+    for line in proc.stdout:  # wait until it trains
+        lines.append(line)
+        if line.startswith("iter 2:"):
+            break
+    return proc, lines
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused_and_sigterm_saves_the_first(demo_data, tmp_path):
+    out = tmp_path / "out"
+    first, lines = start("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL,
+                         "--max_iters=100000", "--eval_interval=100000")
+    try:
+        second = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, check=False)
+        assert_one_line_error(second, f"is in use by another run (pid {first.pid})")
+        first.send_signal(signal.SIGTERM)  # Slurm preemption, docker stop
+        rest, _ = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and "SIGTERM: stopping at the end of this iteration" in rest
+    saved = int(rest.split("interrupted: saved")[1].split("at iteration ")[1].split(";")[0])
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["iter_num"] == saved >= 2
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--init_from=resume",
+            f"--max_iters={saved + 2}", "--eval_interval=100000")
+    assert f"resuming at iteration {saved}" in p.out
+
+
+# ---- 10. export paths
+
+@pytest.mark.parametrize("version, name", [("0", "m.bin"), ("2", "q.bin"), ("hf", "hf")])
+def test_export_into_a_directory_that_does_not_exist_creates_it(tiny_ckpt, tmp_path, version, name):
+    target = tmp_path / "exports" / "nested" / name
+    run("export.py", f"--out_dir={tiny_ckpt}", f"--version={version}", f"--output={target}")
+    assert target.exists()
+    if version == "hf" and (target / "model.safetensors").exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        assert stat.S_IMODE(os.stat(target / "model.safetensors").st_mode) == 0o666 & ~umask
+
+
+def test_writing_into_a_file_where_a_directory_should_be_is_a_one_line_error(tiny_ckpt, demo_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    p = run("export.py", f"--out_dir={tiny_ckpt}", f"--output={blocker}/m.bin", check=False)
+    assert_one_line_error(p, "cannot create the directory")
+    for script, args in (("pretrain.py", [f"--data_dir={demo_data}"]), ("prepare_data.py", []),
+                         ("sft.py", [f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}"])):
+        p = run(script, *args, f"--out_dir={blocker}", check=False)
+        assert_one_line_error(p, "is a file, not a directory")
+
+
+def test_an_out_dir_that_cannot_be_written_is_a_one_line_error(demo_data, tmp_path):
+    if os.geteuid() == 0:
+        target = "/sys/llama2zh_cannot_write"  # root writes anywhere else
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "out")
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={target}", check=False)
+    assert_one_line_error(p, "cannot write to --out_dir")
+
+
+# ---- 11. zero and negative values
+
+@pytest.mark.parametrize("script, arg, message", [
+    ("pretrain.py", "--eval_interval=0", "--eval_interval must be at least 1"),
+    ("pretrain.py", "--log_interval=0", "--log_interval must be at least 1"),
+    ("pretrain.py", "--block_size=0", "--block_size must be at least 1"),
+    ("pretrain.py", "--eval_iters=0", "--eval_iters must be at least 1"),
+    ("pretrain.py", "--learning_rate=-1e-3", "--learning_rate must be greater than 0"),
+    ("sft.py", "--batch_size=0", "--batch_size must be at least 1"),
+    ("sample.py", "--top_k=-5", "--top_k must be at least 0"),
+    ("sample.py", "--repetition_penalty=0", "--repetition_penalty must be greater than 0"),
+    ("sample.py", "--temperature=-1", "--temperature must be at least 0"),
+    ("sample.py", "--top_p=1.5", "--top_p must be at most 1"),
+    ("evaluate.py", "--batch_size=0", "--batch_size must be at least 1"),
+])
+def test_zero_and_negative_values_are_refused_up_front(tmp_path, script, arg, message):
+    p = run(script, f"--out_dir={tmp_path / 'out'}", arg, check=False)
+    assert_one_line_error(p, message)
+
+
+# ---- 12, 14, 16. resuming the wrong thing, hints that name the fix, ignored settings
+
+def test_sft_resume_of_a_pretraining_directory_says_what_to_do(demo_data, tiny_ckpt):
+    p = run("sft.py", f"--data_dir={demo_data}", f"--out_dir={tiny_ckpt}", "--init_from=resume", check=False)
+    assert_one_line_error(p, "is a pretrain checkpoint, not an SFT run to resume", f"--init_from={tiny_ckpt}")
+
+
+def test_a_missing_base_names_init_from(demo_data, tmp_path):
+    p = run("sft.py", f"--data_dir={demo_data}", f"--init_from={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'o'}",
+            check=False)
+    assert_one_line_error(p, "point --init_from at a directory")
+
+
+def test_sampling_with_the_wrong_tokenizer_names_the_tokenizer_setting(tiny_ckpt, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in POEMS), encoding="utf-8")
+    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--out_dir={tmp_path / 'd'}")
+    p = run("sample.py", f"--out_dir={tiny_ckpt}", f"--tokenizer={tmp_path / 'd' / 'tokenizer.model'}", check=False)
+    assert_one_line_error(p, "--tokenizer=")
+
+
+def test_max_iters_zero_claims_no_checkpoint(demo_data, tmp_path):
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path}", *TINY_MODEL, "--max_iters=0")
+    assert "no checkpoint written" in p.out and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_diverged_run_names_only_a_checkpoint_it_wrote(demo_data, tmp_path):
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path}", *TINY_MODEL, "--max_iters=50",
+            "--learning_rate=1e9", check=False)
+    assert_one_line_error(p, "diverged", "This run saved no checkpoint")
+    assert "last good checkpoint" not in p.out
+
+
+def test_resume_warns_about_ignored_settings_and_says_when_there_is_nothing_to_do(demo_data, tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_ckpt, out)
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", "--init_from=resume", "--dim=64",
+            "--muon=False", "--max_iters=31", "--eval_interval=100")
+    assert "warning: --dim=64 is ignored: the run being resumed has dim=32" in p.out
+    assert "warning: --muon=False is ignored" in p.out and "optimizer Muon" in p.out
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=3")
+    assert "nothing to do" in p.out and "is at iteration 31" in p.out
+
+
+# ---- 13. input directories with an empty file, JSON in the wrong shape
+
+def test_an_empty_file_is_skipped_and_mis_saved_json_is_recognised(demo_data, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "empty.jsonl").write_bytes(b"")
+    (corpus / "array.jsonl").write_text(json.dumps([{"text": p} for p in POEMS[:3]], ensure_ascii=False),
+                                        encoding="utf-8")
+    (corpus / "pretty.json").write_text("\n".join(json.dumps({"text": p}, ensure_ascii=False, indent=2)
+                                                  for p in POEMS[3:5]), encoding="utf-8")
+    p = run("prepare_data.py", f"--input={corpus}", "--sft_input=", f"--tokenizer_model={demo_data}/tokenizer.model",
+            f"--out_dir={tmp_path / 'out'}", "--val_fraction=0")
+    assert "empty.jsonl: empty file skipped" in p.out
+    assert "array.jsonl (a JSON array, not JSON Lines: read as an array): 3 kept" in p.out
+    assert "pretty.json (pretty-printed JSON, not one object per line: read object by object): 2 kept" in p.out
+    out = tmp_path / "out"
+    assert sorted(documents_in(out, "train", Tokenizer(str(out / "tokenizer.model")))) == sorted(POEMS[:5])
+
+
+# ---- 15. Ctrl-C while sampling and while evaluating
+
+def test_ctrl_c_while_sampling_ends_without_a_traceback(tiny_ckpt):
+    code, out, took = interrupt_after(["sample.py", f"--out_dir={tiny_ckpt}", "--num_samples=100000"], 4)
+    assert code == 130 and "(interrupted)" in out and "Traceback" not in out and took < 10
+
+
+def test_ctrl_c_while_evaluating_ends_without_a_traceback(demo_data, tiny_ckpt):
+    code, out, took = interrupt_after(["evaluate.py", f"--out_dir={tiny_ckpt}", f"--data_dir={demo_data}",
+                                       "--per_task=0", "--batch_size=1"], 5)
+    assert code != 0 and "interrupted: nothing was written" in out and "Traceback" not in out and took < 10
+
+
+# ---- 19. the details of sampling and chat
+
+def test_sampling_says_when_the_context_is_full(tiny_ckpt):
+    p = run("sample.py", f"--out_dir={tiny_ckpt}", "--max_new_tokens=1000", "--temperature=0",
+            "--repetition_penalty=1.0", "--start=床前")
+    assert "stopped: the 64-token context is full" in p.stderr
+
+
+def test_a_prompt_files_final_newline_is_not_part_of_the_prompt(tiny_ckpt, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("床前明月光，\n", encoding="utf-8")
+    greedy = ["--temperature=0", "--repetition_penalty=1.0", "--max_new_tokens=8"]
+    from_file = run("sample.py", f"--out_dir={tiny_ckpt}", f"--start=FILE:{path}", *greedy).stdout
+    typed = run("sample.py", f"--out_dir={tiny_ckpt}", "--start=床前明月光，", *greedy).stdout
+    assert from_file == typed
+
+
+# ---- 21. one summary line per file
+
+def test_each_file_is_summed_up_once_and_crlf_repairs_are_counted(tmp_path):
+    path = tmp_path / "windows.txt"
+    path.write_bytes("第一段\r\n还是第一段\r\n\r\n第二段\r\n".encode("utf-8") * 50)
+    p = run("prepare_data.py", f"--input={path}", "--sft_input=", "--vocab_size=300", f"--out_dir={tmp_path / 'o'}")
+    summaries = [line for line in p.out.replace("\r", "\n").splitlines() if line.strip().startswith(str(path))]
+    assert len(summaries) == 1 and "200 CRLF line ends repaired" in summaries[0]

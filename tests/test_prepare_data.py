@@ -81,7 +81,7 @@ def test_a_json_array_is_streamed_across_chunk_boundaries(tmp_path):
         def update(self, n):
             pass
 
-    got = list(prepare_data.read_json_array(str(path), counts, NoBar(), chunk_chars=64))
+    got = list(prepare_data.read_json_values(str(path), counts, NoBar(), chunk_chars=64))
     assert got == records and not counts
 
 
