@@ -5,6 +5,7 @@ here is asserted by the tests: machines are noisy.
     python bench.py --what=prep      # prepare_data.py tokens/s, 1 worker vs all cores; peak RSS on a generated JSONL
     python bench.py --what=train     # training tokens/s (and MFU on a GPU) for the presets in --presets
     python bench.py --what=decode    # decode tokens/s of out/ckpt.pt with the KV cache and without it
+    python bench.py --what=load      # peak memory while importing a generated Hugging Face Llama checkpoint
 
 The numbers, with the machine they were measured on, are in docs/benchmarks.md.
 """
@@ -20,7 +21,7 @@ import torch
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-what = "all"                 # prep, train, decode or all
+what = "all"                 # prep, train, decode, load or all
 data_dir = "data"            # prepared demo data (python prepare_data.py)
 out_dir = "out"              # the checkpoint to decode with
 big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
@@ -29,6 +30,7 @@ vocab_size = 0               # train: 0 = the data's tokenizer size; 64793 match
 batch_size = 8               # train: sequences per step
 iters = 10                   # timed training iterations (after 3 warm-up ones)
 decode_tokens = 200          # decode: tokens generated per measurement
+load_layers = 16             # load: layers of the generated checkpoint (dim 1024, vocab 32000: about 0.5 GB in bf16)
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 where supported, float32 on CPU
 compile: bool = None       # torch.compile; None: on for CUDA, off elsewhere
@@ -142,8 +144,67 @@ def bench_decode():
     print(f"the KV cache is {results[True] / results[False]:.1f}x faster")
 
 
+def bench_load():
+    """
+    Import a generated Llama checkpoint (random bf16 weights in Hugging Face's layout: one safetensors
+    file, then the same sharded) in a fresh process, and report its peak RSS against the weights' bytes
+    and against the same process before loading.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+    root = tempfile.mkdtemp(prefix="bench_load_")
+    dim, hidden, vocab = 1024, 2816, 32000
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": dim,
+              "intermediate_size": hidden, "num_hidden_layers": load_layers, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 2048, "tie_word_embeddings": False, "hidden_act": "silu"}
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (vocab, dim), "lm_head.weight": (vocab, dim), "model.norm.weight": (dim,)}
+    for i in range(load_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (dim, dim), p + "self_attn.k_proj.weight": (dim, dim),
+                       p + "self_attn.v_proj.weight": (dim, dim), p + "self_attn.o_proj.weight": (dim, dim),
+                       p + "mlp.gate_proj.weight": (hidden, dim), p + "mlp.up_proj.weight": (hidden, dim),
+                       p + "mlp.down_proj.weight": (dim, hidden), p + "input_layernorm.weight": (dim,),
+                       p + "post_attention_layernorm.weight": (dim,)})
+    weights = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    layouts = {"one safetensors file": {"model.safetensors": list(weights)},
+               "4 safetensors shards": {f"model-{i + 1:05d}-of-00004.safetensors": list(weights)[i::4] for i in range(4)}}
+    # VmRSS/VmHWM of the child itself: ru_maxrss would carry over this process's peak through fork and exec
+    probe = ("import sys; sys.path.insert(0, {root!r}); from checkpoint import load_checkpoint, model_from_checkpoint; "
+             "kb = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)); "
+             "before = kb('VmRSS:'); {load}print(before, kb('VmHWM:'))")
+    print(f"== importing a {load_layers}-layer, dim {dim} Llama ({weight_bytes / 2**20:.0f} MB of bf16 weights) "
+          f"into model_from_checkpoint, in a fresh process")
+    for name, files in layouts.items():
+        directory = os.path.join(root, name.replace(" ", "_"))
+        os.makedirs(directory)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config, f)
+        for file, keys in files.items():
+            save_file({k: weights[k] for k in keys}, os.path.join(directory, file))
+        if len(files) > 1:
+            with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+                json.dump({"weight_map": {k: file for file, keys in files.items() for k in keys}}, f)
+        results = {}
+        # every weight read once after loading (as a forward pass would), so no page stays unread on disk
+        load = (f"m = model_from_checkpoint(load_checkpoint({directory!r})); "
+                f"s = sum(float(p.sum()) for p in m.parameters()); ")
+        for what, load in (("loaded", load),):
+            code = probe.format(root=os.path.dirname(os.path.abspath(__file__)), load=load)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            results[what] = [int(x) * 1024 for x in out.split()]  # KB
+        start, peak = results["loaded"]
+        print(f"{name}: peak RSS {peak / 2**20:.0f} MB = {peak / weight_bytes:.2f} x the weights; "
+              f"above the process before loading: {(peak - start) / 2**20:.0f} MB = {(peak - start) / weight_bytes:.2f} x")
+    shutil.rmtree(root)
+
+
 if __name__ == "__main__":
     configure(globals())
-    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode)):
+    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode), ("load", bench_load)):
         if what in (name, "all"):
             fn()

@@ -1,14 +1,32 @@
 """
-Checkpoints: how every stage saves and loads a model. A checkpoint directory holds ckpt.pt (model
-weights, model args, optimizer and loop state, the config, the tokenizer's hash, the stage that
-wrote it) and tokenizer.model; any stage that takes a directory reads it through load_model().
-"""
-import os
+Checkpoints: how every stage saves and loads a model. Our own checkpoint directory holds ckpt.pt
+(model weights, model args, optimizer and loop state, the config, the tokenizer's hash, the stage
+that wrote it) and tokenizer.model. Wherever a stage takes a checkpoint directory it also takes an
+existing Llama 2 (or any Llama-architecture model) in the formats users have:
 
+- a Hugging Face LlamaForCausalLM directory: config.json with model.safetensors, sharded
+  model-0000N-of-0000M.safetensors with their index, or pytorch_model*.bin;
+- Meta's original release: params.json with consolidated.00.pth, ... (model-parallel shards);
+- a llama2.c version-0 .bin file (its tokenizer.model given separately).
+
+An imported model is built on the meta device and its tensors are assigned shard by shard in the
+checkpoint's own dtype, so loading needs about one copy of the weights in memory (docs/llama.md). A
+config we cannot compute exactly (rope scaling, biases, another activation or architecture) is
+refused naming the field: nothing is ever loaded approximately.
+"""
+import glob
+import json
+import os
+import struct
+
+import numpy as np
 import torch
 
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
+
+FORMATS = ("ckpt.pt (ours), config.json with *.safetensors or pytorch_model*.bin (Hugging Face), params.json with "
+           "consolidated.*.pth (Meta), or a llama2.c .bin file")
 
 
 def save_checkpoint(path, checkpoint):
@@ -19,25 +37,62 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def load_checkpoint(out_dir, flag="--out_dir"):
+def checkpoint_format(path):
+    """"ours", "hf", "meta", "llama2c", or None when path holds no model we can read."""
+    if os.path.isfile(path):
+        return "llama2c" if path.endswith(".bin") else None
+    if os.path.exists(os.path.join(path, "ckpt.pt")):
+        return "ours"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return "hf"
+    if os.path.exists(os.path.join(path, "params.json")):
+        return "meta"
+    return None
+
+
+def load_checkpoint(path, flag="--out_dir"):
     """
-    The checkpoint dict of out_dir, on the CPU (a stage moves only the weights it needs to its device).
-    flag: the setting that named out_dir, for the message when there is none.
+    A checkpoint dict, on the CPU: model (a state dict in our names), model_args, stage, tokenizer_sha,
+    and for our own checkpoints everything else they hold (optimizer, config, ...). path is one of our
+    directories or an existing model in any format above. flag: the setting that named path, for the
+    message when there is nothing there.
     """
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}; train one with `python pretrain.py` (or sft.py), "
-                         f"or point {flag} at a directory that has one")
+    kind = checkpoint_format(path)
+    if kind is None:
+        if not os.path.exists(path) or os.path.isdir(path) and not os.listdir(path):
+            raise SystemExit(f"error: no checkpoint at {path}; train one with `python pretrain.py` (or sft.py), "
+                             f"or point {flag} at a directory that has one")
+        raise SystemExit(f"error: {path} is not a model this kit reads; {flag} takes {FORMATS}")
+    if kind != "ours":
+        return {"hf": read_hf, "meta": read_meta, "llama2c": read_llama2c}[kind](path)
+    ckpt_path = os.path.join(path, "ckpt.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file is a user-facing problem, not a traceback
-        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}")
+        raise SystemExit(f"error: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e)[:200]}")
 
 
 def model_from_checkpoint(checkpoint, device="cpu"):
-    """The Transformer a checkpoint describes, with its weights loaded."""
-    model = Transformer(ModelArgs(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
+    """
+    The Transformer a checkpoint describes, its tensors assigned as they are (no second copy, no
+    random init: the model is built on the meta device), then moved to device.
+    """
+    args = ModelArgs(**checkpoint["model_args"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = dict(checkpoint["model"])
+    if args.tie_embeddings:
+        state.pop("output.weight", None)  # one matrix: assigned once, tied again below
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (args.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        source = checkpoint.get("source", "the checkpoint")
+        raise SystemExit(f"error: {source} does not hold a complete model: "
+                         + (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+                         + (f" and {len(missing) + len(unexpected) - 1} more" if len(missing) + len(unexpected) > 1 else ""))
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.init_rope()
     return model.to(device)
 
 
@@ -48,16 +103,270 @@ def check_tokenizer(checkpoint_sha, tokenizer_sha, what, fix="use the data direc
                          f"{tokenizer_sha}; {fix}")
 
 
-def load_model(out_dir, device="cpu", dtype=torch.float32, tokenizer_path="", flag="--out_dir"):
+def check_vocabulary(checkpoint, tok, path):
+    """
+    An imported model carries no tokenizer hash: check what can be checked. More embedding rows than
+    pieces is fine (padded vocabularies exist); fewer is an error, and so are other special ids.
+    """
+    rows = checkpoint["model_args"]["vocab_size"]
+    if tok.n_words > rows:
+        raise SystemExit(f"error: {tok.model_path} has {tok.n_words} pieces but {path} only {rows} embedding rows; "
+                         f"use the model's own tokenizer (an extended one needs fine-tuning first: sft.py or pretrain.py)")
+    special = checkpoint.get("special_ids")
+    if special and tuple(special) != (tok.bos_id, tok.eos_id):
+        raise SystemExit(f"error: {path} uses bos/eos ids {special[0]}/{special[1]} but {tok.model_path} "
+                         f"{tok.bos_id}/{tok.eos_id}; use the model's own tokenizer")
+
+
+def check_data_tokenizer(checkpoint, path, tok, flag="--init_from"):
+    """
+    Training data for a model must use the model's tokenizer or an extension of it (its pieces first,
+    Chinese pieces after: prepare_data.py --extend_tokenizer); the model then grows its embedding.
+    """
+    base_path = find_tokenizer(path, required=False)
+    if base_path is None:
+        if checkpoint.get("tokenizer_sha"):
+            check_tokenizer(checkpoint["tokenizer_sha"], tok.sha, path)
+        elif tok.n_words < checkpoint["model_args"]["vocab_size"] and checkpoint.get("special_ids") is None:
+            print(f"note: {path} has no tokenizer.model beside it: cannot check that the data's tokenizer is its own")
+    else:
+        base = Tokenizer(base_path)
+        if base.sha != tok.sha and not tok.extends(base):
+            raise SystemExit(f"error: the data was prepared with tokenizer {tok.sha} ({tok.model_path}), which is neither "
+                             f"the tokenizer of {flag}={path} nor an extension of it; prepare the data with "
+                             f"--tokenizer_model={base_path} or --extend_tokenizer={base_path}")
+    special = checkpoint.get("special_ids")
+    if special and tuple(special) != (tok.bos_id, tok.eos_id):
+        raise SystemExit(f"error: {path} uses bos/eos ids {special[0]}/{special[1]} but the data's tokenizer "
+                         f"{tok.bos_id}/{tok.eos_id}; prepare the data with the model's tokenizer")
+
+
+def find_tokenizer(path, required=True):
+    """Where the tokenizer of a checkpoint usually is: beside it (Meta's release: one directory up)."""
+    base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for candidate in (os.path.join(base, "tokenizer.model"), os.path.join(os.path.dirname(os.path.abspath(base)),
+                                                                          "tokenizer.model")):
+        if os.path.exists(candidate):
+            return candidate
+    if required:
+        raise SystemExit(f"error: no tokenizer.model beside {path}; pass --tokenizer=path/to/tokenizer.model")
+    return None
+
+
+def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path="", flag="--out_dir"):
     """
     (model in eval mode on device/dtype, its Tokenizer, the checkpoint dict without its weights) from a
-    checkpoint directory. The tokenizer is tokenizer_path if given, else the one saved beside the checkpoint.
+    checkpoint directory or an existing model. The tokenizer is tokenizer_path if given, else the one
+    saved beside the checkpoint.
     """
-    checkpoint = load_checkpoint(out_dir, flag)
-    tok = Tokenizer(tokenizer_path or os.path.join(out_dir, "tokenizer.model"))
-    check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{out_dir}/ckpt.pt",
+    checkpoint = load_checkpoint(path, flag)
+    tok = Tokenizer(tokenizer_path or find_tokenizer(path))
+    check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{path}/ckpt.pt",
                     fix="pass the tokenizer it was trained with as --tokenizer=path/to/tokenizer.model")
+    check_vocabulary(checkpoint, tok, path)
     model = model_from_checkpoint(checkpoint).eval().to(device=device, dtype=dtype)
     for key in ("model", "optimizer", "lora"):
         checkpoint.pop(key, None)  # the weights now live in the model; keep the small metadata only
     return model, tok, checkpoint
+
+
+def imported(source, model_args, state, special_ids=None):
+    """The checkpoint dict of an imported model."""
+    return {"model": state, "model_args": vars(model_args), "stage": "imported", "source": source,
+            "tokenizer_sha": None, "special_ids": special_ids}
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+
+def hf_unpermute(w, n_heads):
+    """Hugging Face's half-split rotary layout -> our interleaved pairs: the inverse of export.hf_rope_permute."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def hf_model_args(config, path):
+    """ModelArgs of a Hugging Face Llama config.json; a field we cannot compute exactly is refused by name."""
+    where = os.path.join(path, "config.json")
+    if config.get("model_type") != "llama":
+        raise SystemExit(f"error: {where}: model_type {config.get('model_type')!r} is not llama; "
+                         f"this kit computes the Llama architecture only")
+    rope_field = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"  # transformers 5 / 4
+    rope = config.get(rope_field) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise SystemExit(f"error: {where}: {rope_field}={json.dumps(rope)} is not supported (only the default "
+                         f"rotary embedding); the model would be computed differently from how it was trained")
+    for field, supported in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if config.get(field, supported) != supported:
+            raise SystemExit(f"error: {where}: {field}={config[field]!r} is not supported (only {supported!r}); "
+                             f"the model would be computed differently from how it was trained")
+    n_heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
+    if head_dim * n_heads != config["hidden_size"]:
+        raise SystemExit(f"error: {where}: head_dim={head_dim} x {n_heads} heads != hidden_size; not supported")
+    return ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+                     hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
+                     rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+                     max_seq_len=config.get("max_position_embeddings", 2048),
+                     tie_embeddings=config.get("tie_word_embeddings", False))
+
+
+HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+            "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "ffn_norm"}
+
+
+def hf_to_ours(name, tensor, args):
+    """(our name, tensor in our layout) for one Hugging Face tensor; (None, None) for what we do not use."""
+    if name == "model.embed_tokens.weight":
+        return "tok_embeddings.weight", tensor
+    if name == "model.norm.weight":
+        return "norm.weight", tensor
+    if name == "lm_head.weight":
+        return "output.weight", tensor
+    if name.startswith("model.layers.") and not name.endswith("rotary_emb.inv_freq"):
+        _, _, i, rest = name.split(".", 3)
+        module, param = rest.rsplit(".", 1)
+        if module in HF_NAMES and param == "weight":
+            if module == "self_attn.q_proj":
+                tensor = hf_unpermute(tensor, args.n_heads)
+            elif module == "self_attn.k_proj":
+                tensor = hf_unpermute(tensor, args.n_kv_heads)  # the kv heads, not n_heads: grouped-query models
+            return f"layers.{i}.{HF_NAMES[module]}.weight", tensor
+    return None, None
+
+
+def hf_weight_files(path):
+    """The weight files of a Hugging Face directory, checked against their index."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index_path = os.path.join(path, index_name)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [name for name in files if not os.path.exists(os.path.join(path, name))]
+            if missing:
+                raise SystemExit(f"error: {index_path} names {missing[0]}, which is not in {path} "
+                                 f"({len(missing)} of {len(files)} shards missing); download it again")
+            return [os.path.join(path, name) for name in files]
+        if os.path.exists(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise SystemExit(f"error: {path} has config.json but no model.safetensors or pytorch_model.bin (nor their index)")
+
+
+def read_tensors(path):
+    """(name, tensor) of one weight file, one tensor at a time, in the file's dtype."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise SystemExit(f"error: reading {path} needs the safetensors package: pip install safetensors")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as e:  # a truncated download, a foreign file
+            raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {str(e)[:120]}); "
+                             f"the file is truncated or not safetensors: download it again")
+        return
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {str(e)[:120]}); "
+                         f"the file is truncated or not a PyTorch state dict: download it again")
+    yield from state.items()
+
+
+def read_hf(path):
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    args = hf_model_args(config, path)
+    state = {}
+    for file in hf_weight_files(path):
+        for name, tensor in read_tensors(file):
+            key, tensor = hf_to_ours(name, tensor, args)
+            if key:
+                state[key] = tensor
+    special = (config.get("bos_token_id"), config.get("eos_token_id"))
+    return imported(path, args, state, special if None not in special and not isinstance(special[1], list) else None)
+
+
+# ---------------------------------------------------------------------------- Meta's release
+
+# how Meta's model-parallel shards split each kind of tensor: along dim 0 (column parallel), dim 1 (row
+# parallel and the embedding), or not at all (norms, replicated)
+META_SPLIT = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+
+
+def read_meta(path):
+    with open(os.path.join(path, "params.json")) as f:
+        params = json.load(f)
+    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not shards:
+        raise SystemExit(f"error: {path} has params.json but no consolidated.*.pth weights")
+    if params.get("rope_scaling") or params.get("use_scaled_rope"):
+        raise SystemExit(f"error: {path}/params.json: scaled rotary embeddings are not supported")
+    parts = []
+    for shard in shards:
+        try:
+            parts.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:
+            raise SystemExit(f"error: cannot read {shard} ({type(e).__name__}); the file is truncated or not a "
+                             f"PyTorch state dict: download it again")
+    state = {}
+    for key in parts[0]:
+        if key == "rope.freqs":
+            continue  # the rotary frequencies: a function of the args, computed by the model
+        kind = key.split(".")[-2]
+        if len(parts) == 1 or kind not in META_SPLIT:
+            state[key] = parts[0][key]
+        else:
+            state[key] = torch.cat([p[key] for p in parts], dim=META_SPLIT[kind])
+    n_heads = params["n_heads"]
+    args = ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=n_heads,
+                     n_kv_heads=params.get("n_kv_heads") or n_heads, vocab_size=state["tok_embeddings.weight"].shape[0],
+                     hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=params.get("norm_eps", 1e-5),
+                     rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", 4096),
+                     tie_embeddings=False)
+    return imported(path, args, state)
+
+
+# ---------------------------------------------------------------------------- llama2.c
+
+def read_llama2c(path):
+    """A llama2.c version-0 file (run.c's format; export.py writes it too)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(28)
+    if len(header) < 28:
+        raise SystemExit(f"error: {path} is too short to be a llama2.c model")
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", header)
+    if header[:4] == b"ak42":
+        raise SystemExit(f"error: {path} is a llama2.c version-2 (int8) file; import the version-0 (fp32) one")
+    shared, vocab = vocab > 0, abs(vocab)
+    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
+        raise SystemExit(f"error: {path} is not a llama2.c version-0 model (its header makes no sense)")
+    hd = dim // n_heads
+    shapes = [("tok_embeddings.weight", (vocab, dim))]
+    for kind, shape in (("attention_norm", (dim,)), ("attention.wq", (dim, dim)), ("attention.wk", (n_kv * hd, dim)),
+                        ("attention.wv", (n_kv * hd, dim)), ("attention.wo", (dim, dim)), ("ffn_norm", (dim,)),
+                        ("feed_forward.w1", (hidden, dim)), ("feed_forward.w2", (dim, hidden)),
+                        ("feed_forward.w3", (hidden, dim))):
+        shapes += [(f"layers.{i}.{kind}.weight", shape) for i in range(n_layers)]
+    shapes += [("norm.weight", (dim,)), ("rope", (2, seq_len, hd // 2))]  # run.c skips the rope tables
+    if not shared:
+        shapes.append(("output.weight", (vocab, dim)))
+    expected = 28 + 4 * sum(int(np.prod(s)) for _, s in shapes)
+    if size != expected:
+        raise SystemExit(f"error: {path} has {size} bytes but its header describes {expected}; the file is "
+                         f"truncated or not a version-0 llama2.c model")
+    data, at, state = np.memmap(path, dtype="<f4", mode="r", offset=28), 0, {}
+    for name, shape in shapes:
+        n = int(np.prod(shape))
+        if name != "rope":
+            state[name] = torch.from_numpy(np.array(data[at:at + n]).reshape(shape))
+        at += n
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab, hidden_dim=hidden,
+                     max_seq_len=seq_len, tie_embeddings=shared)
+    return imported(path, args, state)

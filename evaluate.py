@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import demo
-from checkpoint import check_tokenizer, load_model
+from checkpoint import checkpoint_format, load_model
 from configurator import check_ranges, configure
 from training import PTDTYPE, resolve_device
 
@@ -39,7 +39,7 @@ device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "float32"            # float32, or bfloat16 on GPUs (greedy answers can then differ in near ties)
 # -----------------------------------------------------------------------------
 
-STAGE_NAMES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO"}
+STAGE_NAMES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO", "imported": "imported"}
 
 
 def load_tests(data_dir):
@@ -146,11 +146,12 @@ def print_comparison(results):
         print(f"{label:<28}{cells}")
 
 
-def compare(models, tok, data_dir, per_task, report_path, batch_size=32, extra=None):
+def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None):
     """
-    models: {name: (Transformer, checkpoint directory)}. Every model answers the held-out questions;
-    prints the table (with extra, e.g. baselines, as more columns) and writes report_path. Returns
-    {name: {task: (score, n)}}, or None when data_dir holds no held-out questions.
+    models: {name: (Transformer, its Tokenizer, checkpoint directory)}: each model reads the questions
+    with its own tokenizer (a base model does not know the pieces an extended tokenizer added). Every
+    model answers the held-out questions; prints the table (with extra, e.g. baselines, as more columns)
+    and writes report_path. Returns {name: {task: (score, n)}}, or None when there are no questions.
     """
     tests = load_tests(data_dir)
     if tests is None:
@@ -158,12 +159,12 @@ def compare(models, tok, data_dir, per_task, report_path, batch_size=32, extra=N
         return None
     idiom_words = demo.idiom_words() if any(t.get("task") == "chain" for t in tests) else set()
     results, t0 = {}, time.time()
-    for name, (model, _) in models.items():
+    for name, (model, tok, _) in models.items():
         results[name] = evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size)
     print(f"held-out task evaluation ({time.time() - t0:.0f}s, greedy, the same chat template for every model):")
     everything = dict(results, **(extra or {}))
     print_comparison(everything)
-    sources = {name: source for name, (_, source) in models.items()}
+    sources = {name: source for name, (_, _, source) in models.items()}
     report = {"data": os.path.join(data_dir, "sft_test.jsonl"), "per_task": per_task, "models": {
         name: {"checkpoint": sources.get(name), "tasks": {
             task: {"metric": demo.METRIC_NAMES.get(task, "exact match"), "score": s, "n": n}
@@ -180,20 +181,18 @@ def main():
     check_ranges(config, at_least_0=("per_task",), at_least_1=("batch_size",))
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
-    models = {STAGE_NAMES.get(checkpoint.get("stage"), "model"): (model, out_dir)}
+    models = {STAGE_NAMES.get(checkpoint.get("stage"), "model"): (model, tok, out_dir)}
     base_dir = checkpoint.get("base") if base == "auto" else None if base == "none" else base
     if base_dir:
-        if os.path.exists(os.path.join(base_dir, "ckpt.pt")):
+        if checkpoint_format(base_dir):
             base_model, base_tok, base_checkpoint = load_model(base_dir, dev, PTDTYPE[dt])
-            check_tokenizer(base_checkpoint.get("tokenizer_sha"), tok.sha, f"{base_dir}/ckpt.pt",
-                            fix="compare models that share a tokenizer (--base=none to evaluate alone)")
             name = STAGE_NAMES.get(base_checkpoint.get("stage"), "base")
-            models = {name if name not in models else "base": (base_model, base_dir), **models}
+            models = {name if name not in models else "base": (base_model, base_tok, base_dir), **models}
         else:
-            print(f"note: the base {base_dir}/ckpt.pt is gone; evaluating {out_dir} alone")
+            print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")
     try:
         extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
-        compare(models, tok, data_dir, per_task, os.path.join(out_dir, "eval.json"), batch_size, extra)
+        compare(models, data_dir, per_task, os.path.join(out_dir, "eval.json"), batch_size, extra)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: nothing was written")
 

@@ -1,5 +1,5 @@
 """
-Export a checkpoint from pretrain.py or sft.py for llama2.c or Hugging Face transformers.
+Export a checkpoint (ours, or an imported Llama) for llama2.c or Hugging Face transformers.
 
     python export.py                                  # out/ckpt.pt -> out/model.bin (version 0, fp32), tokenizer.bin
     python export.py --version=2 --output=out/model_q80.bin     # int8 Q8_0 for runq.c
@@ -175,7 +175,7 @@ def export_hf(model, tok, directory):
         "intermediate_size": model.layers[0].feed_forward.w1.weight.shape[0], "num_hidden_layers": a.n_layers,
         "num_attention_heads": a.n_heads, "num_key_value_heads": n_kv, "head_dim": a.dim // a.n_heads,
         "vocab_size": a.vocab_size, "max_position_embeddings": a.max_seq_len, "rms_norm_eps": a.norm_eps,
-        "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": a.tie_embeddings,
+        "rope_theta": a.rope_theta, "hidden_act": "silu", "tie_word_embeddings": a.tie_embeddings,
         "attention_bias": False, "mlp_bias": False, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
         "torch_dtype": "float32",
     }
@@ -189,6 +189,18 @@ def export_hf(model, tok, directory):
                    "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
                    "model_max_length": a.max_seq_len, "chat_template": HF_CHAT_TEMPLATE},
                   f, indent=1, ensure_ascii=False)
+
+
+def refuse_for_llama2c(args, tok):
+    """run.c hard-codes some constants and reads vocab_size tokenizer entries: refuse what it cannot represent."""
+    if args.vocab_size != tok.n_words:
+        # tokenizer.bin stores no count: run.c reads vocab_size entries, so the two must agree exactly
+        raise SystemExit(f"error: the model has {args.vocab_size} embedding rows but the tokenizer "
+                         f"{tok.n_words} pieces; llama2.c needs them equal (use --version=hf)")
+    for name, value, runc in (("rope_theta", args.rope_theta, 10000.0), ("norm_eps", args.norm_eps, 1e-5)):
+        if abs(value - runc) > 1e-3 * runc:
+            raise SystemExit(f"error: the model has {name}={value:g} but llama2.c's run.c hard-codes {runc:g}; "
+                             f"it would compute another model (use --version=hf)")
 
 
 def output_path(output, out_dir, default_name, is_file=True):
@@ -216,15 +228,12 @@ def main():
     if version not in ("0", "2", "hf"):
         raise SystemExit(f"error: --version must be 0, 2 or hf, not {version!r}")
     model, tok, _ = load_model(out_dir)
-    if model.args.vocab_size != tok.n_words:
-        # tokenizer.bin stores no count: run.c reads vocab_size entries, so the two must agree exactly
-        raise SystemExit(f"error: the model has {model.args.vocab_size} embedding rows but the tokenizer "
-                         f"{tok.n_words} pieces; llama2.c needs them equal")
     if version == "hf":
         path = output_path(output, out_dir, "hf", is_file=False)
         export_hf(model, tok, path)
         print(f"wrote {path}/ (LlamaForCausalLM, {model.num_params() / 1e6:.2f}M parameters)")
         return
+    refuse_for_llama2c(model.args, tok)
     if version == "0":
         path = output_path(output, out_dir, "model.bin")
         export_v0(model, path)

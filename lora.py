@@ -56,5 +56,7 @@ def merged_state_dict(model):
     return merged
 
 
-def adapter_state_dict(model):
-    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b"))}
+def trainable_state_dict(model):
+    """What a LoRA run trained: the adapters, and any weight trained in full beside them (new embedding rows)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trained}

@@ -1,6 +1,7 @@
 """
 The one Llama 2 Transformer every stage shares, computed exactly as llama2.c's run.c computes it:
-RMSNorm (eps 1e-5), rotary embeddings (theta 10000, rotating interleaved pairs (x0, x1), (x2, x3), ...),
+RMSNorm (eps 1e-5), rotary embeddings (theta 10000, rotating interleaved pairs (x0, x1), (x2, x3), ...;
+imported models may bring another eps and theta),
 grouped-query attention, a SwiGLU feed-forward (w2(silu(w1 x) * w3 x)), no biases, and input and
 output embeddings tied by default. Attention is F.scaled_dot_product_attention (flash kernels on GPU).
 """
@@ -25,6 +26,7 @@ class ModelArgs:
     hidden_dim: Optional[int] = None  # None: 2/3 of 4*dim rounded up to multiple_of, as Llama 2 does
     multiple_of: int = 32
     norm_eps: float = 1e-5            # run.c hard-codes 1e-5
+    rope_theta: float = 10000.0       # and 10000; imported models may differ (export.py then refuses run.c)
     max_seq_len: int = 512
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -159,14 +161,39 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_rope()
         self.apply(self._init_weights)
         # residual projections get a smaller init so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    def init_rope(self, device=None):
+        """The rotary tables (not saved: a function of the args), computed in fp32 on the CPU or device."""
+        cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len, self.args.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def resize_vocab(self, vocab_size, generator=None):
+        """
+        Grow the embedding (and an untied classifier) to vocab_size rows for an extended tokenizer: the old
+        rows stay as they are, each new row is the mean of the old rows plus noise with their per-dimension
+        spread, so new tokens start as an average token. Returns the number of rows added.
+        """
+        old = self.tok_embeddings.weight.shape[0]
+        if vocab_size <= old:
+            return 0
+
+        def grown(weight):
+            w = weight.detach().float()
+            new = w.mean(0) + w.std(0) * torch.randn(vocab_size - old, w.shape[1], generator=generator)
+            return nn.Parameter(torch.cat([weight.detach(), new.to(weight.dtype)]))
+
+        self.tok_embeddings.weight = grown(self.tok_embeddings.weight)
+        self.output.weight = self.tok_embeddings.weight if self.args.tie_embeddings else grown(self.output.weight)
+        self.tok_embeddings.num_embeddings = self.output.out_features = vocab_size
+        self.args.vocab_size = vocab_size
+        return vocab_size - old
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

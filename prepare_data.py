@@ -42,8 +42,8 @@ import numpy as np
 from tqdm import tqdm
 
 import demo
-from tokenizer import (Tokenizer, compatibility_warnings, is_val, sniff_encoding, split_turns, train_tokenizer,
-                       turn_boundary_cut)
+from tokenizer import (Tokenizer, add_chinese_pieces, compatibility_warnings, is_chinese, is_val, sniff_encoding,
+                       split_turns, train_tokenizer, turn_boundary_cut)
 
 # -----------------------------------------------------------------------------
 input = "demo"              # pretraining sources: "demo", or comma-separated files/directories; "": none
@@ -51,6 +51,7 @@ sft_input = "demo"          # SFT sources: "demo", or comma-separated files/dire
 out_dir = "data"            # where the tokenizer and token files go
 vocab_size = 8192           # size of the tokenizer to train (at most 65535: token files are uint16)
 tokenizer_model = ""        # an existing sentencepiece .model to use instead of training one
+extend_tokenizer = ""       # a .model (e.g. Llama 2's) to extend with Chinese pieces from --input, to --vocab_size pieces
 tokenizer_train_chars = 100_000_000  # the tokenizer trains on the first this many characters of train text
 workers = os.cpu_count() or 1  # processes that parse and tokenize; 1: one process, sentencepiece threads on all cores
 val_fraction = 0.01         # share of documents (and SFT conversations) held out, by hash
@@ -459,8 +460,11 @@ def batched(items, max_chars=BATCH_CHARS, max_items=4096):
         yield batch
 
 
-def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction, train_chars, workers):
-    """The tokenizer written to path: a copy of tokenizer_model, or one trained on the train documents."""
+def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction, train_chars, workers, extend=""):
+    """
+    The tokenizer written to path: a copy of tokenizer_model, one trained on the train documents, or
+    (extend) that existing tokenizer with Chinese pieces trained on them appended.
+    """
     if tokenizer_model:
         if not os.path.isfile(tokenizer_model):
             raise SystemExit(f"error: tokenizer_model {tokenizer_model} does not exist")
@@ -486,6 +490,22 @@ def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction
                 return
 
     t0 = time.time()
+    if extend:
+        if not os.path.isfile(extend):
+            raise SystemExit(f"error: extend_tokenizer {extend} does not exist")
+        base = Tokenizer(extend)
+        print(f"extending {extend} ({base.n_words} pieces) with Chinese pieces to {vocab_size}...")
+        added = add_chinese_pieces(extend, train_lines, path, vocab_size, num_threads=workers)
+        tok = Tokenizer(path)
+        sample = [doc for _, doc in zip(range(2000), documents(report=False))]
+        chinese = sum(is_chinese(c) for doc in sample for c in doc)
+        before, after = (sum(len(ids) for ids in t.encode_batch(sample)) for t in (base, tok))
+        print(f"added {added} pieces ({tok.n_words} in all, sha {tok.sha}) in {time.time() - t0:.1f}s; on the first "
+              f"{len(sample)} documents: {before / max(1, chinese):.2f} tokens per Chinese character before, "
+              f"{after / max(1, chinese):.2f} after")
+        for w in compatibility_warnings(tok.sp):
+            print(f"warning: {extend}: {w}")
+        return tok
     print(f"training a {vocab_size}-piece BPE tokenizer...")
     train_tokenizer(train_lines(), path, vocab_size, num_threads=workers)
     tok = Tokenizer(path)
@@ -608,6 +628,9 @@ def main():
     elif sft_input:
         sft_files = input_files(sft_input, (".jsonl", ".json"))
         conversations = lambda: file_conversations(sft_files, val_fraction)  # noqa: E731
+    if extend_tokenizer and (tokenizer_model or documents is None):
+        raise SystemExit("error: --extend_tokenizer trains the new pieces on --input: give an --input, and no "
+                         "--tokenizer_model")
     tokenizer_path = os.path.join(out_dir, "tokenizer.model")
     if documents is None and not tokenizer_model and not os.path.exists(tokenizer_path):
         raise SystemExit("error: SFT data alone needs a tokenizer: pass --tokenizer_model or prepare pretraining "
@@ -623,7 +646,7 @@ def main():
         tmp_paths = []
         if documents is not None or tokenizer_model:
             tok = prepare_tokenizer(tokenizer_path + ".tmp", documents, tokenizer_model, vocab_size, val_fraction,
-                                    tokenizer_train_chars, workers)
+                                    tokenizer_train_chars, workers, extend_tokenizer)
             tmp_paths.append(tok.model_path)
         else:
             tok = Tokenizer(tokenizer_path)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
+from checkpoint import check_data_tokenizer, check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import check_ranges, configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
@@ -31,7 +31,8 @@ from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed
 # I/O
 out_dir = "out"                   # ckpt.pt and log.jsonl go here
 data_dir = "data"                 # prepare_data.py's output: tokenizer.model, train_*.bin, val_*.bin
-init_from = "scratch"             # "scratch", or "resume" to continue from out_dir/ckpt.pt
+init_from = "scratch"             # "scratch", "resume" (continue out_dir/ckpt.pt), or a model to continue pretraining:
+                                  # a checkpoint directory, a Hugging Face or Meta Llama directory, a llama2.c .bin
 overwrite = False                 # scratch into an out_dir that holds a checkpoint: replace it (else refused)
 eval_interval = 250               # measure val loss and save a checkpoint every this many iterations
 eval_iters = 20                   # val batches per evaluation
@@ -133,10 +134,9 @@ def main():
                                      "log_interval", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size"),
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
                              "dropout"), positive=("learning_rate",))
-    if init_from not in ("scratch", "resume"):
-        raise SystemExit(f"error: --init_from must be scratch or resume, not {init_from!r}")
     resume = init_from == "resume"
-    claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite)
+    claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite,
+                  init_from=None if init_from in ("scratch", "resume") else init_from)
     run = setup_device(device, dtype, compile)
     torch.manual_seed(seed + run.rank)
 
@@ -144,14 +144,16 @@ def main():
     train_data = TokenShards(data_dir, "train", tok.sha)
     val_data = TokenShards(data_dir, "val", tok.sha)
 
-    # ---- the model: from the settings, or from the checkpoint we resume
+    # ---- the model: from the settings, from the checkpoint we resume, or an existing model to continue
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    base_path = None if init_from == "scratch" else init_from  # the model this run continues, if any
     if resume:
         checkpoint = load_checkpoint(out_dir)
+        if "optimizer" not in checkpoint:
+            raise SystemExit(f"error: {out_dir} is not a pretraining run to resume")
         check_tokenizer(checkpoint["tokenizer_sha"], tok.sha, f"{out_dir}/ckpt.pt",
                         fix="resume with --data_dir pointing at the data it was trained on")
-        model_args = ModelArgs(**checkpoint["model_args"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        iter_num, best_val_loss, base_path = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint.get("base")
         saved = checkpoint["config"]
         if run.master:
             for key in FIXED_ON_RESUME:
@@ -162,23 +164,37 @@ def main():
                 print("warning: resuming with a different world_size x gradient_accumulation_steps: "
                       "the batches will differ from the original run's")
         config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
-    else:
-        model_args = model_args_from_settings(tok.n_words)
-    seq_len = model_args.max_seq_len
+        model = model_from_checkpoint(checkpoint)
+    elif init_from == "scratch":
+        model = Transformer(model_args_from_settings(tok.n_words))
+    else:  # continued pretraining of one of our checkpoints or of an imported Llama
+        base = load_checkpoint(init_from, flag="--init_from")
+        check_data_tokenizer(base, init_from, tok)
+        if run.master:
+            for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+                if config[key] is not None:
+                    print(f"warning: --{key} is ignored: the model comes from {init_from}")
+        base["model_args"]["dropout"] = dropout
+        model = model_from_checkpoint(base).float()  # fp32 weights; autocast computes in bf16/fp16 where set
+        del base
+        added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
+        if run.master and added_rows:
+            print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
+                  f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
+    model_args = model.args
+    seq_len = config["block_size"] or model_args.max_seq_len  # shorter windows than an imported model's context
+    if seq_len > model_args.max_seq_len:
+        raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
     train_data.check_fits(seq_len)
     val_data.check_fits(seq_len)
-
-    model = Transformer(model_args)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
     model.to(run.device)
     # a resumed run keeps its optimizer: the saved state only fits the one it was made by
-    use_muon = checkpoint["config"].get("muon", False) if checkpoint is not None else muon
+    use_muon = checkpoint["config"].get("muon", False) if resume else muon
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, use_muon)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["torch_rng"])
-        del checkpoint["model"], checkpoint["optimizer"]  # both now live in model and optimizer
+        checkpoint = None  # its weights and optimizer state now live in model and optimizer
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
     raw_model = model  # the plain module: what we save, evaluate with, and count
     if run.compile:
@@ -201,7 +217,8 @@ def main():
               f"accumulation x {run.world_size} processes = {tokens_per_iter:,}")
         print(f"device {run.device}, {run.dtype}, compile {run.compile}, "
               f"optimizer {'Muon (block matrices) + AdamW' if use_muon else 'AdamW'}; "
-              f"{'resuming at' if resume else 'starting at'} iteration {iter_num} of {max_iters}")
+              f"{'resuming at' if resume else 'starting at'} iteration {iter_num} of {max_iters}"
+              + (f", continuing the pretraining of {init_from}" if init_from not in ("scratch", "resume") else ""))
     if resume and iter_num >= max_iters:
         if run.master:
             print(f"nothing to do: {out_dir}/ckpt.pt is at iteration {iter_num} and --max_iters={max_iters}; "
@@ -248,7 +265,7 @@ def main():
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
             "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
             "torch_rng": torch.get_rng_state(),
-            "stage": "pretrain",
+            "stage": "pretrain", "base": base_path,
         })
         logger.commit()
         saved_iter = it

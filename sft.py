@@ -22,10 +22,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import evaluate
-from checkpoint import check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (check_data_tokenizer, check_tokenizer, load_checkpoint, load_model, model_from_checkpoint,
+                        save_checkpoint)
 from configurator import check_ranges, configure
-from lora import adapter_state_dict, add_lora, merged_state_dict
-from model import ModelArgs, Transformer
+from lora import add_lora, merged_state_dict, trainable_state_dict
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
                       setup_device, train_step)
@@ -34,7 +34,8 @@ from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed
 # I/O
 out_dir = "out-sft"               # SFT checkpoint (ckpt.pt), log.jsonl and eval.json go here
 data_dir = "data"                 # prepare_data.py's output: sft_train.*, sft_test.*, tokenizer.model
-init_from = "out"                 # a pretraining checkpoint directory, or "resume" to continue out_dir
+init_from = "out"                 # the model to tune: a checkpoint directory, a Hugging Face or Meta Llama directory,
+                                  # a llama2.c .bin; or "resume" to continue out_dir
 overwrite = False                 # a new run into an out_dir that holds a checkpoint: replace it (else refused)
 eval_interval = 200               # answer loss on the test split and a checkpoint every this many iterations
 eval_iters = 20                   # test batches per loss evaluation
@@ -42,6 +43,7 @@ log_interval = 25                 # iterations per log line
 evaluate_tasks = True             # after training, the held-out task evaluation (evaluate.py: SFT vs pretrained)
 eval_per_task = 1000              # held-out questions per task in that evaluation; 0: all
 # data
+block_size: int = None            # tokens per row; None: the model's context
 batch_size = 4                    # rows per micro-step, per process
 packing = True                    # pack several conversations into each row (True) or pad each batch to its longest
 gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
@@ -61,6 +63,7 @@ lora_rank = 0                     # 0: full fine-tuning; > 0: freeze the model a
 lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A x
 lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
+train_embeddings: bool = None     # with LoRA, also train the embedding and classifier in full; None: when rows were added
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
@@ -69,7 +72,7 @@ seed = 1337                       # batch order and any dropout
 # -----------------------------------------------------------------------------
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
-FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "dropout")
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "dropout", "block_size")
 
 
 class Conversations:
@@ -193,7 +196,7 @@ class Conversations:
 def main():
     config = configure(globals())
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                                     "log_interval"),
+                                     "log_interval", "block_size"),
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
                              "dropout", "lora_rank", "lora_dropout", "eval_per_task"), positive=("learning_rate",))
     resume = init_from == "resume"
@@ -218,27 +221,35 @@ def main():
                     print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
         config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
     base_dir = checkpoint["base"] if resume else init_from
-    base = load_checkpoint(base_dir, flag="--init_from")
-    check_tokenizer(base["tokenizer_sha"], tok.sha, f"{base_dir}/ckpt.pt",
-                    fix="point --data_dir at data prepared with the base model's tokenizer")
-    model_args = ModelArgs(**dict(base["model_args"], dropout=config["dropout"]))
-    model = Transformer(model_args)
-    model.load_state_dict(base["model"])
+    base = load_checkpoint(base_dir, flag="--init_from")  # ours, or an imported Llama
+    check_data_tokenizer(base, base_dir, tok)
+    base["model_args"]["dropout"] = config["dropout"]
+    model = model_from_checkpoint(base).float()  # trained in fp32 (autocast computes in bf16/fp16 where set)
+    base_stage = base.get("stage")
     del base  # the base's optimizer state is of no use here
+    # an extended tokenizer: new embedding rows, the same in a resumed run (a generator of its own)
+    added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
+    model_args = model.args
     # a resumed run keeps the adapters it was started with (config holds the checkpoint's values then)
     lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
     use_lora = lora["lora_rank"] > 0
+    full_embeddings = config["train_embeddings"] if config["train_embeddings"] is not None else added_rows > 0
     if use_lora:
         add_lora(model, set(lora["lora_targets"].split(",")), lora["lora_rank"], lora["lora_alpha"],
                  lora["lora_dropout"])
+        if full_embeddings:  # new tokens need their own embeddings, which a low-rank update cannot give them
+            model.tok_embeddings.weight.requires_grad_(True)
+            model.output.weight.requires_grad_(True)
         if resume:
             model.load_state_dict(checkpoint["lora"], strict=False)
     elif resume:
         model.load_state_dict(checkpoint["model"])
     model.to(run.device)
-    block_size = model_args.max_seq_len
-    train_data = Conversations(data_dir, "train", block_size, tok, packing, seed)
-    test_data = Conversations(data_dir, "test", block_size, tok, packing, seed)
+    seq_len = config["block_size"] or model_args.max_seq_len
+    if seq_len > model_args.max_seq_len:
+        raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
+    train_data = Conversations(data_dir, "train", seq_len, tok, packing, seed)
+    test_data = Conversations(data_dir, "test", seq_len, tok, packing, seed)
 
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
     if resume:
@@ -258,11 +269,14 @@ def main():
     decay_iters = lr_decay_iters or max_iters
     if run.master:
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"from {base_dir}/ckpt.pt: {raw_model.num_params() / 1e6:.2f}M parameters, "
+        print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
               f"{'LoRA rank %d on %s: ' % (lora['lora_rank'], lora['lora_targets']) if use_lora else ''}"
-              f"{n_train / 1e6:.2f}M trained")
+              f"{n_train / 1e6:.2f}M trained" + (" (with the embeddings in full)" if use_lora and full_embeddings else ""))
+        if added_rows:
+            print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
+                  f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
         print(f"data: {len(train_data):,} train conversations ({train_data.cut} cut at a turn boundary, "
-              f"{train_data.skipped} skipped: longer than block_size={block_size}), {len(test_data):,} test; "
+              f"{train_data.skipped} skipped: longer than block_size={seq_len}), {len(test_data):,} test; "
               f"{'packed' if packing else 'padded'} batches of {batch_size} x {gradient_accumulation_steps} "
               f"accumulation x {run.world_size} processes")
         rows_per_epoch = len(train_data.rows_of_epoch(0))
@@ -314,7 +328,7 @@ def main():
         nonlocal saved_iter
         save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
             "model": merged_state_dict(raw_model) if use_lora else raw_model.state_dict(),
-            "lora": adapter_state_dict(raw_model) if use_lora else None,
+            "lora": trainable_state_dict(raw_model) if use_lora else None,
             "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
             "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
@@ -393,9 +407,10 @@ def main():
     if evaluate_tasks and saved_iter is not None:
         try:
             sft_model = model_from_checkpoint(load_checkpoint(out_dir), run.device)
-            base_model = model_from_checkpoint(load_checkpoint(base_dir), run.device)
-            evaluate.compare({"pretrained": (base_model, base_dir), "SFT": (sft_model, out_dir)}, tok, data_dir,
-                             eval_per_task, os.path.join(out_dir, "eval.json"))
+            base_model, base_tok, _ = load_model(base_dir, run.device)
+            evaluate.compare({evaluate.STAGE_NAMES.get(base_stage, "base"): (base_model, base_tok, base_dir),
+                              "SFT": (sft_model, tok, out_dir)}, data_dir, eval_per_task,
+                             os.path.join(out_dir, "eval.json"))
         except KeyboardInterrupt:
             raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
                              f"`python evaluate.py --out_dir={out_dir}`")

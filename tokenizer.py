@@ -17,6 +17,7 @@ import codecs
 import hashlib
 import io
 import os
+import re
 
 import numpy as np
 import sentencepiece as spm
@@ -43,28 +44,8 @@ def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
     if vocab_size < 300:
         raise SystemExit(f"error: vocab_size={vocab_size} is too small: 259 ids are taken by <unk>, <s>, </s> "
                          f"and the 256 bytes")
-    # the template's literal strings, often enough that they become cheap pieces
-    template_lines = [render_user_turn("你好", "你是一个助手") for _ in range(2000)]
-    model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_chain(sentences, template_lines),
-            model_writer=model,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=True,
-            allow_whitespace_only_pieces=True,
-            byte_fallback=True,
-            split_digits=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            character_coverage=0.9995,  # ~all common hanzi become whole pieces; the rare rest fall back to bytes
-            max_sentence_length=16384,  # bytes; news paragraphs exceed the default 4192
-            input_sentence_size=2_000_000, shuffle_input_sentence=True,
-            num_threads=num_threads or os.cpu_count(),
-            minloglevel=2,
-        )
+        proto = _train_bpe(sentences, vocab_size, num_threads)
     except RuntimeError as e:
         msg = str(e).split("] ")[-1]
         if "required_chars" in msg:  # sentencepiece's own advice names options we do not expose
@@ -73,8 +54,97 @@ def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
         raise SystemExit(f"error: tokenizer training failed: {msg}")
     tmp = model_path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(model.getvalue())
+        f.write(proto)
     os.replace(tmp, model_path)
+
+
+def _train_bpe(sentences, vocab_size, num_threads):
+    """The serialized model sentencepiece trains with our settings; its RuntimeError passes through."""
+    # the template's literal strings, often enough that they become cheap pieces
+    template_lines = [render_user_turn("你好", "你是一个助手") for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_chain(sentences, template_lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=0.9995,  # ~all common hanzi become whole pieces; the rare rest fall back to bytes
+        max_sentence_length=16384,  # bytes; news paragraphs exceed the default 4192
+        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        num_threads=num_threads or os.cpu_count(),
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def is_chinese(piece):
+    """A piece made of CJK characters and CJK/full-width punctuation only (a leading "▁" aside)."""
+    text = piece.lstrip("▁")
+    return bool(text) and all(0x3400 <= ord(c) <= 0x9FFF or 0xF900 <= ord(c) <= 0xFAFF or 0x20000 <= ord(c) <= 0x3FFFF
+                              or 0x3000 <= ord(c) <= 0x303F or 0xFF00 <= ord(c) <= 0xFFEF for c in text)
+
+
+def add_chinese_pieces(base_path, sentences, model_path, vocab_size, num_threads=None):
+    """
+    Write to model_path the tokenizer at base_path (e.g. Llama 2's) with Chinese pieces appended until it
+    has vocab_size pieces (or the text offers no more). sentences() returns the training lines (it may be
+    called twice). The pieces come from a BPE model trained on them with our settings, in
+    its merge order; only pieces made entirely of Chinese characters and punctuation that the base lacks
+    are added, each scored below every base merge. So every base piece keeps its id and score (the byte
+    pieces stay at 3..258), text without Chinese encodes exactly as before, and the result is a normal
+    sentencepiece model. Returns the number of pieces added.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # the generated module needs the protobuf package
+        raise SystemExit("error: --extend_tokenizer needs the protobuf package: pip install protobuf")
+    base = sentencepiece_model_pb2.ModelProto()
+    with open(base_path, "rb") as f:
+        base.ParseFromString(f.read())
+    n_base = len(base.pieces)
+    if vocab_size <= n_base:
+        raise SystemExit(f"error: {base_path} already has {n_base} pieces; --vocab_size is the size after extending, "
+                         f"e.g. --vocab_size={n_base + 20000}")
+    if vocab_size > UINT16_MAX_IDS:
+        raise SystemExit(f"error: vocab_size={vocab_size} does not fit uint16 token files (at most {UINT16_MAX_IDS})")
+    # a Chinese model somewhat larger than what is added (some of its pieces are in the base already),
+    # and larger still when the text has more distinct characters than that (sentencepiece says how many)
+    size = vocab_size - n_base + 2000
+    for attempt in range(3):
+        try:
+            proto = _train_bpe(sentences(), min(UINT16_MAX_IDS, size), num_threads)
+            break
+        except RuntimeError as e:
+            msg = str(e).split("] ")[-1]
+            needed, most = re.search(r"required_chars\. *\d+ vs (\d+)", msg), re.search(r"<= (\d+)", msg)
+            if attempt == 2 or not (needed or most):
+                raise SystemExit(f"error: training the Chinese pieces failed: {msg}")
+            size = int(needed.group(1)) + vocab_size - n_base + 2000 if needed else int(most.group(1))
+    chinese = sentencepiece_model_pb2.ModelProto()
+    chinese.ParseFromString(proto)
+    have = {p.piece for p in base.pieces}
+    floor = min(p.score for p in base.pieces if p.score > -1e6)  # below every merge (not the -1e9 whitespace runs)
+    added = 0
+    for p in sorted(chinese.pieces, key=lambda p: -p.score):
+        if len(base.pieces) == vocab_size:
+            break
+        if p.type == p.NORMAL and p.piece not in have and is_chinese(p.piece):
+            new = base.pieces.add()
+            new.piece, new.score, new.type = p.piece, floor - 1 - added, p.NORMAL
+            have.add(p.piece)
+            added += 1
+    base.trainer_spec.vocab_size = len(base.pieces)
+    with open(model_path + ".tmp", "wb") as f:
+        f.write(base.SerializeToString())
+    os.replace(model_path + ".tmp", model_path)
+    return added
 
 
 def _chain(*iterables):
@@ -135,6 +205,11 @@ class Tokenizer:
 
     def id_to_piece(self, i):
         return self.sp.id_to_piece(i)
+
+    def extends(self, base):
+        """True if this tokenizer is base with pieces appended: base's ids keep their pieces."""
+        return self.n_words >= base.n_words and all(self.sp.id_to_piece(i) == base.sp.id_to_piece(i)
+                                                    for i in range(base.n_words))
 
     def encode_chat(self, messages):
         """

@@ -73,3 +73,13 @@ def tiny(**kw):
     args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=48)
     args.update(kw)
     return Transformer(ModelArgs(**args)).eval()
+
+
+def llama2_tokenizer_path():
+    """Meta's Llama 2 tokenizer.model from the shared fixtures (never copied into the repo), or a skip."""
+    for candidate in (os.environ.get("LLAMA2ZH_FIXTURES", ""), os.path.join(ROOT, "..", "shared", "fixtures")):
+        path = os.path.join(candidate, "llama2-tokenizer.model")
+        if candidate and os.path.exists(path):
+            return path
+    pytest.skip("Meta's Llama 2 tokenizer is not here (../shared/fixtures/llama2-tokenizer.model, or set "
+                "LLAMA2ZH_FIXTURES); these tests need it")
