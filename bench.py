@@ -6,6 +6,7 @@ here is asserted by the tests: machines are noisy.
     python bench.py --what=train     # training tokens/s (and MFU on a GPU) for the presets in --presets
     python bench.py --what=decode    # decode tokens/s of out/ckpt.pt with the KV cache and without it
     python bench.py --what=load      # peak memory while importing a generated Hugging Face Llama checkpoint
+    python bench.py --what=loss      # peak memory of the classifier + loss at a GPU config's shape, plain vs chunked
 
 The numbers, with the machine they were measured on, are in docs/benchmarks.md.
 """
@@ -21,7 +22,7 @@ import torch
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-what = "all"                 # prep, train, decode, load or all
+what = "all"                 # prep, train, decode, load, loss or all
 data_dir = "data"            # prepared demo data (python prepare_data.py)
 out_dir = "out"              # the checkpoint to decode with
 big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
@@ -31,6 +32,7 @@ batch_size = 8               # train: sequences per step
 iters = 10                   # timed training iterations (after 3 warm-up ones)
 decode_tokens = 200          # decode: tokens generated per measurement
 load_layers = 16             # load: layers of the generated checkpoint (dim 1024, vocab 32000: about 0.5 GB in bf16)
+loss_shape = "16384,512,64793"  # loss: rows (32 x 512, the GPU configs' micro-batch), dim (58m), vocabulary
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 where supported, float32 on CPU
 compile: bool = None       # torch.compile; None: on for CUDA, off elsewhere
@@ -203,8 +205,38 @@ def bench_load():
     shutil.rmtree(root)
 
 
+def bench_loss():
+    """
+    The classifier and cross-entropy, forward and backward, at a GPU config's shape (fp32 on CPU), plainly
+    and in chunks (model.chunked_cross_entropy), each in a fresh process: peak RSS above the process
+    before the step, and time.
+    """
+    rows, dim, vocab = (int(x) for x in loss_shape.split(","))
+    probe = ("import sys, time, torch, torch.nn.functional as F; sys.path.insert(0, {root!r}); "
+             "from model import chunked_cross_entropy; torch.manual_seed(0); "
+             "kb = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)); "
+             "h = torch.randn({rows}, {dim}, requires_grad=True); w = (torch.randn({vocab}, {dim}) * 0.02).requires_grad_(); "
+             "t = torch.randint(0, {vocab}, ({rows},)); before = kb('VmRSS:'); t0 = time.time(); "
+             "loss = {loss}; loss.backward(); print(before, kb('VmHWM:'), time.time() - t0, loss.item())")
+    losses = {"plain": "F.cross_entropy((h @ w.t()).float(), t)",
+              "chunked": "chunked_cross_entropy(h, w, t, torch.ones({rows}))"}
+    print(f"== classifier + cross-entropy, forward and backward: {rows} rows x dim {dim} x vocabulary {vocab}, fp32, "
+          f"{torch.get_num_threads()} threads")
+    for name, loss in losses.items():
+        code = probe.format(root=os.path.dirname(os.path.abspath(__file__)), rows=rows, dim=dim, vocab=vocab,
+                            loss=loss.format(rows=rows))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode:
+            print(f"{name}: failed ({out.stderr.strip().splitlines()[-1]})")
+            continue
+        before, peak, seconds, value = out.stdout.split()
+        print(f"{name}: peak {(int(peak) - int(before)) / 2**20:.2f} GB above the inputs, {float(seconds):.1f} s, "
+              f"loss {float(value):.4f}")
+
+
 if __name__ == "__main__":
     configure(globals())
-    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode), ("load", bench_load)):
+    for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode), ("load", bench_load),
+                     ("loss", bench_loss)):
         if what in (name, "all"):
             fn()

@@ -6,6 +6,7 @@ grouped-query attention, a SwiGLU feed-forward (w2(silu(w1 x) * w3 x)), no biase
 output embeddings tied by default. Attention is F.scaled_dot_product_attention (flash kernels on GPU).
 """
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -162,6 +163,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.init_rope()
+        self.gather_masked = True  # see forward()
         self.apply(self._init_weights)
         # residual projections get a smaller init so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
@@ -205,8 +207,10 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, loss_mask=None, cache=None, start_pos=0, positions=None, attn_mask=None):
         """
         tokens (B, T). With targets (B, T): returns (logits (B, T, V), loss), the loss a mean over all
-        positions whose target is not -1. With targets and loss_mask (B, T): (logits (N, V) of only the N
-        positions where loss_mask > 0, loss), the loss their mask-weighted mean.
+        positions whose target is not -1; with loss_mask (B, T) too, the loss is the mask-weighted mean.
+        The logits are None where the loss was computed in chunks (a large batch times a large
+        vocabulary, see chunked_cross_entropy), and with loss_mask and gather_masked set they are the
+        (N, V) logits of only the N positions where loss_mask > 0.
         Without targets: (logits of the last position (B, 1, V), None).
         Several conversations packed into one row: positions (B, T) restarts at 0 for each, and
         attn_mask (B, 1, T, T) lets a token see only earlier tokens of its own conversation.
@@ -223,24 +227,31 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, [-1], :]), None
-        if loss_mask is None:
+        V = self.output.out_features
+        if loss_mask is None and B * T * V <= CHUNKED_LOSS_ABOVE:  # pretraining
             logits = self.output(h)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-            return logits, loss
-        # SFT: only the answer tokens (a small share of the demo's) carry loss, so the classifier runs on
-        # those alone; in a small model with a large vocabulary that matmul is a large part of the step
-        # (docs/benchmarks.md)
-        mask = loss_mask.flatten()
-        keep = mask > 0
-        logits = self.output(h.flatten(0, 1)[keep])                         # (N, V)
-        losses = F.cross_entropy(logits.float(), targets.flatten()[keep], ignore_index=-1, reduction="none")
-        loss = (losses * mask[keep].to(losses.dtype)).sum() / mask.sum().to(losses.dtype).clamp(min=1)
-        return logits, loss
+            return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        h, targets = h.flatten(0, 1), targets.flatten()                     # (B*T, dim), (B*T,)
+        weights = (targets >= 0).to(torch.float32) if loss_mask is None else loss_mask.flatten().float()
+        if loss_mask is not None and self.gather_masked:
+            # SFT in eager mode: only the answer tokens (a small share of the demo's) carry loss, so the
+            # classifier runs on those alone; in a small model with a large vocabulary that matmul is a
+            # large part of the step (docs/benchmarks.md). The shape depends on the data, which compiled
+            # code would recompile for: sft.py turns this off there (and on GPUs).
+            keep = weights > 0
+            h, targets, weights = h[keep], targets[keep], weights[keep]     # (N, dim), (N,), (N,)
+        if h.shape[0] * V > CHUNKED_LOSS_ABOVE:
+            return None, chunked_cross_entropy(h, self.output.weight, targets, weights)
+        logits = self.output(h)
+        losses = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="none")
+        loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+        return (logits if self.gather_masked else logits.view(B, T, -1)), loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=True):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=True, shard=False):
         """
         muon: Muon for the blocks' weight matrices and AdamW for the embedding and norms (muon.py);
-        else AdamW for all. Norm gains are never decayed.
+        else AdamW for all. Norm gains are never decayed. shard: under DDP, each process orthogonalizes
+        only its share of Muon's matrices (on GPUs, in bf16 and batched by shape).
         """
         params = [p for p in self.parameters() if p.requires_grad]
         if muon:
@@ -250,7 +261,9 @@ class Transformer(nn.Module):
                 {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": weight_decay},
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
             ]
-            return MuonAdamW(groups, lr=learning_rate, betas=betas)
+            on_gpu = device_type == "cuda"
+            return MuonAdamW(groups, lr=learning_rate, betas=betas, ns_dtype=torch.bfloat16 if on_gpu else torch.float32,
+                             batched=on_gpu, shard=shard)
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},  # matmuls and embeddings
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},            # norms
@@ -315,6 +328,56 @@ class Transformer(nn.Module):
                 return
 
 
+# logits of more rows x vocabulary entries than this are never all in memory at once (2**27 fp32 values
+# are 512 MB): the demo's batches stay below it, the GPU configs' 32 x 512 rows x 64k ids are far above
+CHUNKED_LOSS_ABOVE = 1 << 27
+
+
+def chunked_cross_entropy(h, weight, targets, weights, chunk_rows=None):
+    """
+    The weighted mean cross-entropy of the classifier (weight, (V, dim)) on the rows of h ((N, dim)),
+    equal to F.cross_entropy(h @ weight.T, targets, ignore_index=-1) weighted by weights, computed a
+    chunk of rows at a time: the (rows, V) logits, their softmax and their gradient exist for one chunk
+    only. The gradients are computed chunk by chunk in the forward pass (the loss is a scalar, so
+    backward only scales them), which costs no second classifier matmul.
+    """
+    chunk_rows = chunk_rows or max(1, CHUNKED_LOSS_ABOVE // 4 // weight.shape[0])
+    return _ChunkedCrossEntropy.apply(h, weight, targets, weights, chunk_rows)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, weights, chunk_rows):
+        weights = weights * (targets >= 0) / (weights * (targets >= 0)).sum().clamp(min=1)  # the mean's weights
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, h.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (h[rows] @ weight.t()).float()                        # (chunk, V), the only big tensor
+            t = targets[rows].clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + ((lse - logits.gather(1, t[:, None])[:, 0]) * weights[rows]).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            d_logits = logits.sub_(lse[:, None]).exp_()                      # softmax, in the logits' memory
+            d_logits[torch.arange(len(t), device=t.device), t] -= 1.0     # softmax - one-hot
+            d_logits *= weights[rows, None]
+            if grad_h is not None:
+                grad_h[rows] = (d_logits @ weight.float()).to(h.dtype)
+            if grad_w is not None:
+                grad_w += d_logits.t() @ h[rows].float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+
+
 def sample_next(logits, temperature, top_k=None, top_p=None):
     """One token per row from (B, V) logits: greedy at temperature 0, else top-k/top-p filtered sampling."""
     if temperature == 0:
@@ -333,13 +396,17 @@ def sample_next(logits, temperature, top_k=None, top_p=None):
     return torch.multinomial(probs, num_samples=1)[:, 0]
 
 
-# bf16 dense peak FLOP/s by device name, for MFU. Longer names first: "H100 PCIe" before "H100".
-GPU_PEAK_BF16 = [
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-    ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12),
-    ("T4", 65e12),
+# Dense 16-bit tensor-core peak FLOP/s (bf16, or fp16 where a card has no bf16) by the name
+# torch.cuda.get_device_name() reports, for MFU. Matched as whole words, most specific first, so
+# "L4" is not "L40" and "A10" is not "A100". Vendor datasheet figures without sparsity.
+GPU_PEAK_FLOPS = [
+    (r"H100 NVL", 835e12), (r"H100 PCIe", 756e12), (r"H100", 989e12), (r"H200", 989e12), (r"H800 PCIe", 756e12),
+    (r"H800", 989e12), (r"H20", 148e12), (r"B200", 2250e12), (r"A100", 312e12), (r"A800", 312e12),
+    (r"L40S", 362e12), (r"L40", 181e12), (r"L20", 119.5e12), (r"L4", 121e12), (r"A10G", 70e12), (r"A10", 125e12),
+    (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"V100", 125e12), (r"T4", 65e12), (r"P100", 21e12),
 ]
 
 
 def peak_flops(device_name):
-    return next((peak for name, peak in GPU_PEAK_BF16 if name in device_name), None)
+    """The GPU's 16-bit tensor-core peak FLOP/s, or None for a card not in GPU_PEAK_FLOPS (no MFU then)."""
+    return next((peak for pattern, peak in GPU_PEAK_FLOPS if re.search(rf"\b{pattern}\b", device_name)), None)

@@ -18,14 +18,13 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import check_data_tokenizer, check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import check_ranges, configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      setup_device, train_step)
+                      seed_step, setup_device, train_step, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -190,10 +189,10 @@ def main():
     model.to(run.device)
     # a resumed run keeps its optimizer: the saved state only fits the one it was made by
     use_muon = checkpoint["config"].get("muon", False) if resume else muon
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, use_muon)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, use_muon,
+                                           shard=run.ddp)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["torch_rng"])
         checkpoint = None  # its weights and optimizer state now live in model and optimizer
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
     raw_model = model  # the plain module: what we save, evaluate with, and count
@@ -203,8 +202,7 @@ def main():
         model = torch.compile(model)
     eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates, so no collectives there
     if run.ddp:
-        # the rope tables are the only buffers and never change: no need to broadcast them every step
-        model = DDP(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None, broadcast_buffers=False)
+        model = wrap_ddp(model, run)
 
     tokens_per_iter = batch_size * seq_len * gradient_accumulation_steps * run.world_size
     decay_iters = lr_decay_iters or max_iters
@@ -264,7 +262,6 @@ def main():
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
             "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
-            "torch_rng": torch.get_rng_state(),
             "stage": "pretrain", "base": base_path,
         })
         logger.commit()
@@ -297,12 +294,13 @@ def main():
             if iter_num >= max_iters:
                 break
 
+            seed_step(seed, run.rank, iter_num)
             loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
-                              gradient_accumulation_steps, run.autocast, run.ddp, grad_clip)
+                              gradient_accumulation_steps, run, grad_clip)
             iter_num += 1
 
             if run.master and iter_num % log_interval == 0:
-                train_loss = loss.item()  # the last micro-batch's loss
+                train_loss = loss.item()  # this process's mean over the step's micro-batches
                 stopper.check_loss(train_loss, "training loss", iter_num)
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()

@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import evaluate
 from checkpoint import (check_data_tokenizer, check_tokenizer, load_checkpoint, load_model, model_from_checkpoint,
@@ -28,7 +27,7 @@ from configurator import check_ranges, configure
 from lora import add_lora, merged_state_dict, trainable_state_dict
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      setup_device, train_step)
+                      seed_step, setup_device, train_step, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -254,17 +253,19 @@ def main():
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
     if resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["torch_rng"])
         checkpoint = None  # its weights and optimizer state now live in model and optimizer
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
     raw_model = model  # the plain module: what we save, evaluate with, and count
+    # the classifier on answer positions only halves an eager CPU step, but its data-dependent shape would
+    # make compiled code recompile for every new count of answer tokens: static shapes there and on GPUs
+    raw_model.gather_masked = run.device_type == "cpu" and not run.compile
     if run.compile:
         if run.master:
             print("compiling the model (takes a minute)...")
         model = torch.compile(model, dynamic=not packing)  # padded batches change length every step
     eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates, so no collectives there
     if run.ddp:
-        model = DDP(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None, broadcast_buffers=False)
+        model = wrap_ddp(model, run)
 
     decay_iters = lr_decay_iters or max_iters
     if run.master:
@@ -332,7 +333,6 @@ def main():
             "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
             "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
-            "torch_rng": torch.get_rng_state(),
             "stage": "sft", "base": base_dir,
         })
         logger.commit()
@@ -365,12 +365,13 @@ def main():
             if iter_num >= max_iters:
                 break
 
+            seed_step(seed, run.rank, iter_num)
             loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
-                              gradient_accumulation_steps, run.autocast, run.ddp, grad_clip)
+                              gradient_accumulation_steps, run, grad_clip, count=lambda b: b["loss_mask"].sum())
             iter_num += 1
 
             if run.master and iter_num % log_interval == 0:
-                train_loss = loss.item()  # the last micro-batch's loss
+                train_loss = loss.item()  # this process's mean over the step's micro-batches
                 stopper.check_loss(train_loss, "training answer loss", iter_num)
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()

@@ -4,6 +4,8 @@ learning-rate schedule, the optimizer step, the guard on out_dir, the divergence
 """
 import contextlib
 import ctypes
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -13,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 class Run(NamedTuple):
@@ -46,13 +49,42 @@ def resolve_device(device, dtype):
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("error: --device=mps but this machine has no Apple GPU; use --device=cpu")
     if dtype == "auto":
-        if device_type == "cuda" and torch.cuda.is_available():
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
+        dtype = auto_dtype(device_type, gpu_facts(device)[0] if device_type == "cuda" else None)
     if dtype not in PTDTYPE:
         raise SystemExit(f"error: --dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     return device, dtype
+
+
+def gpu_facts(device):
+    """(compute capability, whether Triton is installed) of a CUDA device: what the automatic choices need."""
+    return torch.cuda.get_device_capability(device), importlib.util.find_spec("triton") is not None
+
+
+def auto_dtype(device_type, capability):
+    """
+    bfloat16 on GPUs that compute it natively (compute capability 8.0 and up: A100, RTX 30/40, H100, ...);
+    float16 with a GradScaler on older ones (T4, V100, P100), where torch.cuda.is_bf16_supported() says
+    yes only by emulation: no tensor cores, no flash attention, and Inductor skips bf16 graphs there.
+    float32 on CPU and MPS (CPU autocast to bf16 is slower than fp32 on most CPUs).
+    """
+    if device_type == "cuda":
+        return "bfloat16" if capability >= (8, 0) else "float16"
+    return "float32"
+
+
+def auto_compile(device_type, capability, has_triton):
+    """
+    (compile or not, why not): torch.compile's GPU code is Triton kernels, which need Triton installed
+    (PyTorch's Windows wheels have none) and compute capability 7.0 or more. Off on CPU, where it was
+    measured not to help (docs/benchmarks.md).
+    """
+    if device_type != "cuda":
+        return False, None
+    if not has_triton:
+        return False, "Triton is not installed (PyTorch's Windows wheels have none)"
+    if capability < (7, 0):
+        return False, f"this GPU's compute capability {capability[0]}.{capability[1]} is below Triton's 7.0"
+    return True, None
 
 
 def setup_device(device, dtype, compile, keep_memory=True):
@@ -75,8 +107,20 @@ def setup_device(device, dtype, compile, keep_memory=True):
     device_type = device.split(":")[0]
     if dtype == "float16" and device_type != "cuda":
         raise SystemExit("error: float16 training needs a CUDA GPU (use bfloat16 or float32)")
-    if compile is None:
-        compile = device_type == "cuda"
+    if device_type == "cuda":
+        facts = gpu_facts(device)
+        wanted, why_not = auto_compile(device_type, *facts)
+        if compile is None:
+            compile = wanted
+            if why_not and rank == 0:
+                print(f"torch.compile is off: {why_not}")
+        elif compile and why_not:
+            raise SystemExit(f"error: --compile=True cannot work here: {why_not}; use --compile=False")
+        if dtype == "bfloat16" and facts[0] < (8, 0) and rank == 0:
+            print(f"warning: this GPU (compute capability {facts[0][0]}.{facts[0][1]}) emulates bfloat16 slowly; "
+                  f"--dtype=float16 (or auto) is much faster")
+    elif compile is None:
+        compile = False
     if device_type == "cpu" and keep_memory:
         keep_freed_memory()
     if device_type == "cuda":
@@ -86,6 +130,27 @@ def setup_device(device, dtype, compile, keep_memory=True):
                                                                                    dtype=PTDTYPE[dtype])
     return Run(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0, device=device,
                device_type=device_type, dtype=dtype, compile=compile, autocast=autocast)
+
+
+def wrap_ddp(model, run):
+    """
+    The model under DistributedDataParallel. The rope tables are its only buffers and never change, so
+    they are never synced in the forward pass: `forward_sync_buffers=False` where torch has it (2.13+,
+    where `broadcast_buffers` warns as deprecated), `broadcast_buffers=False` before.
+    """
+    device_ids = [run.local_rank] if run.device_type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(model, device_ids=device_ids, forward_sync_buffers=False)
+    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def seed_step(seed, rank, it):
+    """
+    Seed every generator (CPU and CUDA) from (seed, process, iteration) before each training step: dropout
+    is then a function of the three, so a resumed run draws exactly what an uninterrupted one would, on
+    any device, with no generator state in the checkpoint.
+    """
+    torch.manual_seed((seed * 1_000_003 + it) * 1_009 + rank)
 
 
 def keep_freed_memory():
@@ -114,29 +179,48 @@ def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def train_step(model, optimizer, scaler, get_batch, accumulation_steps, autocast, ddp, grad_clip):
+def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, grad_clip, count=None):
     """
     One optimizer step over accumulation_steps micro-batches; get_batch(micro_step) returns the model's
     keyword arguments. Under DDP, gradients are averaged across processes only after the last micro-step.
-    Returns the last micro-batch's loss (a tensor: reading it forces a device sync, so log sparingly).
+
+    Pretraining (count None): every micro-batch has as many tokens as the next, so their mean losses are
+    averaged, and each batch is prepared while the device works on the one before. A loss that is a
+    mean over a varying number of tokens (SFT's answer tokens) passes count(batch) -> its number of
+    tokens: each micro-batch's mean is then weighted by its share of all the step's tokens in all
+    processes (one all-reduce of a number), so every token counts the same wherever it lands and N
+    processes train exactly like one process with N times the accumulation.
+    Returns this process's mean loss of the step (a tensor: reading it forces a device sync, so log sparingly).
     """
-    batch = get_batch(0)
+    if count is None:
+        batches, weights = None, [1.0 / accumulation_steps] * accumulation_steps
+    else:
+        batches = [get_batch(i) for i in range(accumulation_steps)]
+        counts = torch.stack([count(b).float() for b in batches])
+        total = counts.sum()
+        if run.ddp:
+            dist.all_reduce(total)
+        weights = counts * run.world_size / total.clamp(min=1)  # DDP divides by world_size: undo it
+    batch = batches[0] if batches else get_batch(0)
+    losses = []
     for micro_step in range(accumulation_steps):
-        if ddp:
+        if run.ddp:
             model.require_backward_grad_sync = micro_step == accumulation_steps - 1
-        with autocast:
+        with run.autocast:
             _, loss = model(**batch)
-            loss = loss / accumulation_steps
         if micro_step + 1 < accumulation_steps:
-            batch = get_batch(micro_step + 1)  # prepared while the GPU works on this one
-        scaler.scale(loss).backward()
+            batch = batches[micro_step + 1] if batches else get_batch(micro_step + 1)  # ready before the GPU is
+        scaler.scale(loss * weights[micro_step]).backward()
+        losses.append(loss.detach())
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach() * accumulation_steps
+    if batches:
+        return (torch.stack(losses) * counts).sum() / counts.sum().clamp(min=1)
+    return torch.stack(losses).mean()
 
 
 class Stopper:

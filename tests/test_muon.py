@@ -69,3 +69,22 @@ def test_configure_optimizers_gives_muon_the_block_matrices_only():
 def test_muon_groups_refuse_vectors():
     with pytest.raises(ValueError, match="2-D"):
         MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(4))], "muon": True}], lr=1e-3)
+
+
+def test_batched_and_bf16_newton_schulz_agree_with_the_one_matrix_fp32_path():
+    torch.manual_seed(0)
+    stack = torch.randn(4, 48, 32)
+    one_by_one = torch.stack([orthogonalize(g) for g in stack])
+    torch.testing.assert_close(orthogonalize(stack), one_by_one, atol=1e-5, rtol=1e-4)  # the GPU's batched form
+    bf16 = orthogonalize(stack, dtype=torch.bfloat16)  # the GPU's precision: the same directions, rougher
+    assert bf16.dtype == torch.float32 and (bf16 - one_by_one).norm() < 0.05 * one_by_one.norm()
+    params = [torch.nn.Parameter(g.clone()) for g in stack]
+    copies = [torch.nn.Parameter(g.clone()) for g in stack]
+    batched = MuonAdamW([dict(params=params, muon=True)], lr=0.01, batched=True)
+    plain = MuonAdamW([dict(params=copies, muon=True)], lr=0.01)
+    for p, q in zip(params, copies):
+        p.grad = q.grad = torch.randn(48, 32)
+    batched.step()
+    plain.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
