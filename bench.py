@@ -4,7 +4,7 @@ here is asserted by the tests: machines are noisy.
 
     python bench.py --what=prep      # prepare_data.py tokens/s, 1 worker vs all cores; peak RSS on a generated JSONL
     python bench.py --what=train     # training tokens/s (and MFU on a GPU) for the presets in --presets
-    python bench.py --what=decode    # decode tokens/s of out/ckpt.pt with the KV cache and without it
+    python bench.py --what=decode    # decode tokens/s: ours (KV cache or not), llama.cpp F32/Q8_0, llama2.c if built
     python bench.py --what=load      # peak memory while importing a generated Hugging Face Llama checkpoint
     python bench.py --what=loss      # peak memory of the classifier + loss at a GPU config's shape, plain vs chunked
 
@@ -31,6 +31,7 @@ vocab_size = 0               # train: 0 = the data's tokenizer size; 64793 match
 batch_size = 8               # train: sequences per step
 iters = 10                   # timed training iterations (after 3 warm-up ones)
 decode_tokens = 200          # decode: tokens generated per measurement
+runc_dir = ""                # decode: a llama2.c checkout with run and runq built, for their rows too
 load_layers = 16             # load: layers of the generated checkpoint (dim 1024, vocab 32000: about 0.5 GB in bf16)
 loss_shape = "16384,512,64793"  # loss: rows (32 x 512, the GPU configs' micro-batch), dim (58m), vocabulary
 device = "auto"              # auto: cuda, then mps, then cpu
@@ -126,24 +127,72 @@ def bench_train():
 
 
 def bench_decode():
+    """
+    Greedy decode speed, batch 1, the same threads for every engine, side by side in one process: our
+    generate() with and without the KV cache, llama.cpp (F32 and Q8_0 GGUF, through llama-cpp-python)
+    and, with --runc_dir, llama2.c's run/runq; for the demo checkpoint and for 24m- and 134m-shaped
+    models with random weights (what the speed depends on is the shape, not the weights).
+    """
+    import shutil
+    import tempfile
+
     from checkpoint import load_model
+    from export import export_gguf, export_tokenizer_bin, export_v0, export_v2, choose_group_size
+    from model import PRESETS, ModelArgs, Transformer
     from training import resolve_device
     dev, _ = resolve_device(device, "float32")
-    model, tok, _ = load_model(out_dir, dev)
-    prompt = torch.tensor([[tok.bos_id] + tok.encode("床前明月光，")], device=dev)
-    n = min(decode_tokens, model.args.max_seq_len - prompt.shape[1])
-    print(f"== greedy decode of {n} tokens with {out_dir}/ckpt.pt ({model.num_params() / 1e6:.2f}M params) on {dev}, "
-          f"batch 1, {torch.get_num_threads()} threads")
-    results = {}
-    for use_cache in (True, False):
-        list(model.generate(prompt, 5, temperature=0, use_cache=use_cache))  # warm up
-        t0 = time.time()
-        out = list(model.generate(prompt, n, temperature=0, use_cache=use_cache))
-        dt = time.time() - t0
-        results[use_cache] = len(out) / dt
-        print(f"{'KV cache' if use_cache else 'no cache (recompute the whole sequence each step)'}: "
-              f"{len(out) / dt:,.0f} tokens/s")
-    print(f"the KV cache is {results[True] / results[False]:.1f}x faster")
+    demo_model, tok, _ = load_model(out_dir, dev)
+    prompt_ids = [tok.bos_id] + tok.encode("床前明月光，")
+    threads = torch.get_num_threads()
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+        print("(llama-cpp-python is not installed: no llama.cpp rows; pip install llama-cpp-python)")
+    models = [("demo checkpoint", demo_model)]
+    for preset in ("24m", "134m"):
+        torch.manual_seed(0)
+        shaped = Transformer(ModelArgs(**PRESETS[preset], vocab_size=tok.n_words)).eval()
+        models.append((f"{preset} shape, random weights", shaped))
+    tmp = tempfile.mkdtemp(prefix="bench_decode_")
+    print(f"== greedy decode, batch 1, {threads} threads, prompt of {len(prompt_ids)} tokens; tokens/s")
+    for name, model in models:
+        n = min(decode_tokens, model.args.max_seq_len - len(prompt_ids))
+        rows = {}
+        prompt = torch.tensor([prompt_ids], device=dev)
+        for use_cache in (True, False):
+            list(model.generate(prompt, 5, temperature=0, use_cache=use_cache))  # warm up
+            t0 = time.time()
+            out = list(model.generate(prompt, n, temperature=0, use_cache=use_cache))
+            rows["ours, KV cache" if use_cache else "ours, no cache"] = len(out) / (time.time() - t0)
+        if llama_cpp is not None:
+            for qtype in ("f32", "q8_0"):
+                path = os.path.join(tmp, f"{qtype}.gguf")
+                export_gguf(model, tok, path, qtype)
+                llm = llama_cpp.Llama(model_path=path, n_ctx=model.args.max_seq_len, n_threads=threads, verbose=False)
+                for warm in (True, False):
+                    llm.reset()
+                    t0, count = time.time(), 0
+                    for _ in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+                        count += 1
+                        if count == (5 if warm else n):
+                            break
+                rows[f"llama.cpp {qtype.upper()}"] = n / (time.time() - t0)
+                del llm
+        if runc_dir:
+            export_tokenizer_bin(tok, os.path.join(tmp, "tokenizer.bin"))
+            export_v0(model, os.path.join(tmp, "model.bin"))
+            hidden = model.layers[0].feed_forward.w1.weight.shape[0]
+            export_v2(model, os.path.join(tmp, "model_q80.bin"), choose_group_size(model.args.dim, hidden, 64))
+            for binary, file in (("run", "model.bin"), ("runq", "model_q80.bin")):
+                p = subprocess.run([os.path.join(runc_dir, binary), os.path.join(tmp, file), "-z",
+                                    os.path.join(tmp, "tokenizer.bin"), "-t", "0", "-n", str(n + len(prompt_ids)),
+                                    "-i", "床前明月光，"], capture_output=True, text=True)
+                speed = [line for line in p.stderr.splitlines() if "achieved tok/s" in line]
+                rows[f"llama2.c {binary}"] = float(speed[0].split()[-1]) if speed else float("nan")
+        print(f"{name} ({model.num_params() / 1e6:.1f}M params, {n} tokens): "
+              + ", ".join(f"{k} {v:,.0f}" for k, v in rows.items()))
+    shutil.rmtree(tmp)
 
 
 def bench_load():
@@ -174,7 +223,8 @@ def bench_load():
     weights = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     layouts = {"one safetensors file": {"model.safetensors": list(weights)},
-               "4 safetensors shards": {f"model-{i + 1:05d}-of-00004.safetensors": list(weights)[i::4] for i in range(4)}}
+               "4 safetensors shards": {f"model-{i + 1:05d}-of-00004.safetensors": list(weights)[i::4]
+                                        for i in range(4)}}
     # VmRSS/VmHWM of the child itself: ru_maxrss would carry over this process's peak through fork and exec
     probe = ("import sys; sys.path.insert(0, {root!r}); from checkpoint import load_checkpoint, model_from_checkpoint; "
              "kb = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)); "
@@ -201,7 +251,8 @@ def bench_load():
             results[what] = [int(x) * 1024 for x in out.split()]  # KB
         start, peak = results["loaded"]
         print(f"{name}: peak RSS {peak / 2**20:.0f} MB = {peak / weight_bytes:.2f} x the weights; "
-              f"above the process before loading: {(peak - start) / 2**20:.0f} MB = {(peak - start) / weight_bytes:.2f} x")
+              f"above the process before loading: {(peak - start) / 2**20:.0f} MB = "
+              f"{(peak - start) / weight_bytes:.2f} x")
     shutil.rmtree(root)
 
 
@@ -215,7 +266,8 @@ def bench_loss():
     probe = ("import sys, time, torch, torch.nn.functional as F; sys.path.insert(0, {root!r}); "
              "from model import chunked_cross_entropy; torch.manual_seed(0); "
              "kb = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)); "
-             "h = torch.randn({rows}, {dim}, requires_grad=True); w = (torch.randn({vocab}, {dim}) * 0.02).requires_grad_(); "
+             "h = torch.randn({rows}, {dim}, requires_grad=True); "
+             "w = (torch.randn({vocab}, {dim}) * 0.02).requires_grad_(); "
              "t = torch.randint(0, {vocab}, ({rows},)); before = kb('VmRSS:'); t0 = time.time(); "
              "loss = {loss}; loss.backward(); print(before, kb('VmHWM:'), time.time() - t0, loss.item())")
     losses = {"plain": "F.cross_entropy((h @ w.t()).float(), t)",

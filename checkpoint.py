@@ -87,9 +87,10 @@ def model_from_checkpoint(checkpoint, device="cpu"):
     missing = [k for k in missing if not (args.tie_embeddings and k == "output.weight")]
     if missing or unexpected:
         source = checkpoint.get("source", "the checkpoint")
+        more = len(missing) + len(unexpected) - 1
         raise SystemExit(f"error: {source} does not hold a complete model: "
                          + (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
-                         + (f" and {len(missing) + len(unexpected) - 1} more" if len(missing) + len(unexpected) > 1 else ""))
+                         + (f" and {more} more" if more else ""))
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.init_rope()
@@ -111,7 +112,8 @@ def check_vocabulary(checkpoint, tok, path):
     rows = checkpoint["model_args"]["vocab_size"]
     if tok.n_words > rows:
         raise SystemExit(f"error: {tok.model_path} has {tok.n_words} pieces but {path} only {rows} embedding rows; "
-                         f"use the model's own tokenizer (an extended one needs fine-tuning first: sft.py or pretrain.py)")
+                         f"use the model's own tokenizer (an extended one needs fine-tuning first: sft.py or "
+                         f"pretrain.py)")
     special = checkpoint.get("special_ids")
     if special and tuple(special) != (tok.bos_id, tok.eos_id):
         raise SystemExit(f"error: {path} uses bos/eos ids {special[0]}/{special[1]} but {tok.model_path} "
@@ -132,8 +134,8 @@ def check_data_tokenizer(checkpoint, path, tok, flag="--init_from"):
     else:
         base = Tokenizer(base_path)
         if base.sha != tok.sha and not tok.extends(base):
-            raise SystemExit(f"error: the data was prepared with tokenizer {tok.sha} ({tok.model_path}), which is neither "
-                             f"the tokenizer of {flag}={path} nor an extension of it; prepare the data with "
+            raise SystemExit(f"error: the data was prepared with tokenizer {tok.sha} ({tok.model_path}), which is "
+                             f"neither the tokenizer of {flag}={path} nor an extension of it; prepare the data with "
                              f"--tokenizer_model={base_path} or --extend_tokenizer={base_path}")
     special = checkpoint.get("special_ids")
     if special and tuple(special) != (tok.bos_id, tok.eos_id):
@@ -326,7 +328,8 @@ def read_meta(path):
     n_heads = params["n_heads"]
     args = ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=n_heads,
                      n_kv_heads=params.get("n_kv_heads") or n_heads, vocab_size=state["tok_embeddings.weight"].shape[0],
-                     hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=params.get("norm_eps", 1e-5),
+                     hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
+                     norm_eps=params.get("norm_eps", 1e-5),
                      rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", 4096),
                      tie_embeddings=False)
     return imported(path, args, state)

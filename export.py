@@ -1,10 +1,11 @@
 """
-Export a checkpoint (ours, or an imported Llama) for llama2.c or Hugging Face transformers.
+Export a checkpoint (ours, or an imported Llama) for llama2.c, Hugging Face transformers, or llama.cpp.
 
     python export.py                                  # out/ckpt.pt -> out/model.bin (version 0, fp32), tokenizer.bin
     python export.py --version=2 --output=out/model_q80.bin     # int8 Q8_0 for runq.c
     python export.py --version=hf --output=hf-model   # a LlamaForCausalLM directory
     python export.py --out_dir=out-sft                # any checkpoint directory
+    python export.py --version=gguf --gguf_type=q8_0  # out/model.gguf + out/Modelfile for llama.cpp and ollama
 
 Then, with llama2.c built (make run / make runq):
     ./run out/model.bin -z out/tokenizer.bin -t 0 -i "床前明月光，"
@@ -31,9 +32,10 @@ from checkpoint import load_model
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model)
-output = ""                  # the file (or directory, for hf) to write; "": out_dir/model.bin, model_q80.bin or hf
-version = "0"                # 0: fp32 for run.c; 2: int8 Q8_0 for runq.c; hf: Hugging Face directory
+out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model), or an imported Llama
+output = ""                  # the file (a directory for hf) to write; "": in out_dir, named after the version
+version = "0"                # 0: fp32 for run.c; 2: int8 Q8_0 for runq.c; hf: Hugging Face directory; gguf: llama.cpp
+gguf_type = "f16"            # gguf: the matrices' type, f32, f16 or q8_0 (norms stay f32)
 group_size = 64              # version 2: the largest group size up to this that divides dim and hidden_dim
 tokenizer_bin = True         # also write tokenizer.bin beside the model (llama2.c formats)
 # -----------------------------------------------------------------------------
@@ -191,6 +193,111 @@ def export_hf(model, tok, directory):
                   f, indent=1, ensure_ascii=False)
 
 
+GGUF_NAMES = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+              "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down"}
+
+
+def export_gguf(model, tok, path, qtype, name="llama2.zh"):
+    """
+    A GGUF file llama.cpp, llama-server and ollama run: architecture llama, every hyperparameter llama.cpp
+    reads, our sentencepiece vocabulary (pieces, scores, token types: our byte pieces are llama.cpp's
+    <0xNN> byte tokens), bos/eos/unk, BOS added and EOS not, and our chat template. The tensors keep our
+    interleaved rotary layout, which is Meta's and the one llama.cpp's llama architecture uses; the
+    classifier is left out when it is the embedding. qtype: "f32", "f16" or "q8_0" for the matrices.
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise SystemExit("error: --version=gguf needs the gguf package (llama.cpp's own writer): pip install gguf")
+    a = model.args
+    hidden_dim = model.layers[0].feed_forward.w1.weight.shape[0]
+    if qtype == "q8_0" and (a.dim % 32 or hidden_dim % 32):
+        raise SystemExit(f"error: Q8_0 packs rows in blocks of 32 values but dim={a.dim}, hidden_dim={hidden_dim}; "
+                         f"use --gguf_type=f16")
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+    writer = gguf.GGUFWriter(path + ".tmp", "llama")
+    writer.add_name(name)
+    writer.add_context_length(a.max_seq_len)
+    writer.add_embedding_length(a.dim)
+    writer.add_block_count(a.n_layers)
+    writer.add_feed_forward_length(hidden_dim)
+    writer.add_head_count(a.n_heads)
+    writer.add_head_count_kv(a.n_kv_heads or a.n_heads)
+    writer.add_rope_dimension_count(a.dim // a.n_heads)
+    writer.add_rope_freq_base(a.rope_theta)
+    writer.add_layer_norm_rms_eps(a.norm_eps)
+    writer.add_vocab_size(a.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_tokenizer_model("llama")
+    pieces = [tok.id_to_piece(i) for i in range(tok.n_words)]
+    scores = [tok.sp.get_score(i) for i in range(tok.n_words)]
+    types = [gguf.TokenType.UNKNOWN if tok.sp.is_unknown(i) else gguf.TokenType.CONTROL if tok.sp.is_control(i)
+             else gguf.TokenType.BYTE if tok.sp.is_byte(i) else gguf.TokenType.NORMAL for i in range(tok.n_words)]
+    for i in range(tok.n_words, a.vocab_size):  # a padded vocabulary: rows no piece maps to
+        pieces.append(f"[PAD{i}]")
+        scores.append(-1e9)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eos_id)
+    writer.add_unk_token_id(tok.sp.unk_id())
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(HF_CHAT_TEMPLATE)
+
+    def add(name, tensor):
+        data = tensor.detach().cpu().float().numpy()
+        if data.ndim == 1 or qtype == "f32":
+            writer.add_tensor(name, data)  # norms stay f32, as llama.cpp's own converter keeps them
+        elif qtype == "f16":
+            writer.add_tensor(name, data.astype("float16"))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # shape from the packed rows
+
+    add("token_embd.weight", model.tok_embeddings.weight)
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in GGUF_NAMES.items():
+            add(f"blk.{i}.{theirs}.weight", layer.get_submodule(ours).weight)
+    add("output_norm.weight", model.norm.weight)
+    if not a.tie_embeddings:
+        add("output.weight", model.output.weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(path + ".tmp", path)
+
+
+OLLAMA_TEMPLATE = """{{- $system := "" }}
+{{- range .Messages }}{{- if eq .Role "system" }}{{ $system = .Content }}{{- end }}{{- end }}
+{{- $first := true }}
+{{- range .Messages }}
+{{- if eq .Role "user" }}{{ if not $first }}<s>{{ end }}[INST] {{ if and $first $system }}<<SYS>>
+{{ $system }}
+<</SYS>>
+
+{{ end }}{{ .Content }} [/INST]{{ $first = false }}
+{{- else if eq .Role "assistant" }} {{ .Content }}</s>
+{{- end }}
+{{- end }}"""
+
+
+def write_modelfile(gguf_path):
+    """An ollama Modelfile beside the GGUF: ollama's built-in llama2 template is not our chat format."""
+    path = os.path.join(os.path.dirname(os.path.abspath(gguf_path)), "Modelfile")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"# ollama create my-model -f {path}\n")
+        f.write(f"FROM ./{os.path.basename(gguf_path)}\n")
+        f.write(f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n')
+        f.write('PARAMETER stop "</s>"\nPARAMETER stop "[INST]"\n')
+    return path
+
+
 def refuse_for_llama2c(args, tok):
     """run.c hard-codes some constants and reads vocab_size tokenizer entries: refuse what it cannot represent."""
     if args.vocab_size != tok.n_words:
@@ -225,13 +332,24 @@ def readable_by_all(path):
 
 def main():
     configure(globals())
-    if version not in ("0", "2", "hf"):
-        raise SystemExit(f"error: --version must be 0, 2 or hf, not {version!r}")
+    if version not in ("0", "2", "hf", "gguf"):
+        raise SystemExit(f"error: --version must be 0, 2, hf or gguf, not {version!r}")
+    if gguf_type not in ("f32", "f16", "q8_0"):
+        raise SystemExit(f"error: --gguf_type must be f32, f16 or q8_0, not {gguf_type!r}")
     model, tok, _ = load_model(out_dir)
     if version == "hf":
         path = output_path(output, out_dir, "hf", is_file=False)
         export_hf(model, tok, path)
         print(f"wrote {path}/ (LlamaForCausalLM, {model.num_params() / 1e6:.2f}M parameters)")
+        return
+    if version == "gguf":
+        if model.args.vocab_size < tok.n_words:
+            raise SystemExit(f"error: the model has {model.args.vocab_size} embedding rows but the tokenizer "
+                             f"{tok.n_words} pieces")
+        path = output_path(output, out_dir, "model.gguf")
+        export_gguf(model, tok, path, gguf_type, name=os.path.basename(os.path.abspath(out_dir)))
+        modelfile = write_modelfile(path)
+        print(f"wrote {path} (GGUF, {gguf_type}, {os.path.getsize(path) / 2**20:.1f} MB) and {modelfile}")
         return
     refuse_for_llama2c(model.args, tok)
     if version == "0":

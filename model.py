@@ -262,8 +262,8 @@ class Transformer(nn.Module):
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
             ]
             on_gpu = device_type == "cuda"
-            return MuonAdamW(groups, lr=learning_rate, betas=betas, ns_dtype=torch.bfloat16 if on_gpu else torch.float32,
-                             batched=on_gpu, shard=shard)
+            return MuonAdamW(groups, lr=learning_rate, betas=betas, batched=on_gpu, shard=shard,
+                             ns_dtype=torch.bfloat16 if on_gpu else torch.float32)
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},  # matmuls and embeddings
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},            # norms

@@ -62,7 +62,7 @@ lora_rank = 0                     # 0: full fine-tuning; > 0: freeze the model a
 lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A x
 lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
-train_embeddings: bool = None     # with LoRA, also train the embedding and classifier in full; None: when rows were added
+train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
@@ -71,7 +71,8 @@ seed = 1337                       # batch order and any dropout
 # -----------------------------------------------------------------------------
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
-FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "dropout", "block_size")
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "dropout",
+                   "block_size")
 
 
 class Conversations:
@@ -272,7 +273,8 @@ def main():
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
               f"{'LoRA rank %d on %s: ' % (lora['lora_rank'], lora['lora_targets']) if use_lora else ''}"
-              f"{n_train / 1e6:.2f}M trained" + (" (with the embeddings in full)" if use_lora and full_embeddings else ""))
+              f"{n_train / 1e6:.2f}M trained" + (" (with the embeddings in full)" if use_lora and full_embeddings
+                                                 else ""))
         if added_rows:
             print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
                   f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")

@@ -83,3 +83,12 @@ def llama2_tokenizer_path():
             return path
     pytest.skip("Meta's Llama 2 tokenizer is not here (../shared/fixtures/llama2-tokenizer.model, or set "
                 "LLAMA2ZH_FIXTURES); these tests need it")
+
+
+@pytest.fixture(scope="session")
+def extended_data(tmp_path_factory):
+    """The demo corpus prepared with Llama 2's tokenizer extended to 40000 pieces: (directory, base, log)."""
+    base = llama2_tokenizer_path()
+    out = tmp_path_factory.mktemp("extended")
+    p = run("prepare_data.py", f"--out_dir={out}", f"--extend_tokenizer={base}", "--vocab_size=40000")
+    return str(out), base, p.out

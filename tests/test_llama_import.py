@@ -12,7 +12,7 @@ import torch
 
 import export
 from checkpoint import META_SPLIT, load_checkpoint, load_model, model_from_checkpoint
-from conftest import llama2_tokenizer_path, run
+from conftest import run
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
@@ -165,15 +165,6 @@ def test_more_embedding_rows_than_pieces_is_fine(tmp_path, tiny_ckpt):
 
 
 # ---- extending Llama 2's tokenizer with Chinese pieces
-
-@pytest.fixture(scope="module")
-def extended_data(tmp_path_factory):
-    """The demo corpus prepared with Llama 2's tokenizer extended to 40000 pieces."""
-    base = llama2_tokenizer_path()
-    out = tmp_path_factory.mktemp("extended")
-    p = run("prepare_data.py", f"--out_dir={out}", f"--extend_tokenizer={base}", "--vocab_size=40000")
-    return str(out), base, p.out
-
 
 def test_an_extended_tokenizer_keeps_every_base_id_and_halves_chinese(extended_data):
     out, base_path, log = extended_data
