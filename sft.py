@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 import evaluate
-from checkpoint import (check_data_tokenizer, check_tokenizer, load_checkpoint, load_model, model_from_checkpoint,
-                        save_checkpoint)
+from checkpoint import check_tokenizer, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from configurator import check_ranges, configure
-from lora import add_lora, merged_state_dict, trainable_state_dict
+from lora import merged_state_dict, trainable_state_dict
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      seed_step, setup_device, train_step, wrap_ddp)
+                      seed_step, model_to_tune, setup_device, train_step, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -221,29 +220,10 @@ def main():
                     print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
         config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
     base_dir = checkpoint["base"] if resume else init_from
-    base = load_checkpoint(base_dir, flag="--init_from")  # ours, or an imported Llama
-    check_data_tokenizer(base, base_dir, tok)
-    base["model_args"]["dropout"] = config["dropout"]
-    model = model_from_checkpoint(base).float()  # trained in fp32 (autocast computes in bf16/fp16 where set)
-    base_stage = base.get("stage")
-    del base  # the base's optimizer state is of no use here
-    # an extended tokenizer: new embedding rows, the same in a resumed run (a generator of its own)
-    added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
+    model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint)
     model_args = model.args
-    # a resumed run keeps the adapters it was started with (config holds the checkpoint's values then)
-    lora = {k: config[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
-    use_lora = lora["lora_rank"] > 0
-    full_embeddings = config["train_embeddings"] if config["train_embeddings"] is not None else added_rows > 0
-    if use_lora:
-        add_lora(model, set(lora["lora_targets"].split(",")), lora["lora_rank"], lora["lora_alpha"],
-                 lora["lora_dropout"])
-        if full_embeddings:  # new tokens need their own embeddings, which a low-rank update cannot give them
-            model.tok_embeddings.weight.requires_grad_(True)
-            model.output.weight.requires_grad_(True)
-        if resume:
-            model.load_state_dict(checkpoint["lora"], strict=False)
-    elif resume:
-        model.load_state_dict(checkpoint["model"])
+    use_lora = config["lora_rank"] > 0
+    full_embeddings = use_lora and model.tok_embeddings.weight.requires_grad
     model.to(run.device)
     seq_len = config["block_size"] or model_args.max_seq_len
     if seq_len > model_args.max_seq_len:
@@ -272,7 +252,7 @@ def main():
     if run.master:
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{'LoRA rank %d on %s: ' % (lora['lora_rank'], lora['lora_targets']) if use_lora else ''}"
+              f"{'LoRA rank %d on %s: ' % (config['lora_rank'], config['lora_targets']) if use_lora else ''}"
               f"{n_train / 1e6:.2f}M trained" + (" (with the embeddings in full)" if use_lora and full_embeddings
                                                  else ""))
         if added_rows:

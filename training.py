@@ -1,6 +1,7 @@
 """
-What the training loops (pretrain.py, sft.py) truly share: device/DDP/precision setup, the
-learning-rate schedule, the optimizer step, the guard on out_dir, the divergence check and the log.
+What the training loops (pretrain.py, sft.py, dpo.py) truly share: device/DDP/precision setup, the
+learning-rate schedule, the optimizer step, the model a fine-tuning starts from, the guard on
+out_dir, the stop decision and the log.
 """
 import contextlib
 import ctypes
@@ -16,6 +17,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import check_data_tokenizer, load_checkpoint, model_from_checkpoint
+from lora import add_lora
 
 
 class Run(NamedTuple):
@@ -153,6 +157,35 @@ def seed_step(seed, rank, it):
     torch.manual_seed((seed * 1_000_003 + it) * 1_009 + rank)
 
 
+def model_to_tune(base_dir, tok, config, seed, resumed=None):
+    """
+    The model sft.py and dpo.py train: the base at base_dir (ours, or an imported Llama) in fp32 with the
+    run's dropout; its embedding grown for an extended tokenizer (new rows drawn from a generator of
+    their own, so a resumed run draws the same); LoRA adapters when config["lora_rank"] > 0, with the
+    embedding and classifier trained in full where config["train_embeddings"] says (by default: when rows
+    were added); and, for a resumed run, the weights it saved. Returns (model, the base's stage, rows added).
+    """
+    base = load_checkpoint(base_dir, flag="--init_from")
+    check_data_tokenizer(base, base_dir, tok)
+    base["model_args"]["dropout"] = config["dropout"]
+    model = model_from_checkpoint(base).float()  # trained in fp32 (autocast computes in bf16/fp16 where set)
+    base_stage = base.get("stage")
+    del base  # the base's optimizer state is of no use here
+    added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
+    if config["lora_rank"] > 0:
+        add_lora(model, set(config["lora_targets"].split(",")), config["lora_rank"], config["lora_alpha"],
+                 config["lora_dropout"])
+        full_embeddings = config["train_embeddings"] if config["train_embeddings"] is not None else added_rows > 0
+        if full_embeddings:  # new tokens need their own embeddings, which a low-rank update cannot give them
+            model.tok_embeddings.weight.requires_grad_(True)
+            model.output.weight.requires_grad_(True)
+        if resumed is not None:
+            model.load_state_dict(resumed["lora"], strict=False)
+    elif resumed is not None:
+        model.load_state_dict(resumed["model"])
+    return model, base_stage, added_rows
+
+
 def keep_freed_memory():
     """
     Let glibc's malloc keep freed memory for the next training step. By default it hands every large
@@ -179,7 +212,7 @@ def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, grad_clip, count=None):
+def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, grad_clip, count=None, loss_fn=None):
     """
     One optimizer step over accumulation_steps micro-batches; get_batch(micro_step) returns the model's
     keyword arguments. Under DDP, gradients are averaged across processes only after the last micro-step.
@@ -190,6 +223,7 @@ def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, gra
     tokens: each micro-batch's mean is then weighted by its share of all the step's tokens in all
     processes (one all-reduce of a number), so every token counts the same wherever it lands and N
     processes train exactly like one process with N times the accumulation.
+    loss_fn(model, batch) -> loss replaces the model's own loss (DPO's, from the model's log-probs).
     Returns this process's mean loss of the step (a tensor: reading it forces a device sync, so log sparingly).
     """
     if count is None:
@@ -207,7 +241,7 @@ def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, gra
         if run.ddp:
             model.require_backward_grad_sync = micro_step == accumulation_steps - 1
         with run.autocast:
-            _, loss = model(**batch)
+            loss = loss_fn(model, batch) if loss_fn else model(**batch)[1]
         if micro_step + 1 < accumulation_steps:
             batch = batches[micro_step + 1] if batches else get_batch(micro_step + 1)  # ready before the GPU is
         scaler.scale(loss * weights[micro_step]).backward()

@@ -92,3 +92,13 @@ def extended_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("extended")
     p = run("prepare_data.py", f"--out_dir={out}", f"--extend_tokenizer={base}", "--vocab_size=40000")
     return str(out), base, p.out
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(demo_data, tiny_ckpt, tmp_path_factory):
+    """The tiny model instruction-tuned for 30 steps: an SFT checkpoint for the stages that need one."""
+    out = tmp_path_factory.mktemp("tiny_sft")
+    run("sft.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={out}", "--batch_size=4",
+        "--eval_iters=2", "--learning_rate=1e-2", "--warmup_iters=2", "--max_iters=30", "--eval_interval=30",
+        "--evaluate_tasks=False")
+    return str(out)

@@ -10,9 +10,6 @@ from conftest import run, tiny
 from evaluate import evaluate_on_tasks, load_tests
 from tokenizer import Tokenizer
 
-SFT_TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2",
-            "--evaluate_tasks=False"]
-
 
 def test_answers_are_scored_as_each_task_defines():
     idioms = {"一马当先", "先发制人", "人山人海"}
@@ -65,14 +62,6 @@ def test_answering_in_batches_gives_each_question_the_answer_it_gets_alone(demo_
     evaluate_on_tasks(model, tok, tests, set(), per_task=40, batch_size=1, record=alone)
     assert len(batched) == 80 and sorted(batched) == sorted(alone)
     assert len({answer for *_, answer in batched}) > 1  # the model does answer, and not always the same
-
-
-@pytest.fixture(scope="module")
-def tiny_sft(demo_data, tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_sft")
-    run("sft.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={out}", *SFT_TINY,
-        "--max_iters=4", "--eval_interval=4")
-    return str(out)
 
 
 def test_the_command_compares_a_checkpoint_with_its_base_and_writes_a_report(demo_data, tiny_ckpt, tiny_sft):

@@ -1,0 +1,446 @@
+"""
+Align an SFT model with preference pairs (DPO): for each prompt, raise the log-probability of the
+chosen answer and lower that of the rejected one, measured against a reference model (the SFT model
+it starts from), so that the model moves only as far as the preferences ask.
+
+    python dpo.py                                      # the demo: out-sft + data/dpo_* -> out-dpo/, then the evaluation
+    python dpo.py --lora_rank=8 --reference=model      # adapters; the reference is the same model with them off
+    torchrun --standalone --nproc_per_node=4 dpo.py --init_from=out-58m-sft --data_dir=data-dpo --out_dir=out-58m-dpo
+
+The loss (Rafailov et al. 2023) per pair, with log-probabilities summed over the answer's tokens and
+its EOS: -log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))), optionally with
+label smoothing (conservative DPO) or as IPO's squared loss. Every eval_interval: the loss, reward
+accuracy (the share of held-out pairs whose implicit reward ranks chosen above rejected), mean reward
+margin, and how far the chosen and rejected log-probabilities moved. At the end, evaluate.py's
+held-out tasks for the DPO model beside the SFT model. Ctrl-C (or SIGTERM) saves at the end of the
+current iteration.
+"""
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import evaluate
+from checkpoint import check_tokenizer, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
+from configurator import check_ranges, configure
+from lora import adapters_disabled, merged_state_dict, trainable_state_dict
+from tokenizer import Tokenizer
+from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
+                      model_to_tune, seed_step, setup_device, train_step, wrap_ddp)
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out-dpo"               # DPO checkpoint (ckpt.pt), log.jsonl and eval.json go here
+data_dir = "data"                 # prepare_data.py's output: dpo_train.*, dpo_test.*, tokenizer.model
+init_from = "out-sft"             # the SFT model to align (a checkpoint directory or an imported Llama), or "resume"
+overwrite = False                 # a new run into an out_dir that holds a checkpoint: replace it (else refused)
+eval_interval = 100               # held-out pair metrics and a checkpoint every this many iterations
+log_interval = 25                 # iterations per log line
+evaluate_tasks = True             # after training, the held-out task evaluation (evaluate.py: DPO vs SFT)
+eval_per_task = 1000              # held-out questions per task in that evaluation; 0: all
+# data
+block_size: int = None            # longest pair sequence; None: the model's context
+batch_size = 8                    # pairs per micro-step, per process (each pair is two rows)
+gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
+# DPO
+beta = 0.5                        # how strongly the implicit reward is scaled; larger stays closer to the reference
+loss_type = "sigmoid"             # sigmoid (DPO) or ipo (IPO's squared loss, which does not push margins forever)
+label_smoothing = 0.0             # sigmoid: the share of pairs assumed mislabelled (conservative DPO); 0: plain DPO
+sft_weight = 1.0                  # + this times the chosen answers' token NLL (RPO): keeps chosen answers likely
+reference = "precomputed"         # precomputed: the reference's log-probs once before training; model: on the fly
+# optimization
+max_iters = 1500                  # optimizer steps in the whole run
+learning_rate = 1e-4              # peak, after warmup
+min_lr = 1e-5                     # at the end of the cosine decay
+warmup_iters = 20
+lr_decay_iters: int = None        # None: max_iters
+weight_decay = 0.0                # decoupled AdamW weight decay
+beta1 = 0.9                       # AdamW: decay of the first moment
+beta2 = 0.95                      # and of the second moment
+grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
+dropout = 0.0                     # off: the policy and its reference must compute alike
+# LoRA
+lora_rank = 0                     # 0: tune every weight; > 0: freeze the model and train rank-r adapters
+lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A x
+lora_dropout = 0.0                # dropout on the adapters' input
+lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
+train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
+# system
+device = "auto"                   # auto: cuda, then mps, then cpu
+dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+compile: bool = None              # torch.compile; None: on for CUDA where Triton runs, off elsewhere
+seed = 1337                       # the order of the pairs
+# -----------------------------------------------------------------------------
+
+# settings a resumed run takes from its checkpoint, whatever the command line says
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "dropout",
+                   "block_size", "beta", "loss_type", "label_smoothing", "sft_weight", "reference")
+
+
+class Pairs:
+    """
+    One DPO split: for pair i, sequence 2i is prompt + chosen answer and 2i + 1 prompt + rejected answer,
+    with their answer masks, memory-mapped, served as an endless stream in which every pair appears
+    once per epoch, in an order shuffled anew each epoch.
+    """
+
+    def __init__(self, data_dir, split, block_size, tok, seed=0):
+        prefix = os.path.join(data_dir, f"dpo_{split}")
+        if not os.path.exists(prefix + "_index.npy"):
+            raise SystemExit(f"error: no DPO {split} data in {data_dir}/; run `python prepare_data.py` "
+                             f"(with --dpo_input=... for your own preference pairs)")
+        with open(prefix + ".json") as f:
+            check_tokenizer(json.load(f)["tokenizer_sha"], tok.sha, prefix + ".bin",
+                            fix="point --init_from at a model trained with this data's tokenizer")
+        self.tokens_path, self.mask_path, self.seed = prefix + ".bin", prefix + "_mask.bin", seed
+        index = np.load(prefix + "_index.npy")
+        lengths = (index[1:] - index[:-1]).reshape(-1, 2)       # (pairs, 2): chosen, rejected
+        self.fits = np.flatnonzero(lengths.max(1) - 1 <= block_size)  # a sequence of L tokens makes L - 1 predictions
+        self.skipped = len(lengths) - len(self.fits)
+        if not len(self.fits):
+            raise SystemExit(f"error: no DPO {split} pair fits block_size={block_size}")
+        self.starts, self.ends = index[:-1].reshape(-1, 2), index[1:].reshape(-1, 2)
+        self.epoch_order = (None, None)
+
+    def __len__(self):
+        return len(self.fits)
+
+    def pair_ids(self, first, n):
+        """The pairs at stream positions first .. first + n - 1: epoch by epoch, each a new shuffle."""
+        ids = []
+        for position in range(first, first + n):
+            epoch, k = divmod(position, len(self))
+            if self.epoch_order[0] != epoch:
+                self.epoch_order = (epoch, self.fits[np.random.default_rng([self.seed, epoch]).permutation(len(self))])
+            ids.append(int(self.epoch_order[1][k]))
+        return ids
+
+    def batch(self, ids):
+        """
+        Model inputs for the pairs ids, numpy arrays (2n, T), T the longest sequence: rows 0..n-1 the
+        chosen sequences, rows n..2n-1 the rejected ones; tokens, targets (-1 on padding) and loss_mask.
+        """
+        tokens = np.memmap(self.tokens_path, dtype=np.uint16, mode="r")
+        mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r")
+        spans = [(self.starts[i, side], self.ends[i, side]) for side in (0, 1) for i in ids]
+        T = max(end - start for start, end in spans) - 1
+        x = np.zeros((len(spans), T), dtype=np.int64)
+        y = np.full((len(spans), T), -1, dtype=np.int64)
+        m = np.zeros((len(spans), T), dtype=np.float32)
+        for row, (start, end) in enumerate(spans):
+            seq = tokens[start:end].astype(np.int64)
+            x[row, :len(seq) - 1], y[row, :len(seq) - 1] = seq[:-1], seq[1:]
+            m[row, :len(seq) - 1] = mask[start + 1:end]  # the mask of the predicted token
+        return {"tokens": x, "targets": y, "loss_mask": m, "pair_ids": np.array(ids)}
+
+
+def answer_logps(model, batch):
+    """Each row's log-probability of its answer: the sum over its answer tokens and their EOS, (2n,)."""
+    _, logps = model(batch["tokens"], batch["targets"], loss_mask=batch["loss_mask"], per_token=True)  # (2n, T)
+    return (logps * batch["loss_mask"]).sum(-1)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """
+    Per pair: the loss and the margin (chosen - ref_chosen) - (rejected - ref_rejected), whose beta-scaled
+    value is the implicit reward's difference. sigmoid: DPO, with label smoothing the conservative DPO of
+    Mitchell (2023); ipo: Azar et al. (2023)'s (margin - 1 / (2 beta))^2. Policy equal to reference: ln 2.
+    """
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if loss_type == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2, margin
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    return losses, margin
+
+
+def batch_loss(model, batch, ref_logps, beta, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0):
+    """
+    DPO's mean loss over a batch of pairs: the policy's log-probs (with gradients) against ref_logps (2n,),
+    plus sft_weight times the chosen answers' mean negative log-likelihood per token (RPO).
+    """
+    logps = answer_logps(model, batch)
+    n = logps.shape[0] // 2
+    losses, _ = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta, loss_type, label_smoothing)
+    loss = losses.mean()
+    if sft_weight:
+        loss = loss - sft_weight * logps[:n].sum() / batch["loss_mask"][:n].sum().clamp(min=1)
+    return loss
+
+
+@torch.no_grad()
+def all_answer_logps(model, pairs, batch_size, to_device, autocast, ids=None):
+    """
+    The model's answer log-probs for the pairs ids of a split (default: all that fit): a (pairs in the
+    file, 2) tensor of chosen and rejected, zero for the pairs not asked for.
+    """
+    model.eval()
+    out = torch.zeros(len(pairs.starts), 2)
+    lengths = (pairs.ends - pairs.starts).max(1)
+    fits = sorted(pairs.fits if ids is None else ids, key=lambda i: lengths[i])  # similar lengths: little padding
+    for i in range(0, len(fits), batch_size):
+        ids = fits[i:i + batch_size]
+        batch = to_device(pairs.batch(ids))
+        with autocast:
+            logps = answer_logps(model, batch).float().cpu()
+        out[ids, 0], out[ids, 1] = logps[:len(ids)], logps[len(ids):]
+    return out
+
+
+def main():
+    config = configure(globals())
+    check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                                     "block_size"),
+                 at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
+                             "dropout", "lora_rank", "lora_dropout", "eval_per_task", "label_smoothing",
+                             "sft_weight"),
+                 positive=("learning_rate", "beta"))
+    if loss_type not in ("sigmoid", "ipo") or reference not in ("precomputed", "model") or label_smoothing >= 0.5:
+        raise SystemExit("error: --loss_type is sigmoid or ipo, --reference precomputed or model, and "
+                         "--label_smoothing below 0.5")
+    resume = init_from == "resume"
+    claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite, init_from=None if resume else init_from)
+    run = setup_device(device, dtype, compile)
+    torch.manual_seed(seed + run.rank)
+    tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+
+    # ---- the model: the SFT checkpoint, or our own to resume
+    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    if resume:
+        checkpoint = load_checkpoint(out_dir)
+        if checkpoint.get("stage") != "dpo":
+            stage = checkpoint.get("stage", "unknown")
+            raise SystemExit(f"error: {out_dir}/ckpt.pt is a {stage} checkpoint, not a DPO run to resume; "
+                             f"to align it, pass --init_from={out_dir} and a new --out_dir")
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        saved = checkpoint["config"]
+        if run.master:
+            for key in FIXED_ON_RESUME:
+                if key in saved and config[key] != saved[key]:
+                    print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
+        config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
+    base_dir = checkpoint["base"] if resume else init_from
+    model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint)
+    use_lora = config["lora_rank"] > 0
+    model.to(run.device)
+    # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters
+    # off; without, a copy, made before any step (and, resuming, from the base again)
+    ref_model = None
+    if config["reference"] == "model" and not use_lora:
+        ref_model, _, _ = model_to_tune(base_dir, tok, dict(config, lora_rank=0), seed)
+        ref_model.to(run.device).eval().requires_grad_(False)
+    model_args = model.args
+    seq_len = config["block_size"] or model_args.max_seq_len
+    if seq_len > model_args.max_seq_len:
+        raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
+    train_data = Pairs(data_dir, "train", seq_len, tok, seed)
+    test_data = Pairs(data_dir, "test", seq_len, tok, seed)
+
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
+    if resume:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        checkpoint = None  # its weights and optimizer state now live in model and optimizer
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+    raw_model = model  # the plain module: what we save, evaluate with, and count
+    if run.compile:
+        if run.master:
+            print("compiling the model (takes a minute)...")
+        model = torch.compile(model, dynamic=True)  # pairs are padded to their longest: lengths vary
+    eval_model = model
+    if run.ddp:
+        model = wrap_ddp(model, run)
+
+    def to_device(batch):
+        out = {}
+        for k, v in batch.items():
+            t = torch.from_numpy(v)
+            out[k] = t.pin_memory().to(run.device, non_blocking=True) if run.device_type == "cuda" else t.to(run.device)
+        return out
+
+    @torch.no_grad()
+    def reference_logps(batch):
+        """The reference's answer log-probs for a batch, on the fly."""
+        if ref_model is not None:
+            return answer_logps(ref_model, batch)
+        with adapters_disabled(raw_model):
+            was_training = raw_model.training
+            raw_model.eval()
+            logps = answer_logps(raw_model, batch)
+            raw_model.train(was_training)
+        return logps
+
+    t_ref = time.time()
+    ref_train = ref_test = None
+    if config["reference"] == "precomputed":
+        # the model before any DPO step is the reference: the base again when resuming
+        reference_model = raw_model if not resume else model_to_tune(base_dir, tok, dict(config, lora_rank=0),
+                                                                     seed)[0].to(run.device)
+        # only the pairs this process will train on (all of them over an epoch or more, few in a short run)
+        first = [((it * run.world_size + run.rank) * gradient_accumulation_steps + micro) * batch_size
+                 for it in range(iter_num, max_iters) for micro in range(gradient_accumulation_steps)]
+        needed = sorted({i for f in first for i in train_data.pair_ids(f, batch_size)})
+        with adapters_disabled(reference_model):
+            ref_train = all_answer_logps(reference_model, train_data, 4 * batch_size, to_device, run.autocast, needed)
+            ref_test = all_answer_logps(reference_model, test_data, 4 * batch_size, to_device, run.autocast)
+        del reference_model
+    t_ref = time.time() - t_ref
+
+    decay_iters = lr_decay_iters or max_iters
+    if run.master:
+        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
+              f"{'LoRA rank %d on %s: ' % (config['lora_rank'], config['lora_targets']) if use_lora else ''}"
+              f"{n_train / 1e6:.2f}M trained; reference {config['reference']}"
+              + (f" ({t_ref:.0f}s for the reference's log-probs)" if config["reference"] == "precomputed" else ""))
+        if added_rows:
+            print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
+                  f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
+        print(f"data: {len(train_data):,} train pairs ({train_data.skipped} longer than block_size={seq_len} "
+              f"skipped), {len(test_data):,} test; {batch_size} pairs x {gradient_accumulation_steps} accumulation x "
+              f"{run.world_size} processes: {max_iters:,} iterations are "
+              f"{max_iters * batch_size * gradient_accumulation_steps * run.world_size / len(train_data):.2f} epochs; "
+              f"{'resuming at' if resume else 'starting at'} iteration {iter_num} of {max_iters}")
+    if resume and iter_num >= max_iters:
+        if run.master:
+            print(f"nothing to do: {out_dir}/ckpt.pt is at iteration {iter_num} and --max_iters={max_iters}; "
+                  f"raise --max_iters to train on (or run evaluate.py --out_dir={out_dir})")
+        end_distributed(run, finished=True)
+        return
+    logger = Logger(out_dir, max_iters, resume) if run.master else None
+    if run.master and os.path.abspath(data_dir) != os.path.abspath(out_dir):
+        # the checkpoint directory carries its tokenizer, so sample.py and export.py need nothing else
+        shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
+
+    def train_batch(it, micro_step):
+        # each process takes its own pairs of the one stream: (iteration, process, micro-step, pair)
+        first = ((it * run.world_size + run.rank) * gradient_accumulation_steps + micro_step) * batch_size
+        batch = to_device(train_data.batch(train_data.pair_ids(first, batch_size)))
+        if ref_train is not None:
+            ref = ref_train[batch["pair_ids"].cpu()]                    # (n, 2)
+            batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]]).to(run.device)
+        return batch
+
+    def pair_loss(model_, batch):
+        ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(batch)
+        return batch_loss(model_, batch, ref, config["beta"], config["loss_type"], config["label_smoothing"],
+                          config["sft_weight"])
+
+    @torch.no_grad()
+    def evaluate_pairs():
+        """Held-out pairs: loss, reward accuracy, mean reward margin, and how far the log-probs moved."""
+        policy = all_answer_logps(eval_model, test_data, 4 * batch_size, to_device, run.autocast)[test_data.fits]
+        if ref_test is not None:
+            ref = ref_test[test_data.fits]
+        else:
+            ref = torch.zeros_like(policy)
+            for i in range(0, len(test_data), 4 * batch_size):
+                ids = list(test_data.fits[i:i + 4 * batch_size])
+                logps = reference_logps(to_device(test_data.batch(ids))).float().cpu()
+                ref[i:i + len(ids), 0], ref[i:i + len(ids), 1] = logps[:len(ids)], logps[len(ids):]
+        eval_model.train()
+        losses, margin = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], config["beta"],
+                                  config["loss_type"], config["label_smoothing"])
+        return {"val_loss": losses.mean().item(), "reward_accuracy": (margin > 0).float().mean().item(),
+                "reward_margin": config["beta"] * margin.mean().item(),
+                "chosen_drift": (policy[:, 0] - ref[:, 0]).mean().item(),
+                "rejected_drift": (policy[:, 1] - ref[:, 1]).mean().item()}
+
+    saved_iter = None  # the iteration of the last checkpoint this run wrote
+
+    def checkpoint_now(it, val_loss):
+        nonlocal saved_iter
+        save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+            "model": merged_state_dict(raw_model) if use_lora else raw_model.state_dict(),
+            "lora": trainable_state_dict(raw_model) if use_lora else None,
+            "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
+            "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
+            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
+            "stage": "dpo", "base": base_dir,
+        })
+        logger.commit()
+        saved_iter = it
+
+    # ---- the loop
+    model.train()
+    stopper = Stopper(run)
+    t_last, t_start, start_iter = time.time(), time.time(), iter_num
+    stop, finished = Stopper.GO, False
+    try:
+        while True:
+            stop = stopper.agreed()
+            if stop != Stopper.GO:
+                break
+            lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
+            if run.master and eval_due and (iter_num > start_iter or not resume):  # a resumed run has its eval
+                metrics = evaluate_pairs()
+                if stopper.check_loss(metrics["val_loss"], "held-out DPO loss", iter_num):
+                    print(f"iter {iter_num}: held-out DPO loss {metrics['val_loss']:.4f}, reward accuracy "
+                          f"{metrics['reward_accuracy'] * 100:.1f}%, margin {metrics['reward_margin']:.3f}, log-prob "
+                          f"drift chosen {metrics['chosen_drift']:+.2f} rejected {metrics['rejected_drift']:+.2f}")
+                    logger.log({"iter": iter_num, **metrics, "time_s": time.time() - t_start})
+                    best_val_loss = min(best_val_loss, metrics["val_loss"])
+                    if iter_num > 0:
+                        checkpoint_now(iter_num, metrics["val_loss"])
+            if iter_num >= max_iters:
+                break
+
+            seed_step(seed, run.rank, iter_num)
+            loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
+                              gradient_accumulation_steps, run, grad_clip, loss_fn=pair_loss)
+            iter_num += 1
+
+            if run.master and iter_num % log_interval == 0:
+                train_loss = loss.item()  # this process's mean over the step's micro-batches
+                stopper.check_loss(train_loss, "training DPO loss", iter_num)
+                dt = (time.time() - t_last) / log_interval
+                t_last = time.time()
+                pairs_per_s = batch_size * gradient_accumulation_steps * run.world_size / dt
+                print(f"iter {iter_num}: DPO loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                      f"{pairs_per_s:,.0f} pairs/s, ETA {logger.eta(iter_num)}")
+                logger.log({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
+                            "pairs_per_s": pairs_per_s})
+        finished = True
+    except KeyboardInterrupt:  # the second Ctrl-C
+        if run.master:
+            print(f"\nquit without saving; {out_dir}/ckpt.pt holds "
+                  + (f"iteration {saved_iter}" if saved_iter is not None else "what it held before this run"))
+        raise SystemExit(130)
+    finally:
+        stopper.restore()
+        end_distributed(run, finished)
+    if not run.master:
+        return
+    stop = max(stop, stopper.code)  # a divergence seen in this iteration, after the processes last agreed
+    if stop == Stopper.INTERRUPTED:
+        optimizer.zero_grad(set_to_none=True)
+        checkpoint_now(iter_num, float("nan"))
+        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {iter_num}; continue with --init_from=resume")
+        return
+    if stop == Stopper.DIVERGED:
+        raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
+                         + "; lower --learning_rate")
+    print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best held-out DPO loss "
+          f"{best_val_loss:.4f}; " + (f"checkpoint in {out_dir}/ckpt.pt" if saved_iter is not None else
+                                      "no checkpoint written (no iteration was trained)"))
+    if evaluate_tasks and saved_iter is not None:
+        try:
+            dpo_model = model_from_checkpoint(load_checkpoint(out_dir), run.device)
+            base_model, base_tok, _ = load_model(base_dir, run.device)
+            evaluate.compare({evaluate.STAGE_NAMES.get(base_stage, "base"): (base_model, base_tok, base_dir),
+                              "DPO": (dpo_model, tok, out_dir)}, data_dir, eval_per_task,
+                             os.path.join(out_dir, "eval.json"))
+        except KeyboardInterrupt:
+            raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
+                             f"`python evaluate.py --out_dir={out_dir}`")
+
+
+if __name__ == "__main__":
+    main()
