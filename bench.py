@@ -7,6 +7,7 @@ here is asserted by the tests: machines are noisy.
     python bench.py --what=decode    # decode tokens/s: ours (KV cache or not), llama.cpp F32/Q8_0, llama2.c if built
     python bench.py --what=load      # peak memory while importing a generated Hugging Face Llama checkpoint
     python bench.py --what=loss      # peak memory of the classifier + loss at a GPU config's shape, plain vs chunked
+    python bench.py --what=serve     # serve.py: tokens/s and time to first token, batched vs one request at a time
 
 The numbers, with the machine they were measured on, are in docs/benchmarks.md.
 """
@@ -22,7 +23,7 @@ import torch
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-what = "all"                 # prep, train, decode, load, loss or all
+what = "all"                 # prep, train, decode, load, loss, serve or all
 data_dir = "data"            # prepared demo data (python prepare_data.py)
 out_dir = "out"              # the checkpoint to decode with
 big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
@@ -34,6 +35,9 @@ decode_tokens = 200          # decode: tokens generated per measurement
 runc_dir = ""                # decode: a llama2.c checkout with run and runq built, for their rows too
 load_layers = 16             # load: layers of the generated checkpoint (dim 1024, vocab 32000: about 0.5 GB in bf16)
 loss_shape = "16384,512,64793"  # loss: rows (32 x 512, the GPU configs' micro-batch), dim (58m), vocabulary
+serve_dir = "out-sft"        # serve: the checkpoint to serve
+serve_clients = "1,4,8,16"   # serve: numbers of concurrent streaming clients
+serve_requests = 4           # serve: requests each client sends, one after another
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 where supported, float32 on CPU
 compile: bool = None       # torch.compile; None: on for CUDA, off elsewhere
@@ -286,9 +290,67 @@ def bench_loss():
               f"loss {float(value):.4f}")
 
 
+def bench_serve():
+    """
+    serve.py under load, side by side in one run: the same checkpoint served with 8 slots (batched) and
+    with 1 (one request at a time), each with 1, 4, 8 and 16 concurrent clients streaming completions
+    (128 new tokens, sampled, no early stop). Aggregate generated tokens/s, and the time to the first
+    token (p50, p95) each request waited.
+    """
+    import socket
+    import threading
+    import urllib.request
+
+    def stream(port, seed, record):
+        body = json.dumps({"prompt": "床前明月光，", "max_tokens": 128, "stream": True, "temperature": 1.0,
+                           "seed": seed, "stream_options": {"include_usage": True}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        t0, first, tokens = time.time(), None, 0
+        with urllib.request.urlopen(request, timeout=600) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    first = first or time.time() - t0
+                    event = json.loads(line[6:])
+                    tokens = event["usage"]["completion_tokens"] if event.get("usage") else tokens
+        record.append((first, tokens))
+
+    print(f"== serve.py {serve_dir}: {serve_requests} streaming completions (128 tokens) per client; "
+          f"{torch.get_num_threads()} threads")
+    for slots in (8, 1):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={serve_dir}", f"--port={port}",
+                                 f"--slots={slots}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc.stdout.readline()
+        try:
+            for clients in (int(c) for c in serve_clients.split(",")):
+                record = []
+
+                def client(k):
+                    for i in range(serve_requests):
+                        stream(port, 1000 * k + i, record)
+
+                t0 = time.time()
+                threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                elapsed = time.time() - t0
+                ttft = sorted(first for first, _ in record)
+                tokens = sum(n for _, n in record)
+                print(f"slots {slots}, {clients:>2} clients: {tokens / elapsed:7,.0f} tokens/s, first token "
+                      f"p50 {ttft[len(ttft) // 2] * 1000:6.0f} ms, p95 {ttft[int(len(ttft) * 0.95)] * 1000:6.0f} ms")
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
 if __name__ == "__main__":
     configure(globals())
     for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode), ("load", bench_load),
-                     ("loss", bench_loss)):
+                     ("loss", bench_loss), ("serve", bench_serve)):
         if what in (name, "all"):
             fn()

@@ -13,6 +13,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import check_ranges, configure
+from engine import TextStreamer
 from tokenizer import read_text_file
 from training import PTDTYPE, resolve_device
 
@@ -34,32 +35,6 @@ seed = 1337                  # sampling at temperature > 0 is a function of it
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
 # -----------------------------------------------------------------------------
-
-
-class TextStreamer:
-    """
-    Turns generated ids into text as they arrive. A character whose UTF-8 bytes are spread over several
-    byte-fallback tokens is printed once complete, never as a replacement character in between, and
-    everything printed joins up to exactly tok.decode(prompt + generated)[len(decode(prompt)):]. With no
-    prompt ids (a chat answer, which the template encodes on its own), that is tok.decode(generated).
-    """
-
-    def __init__(self, tok, prompt_ids=()):
-        self.tok, self.ids = tok, list(prompt_ids)
-        self.printed = len(tok.decode(self.ids))
-
-    def put(self, token_id):
-        self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        stable = len(text.rstrip("\ufffd"))  # a trailing U+FFFD may be a character still arriving
-        new, self.printed = text[self.printed:stable], max(self.printed, stable)
-        return new
-
-    def end(self):
-        """Whatever is left once generation stops (an unfinished character stays a U+FFFD)."""
-        text = self.tok.decode(self.ids)
-        new, self.printed = text[self.printed:], len(text)
-        return new
 
 
 def fit_history(tok, system_prompt, turns, user, budget):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import run
-from sample import TextStreamer, fit_history
+from engine import TextStreamer
+from sample import fit_history
 from tokenizer import Tokenizer
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 

@@ -1,0 +1,356 @@
+"""
+Serve a checkpoint over the OpenAI Chat Completions API, with a chat page at /.
+
+    python serve.py --out_dir=out-sft                      # http://127.0.0.1:8000/ in a browser
+    curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "你好"}]}'
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, streaming
+(server-sent events) or not. Requests share the model through engine.py: up to `slots` of them are
+decoded together, one token each per forward pass; more wait in a bounded queue, and past it the
+answer is 503. Messages are rendered with the model's Llama 2 chat template exactly as sample.py
+--chat renders them. Errors are OpenAI-shaped ({"error": {"message", "type", "param", "code"}}).
+Built on the standard library's HTTP server: nothing to install (the reasons: docs/serve.md).
+"""
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from checkpoint import load_model
+from configurator import check_ranges, configure
+from engine import Engine, Request, TextStreamer
+from tokenizer import split_turns
+from training import PTDTYPE, resolve_device
+
+# -----------------------------------------------------------------------------
+out_dir = "out-sft"          # the checkpoint to serve (a directory of ours, or an imported Llama)
+tokenizer = ""               # a tokenizer .model to use instead of the one beside the checkpoint
+host = "127.0.0.1"           # the address to listen on; 0.0.0.0 serves other machines too
+port = 8000
+slots = 8                    # requests decoded together; 1 answers one request at a time
+max_queue = 64               # requests waiting for a slot; past this the server answers 503
+max_tokens = 256             # new tokens per answer when a request does not say
+max_body_bytes = 1 << 20     # larger request bodies are refused (413)
+model_name = ""              # the model's id in the API; "": the checkpoint directory's name
+device = "auto"              # auto: cuda, then mps, then cpu
+dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
+# -----------------------------------------------------------------------------
+
+IGNORED = ("frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
+           "response_format", "service_tier", "store", "metadata", "parallel_tool_calls", "top_k",
+           "repetition_penalty", "reasoning_effort", "modalities", "prediction", "audio", "web_search_options")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+
+
+class ApiError(Exception):
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def field(body, name, kinds, default=None, check=None, what=None):
+    """body[name] if it has one of the JSON types kinds (and passes check), else an ApiError naming it."""
+    if name not in body or body[name] is None:
+        return default
+    value = body[name]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds or \
+            check is not None and not check(value):
+        raise ApiError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", param=name)
+    return value
+
+
+def message_text(message, i):
+    """A message's content: a string, or OpenAI's list of text parts."""
+    content = message.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}]")
+    return content
+
+
+def sampling(body, context, prompt_tokens, default_max_tokens):
+    """The generation settings every endpoint shares, validated."""
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "only n=1 is supported: ask again for another answer", param="n")
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise ApiError(400, f"'{name}' is not supported: this model has not learned to call tools", param=name)
+    limit = field(body, "max_completion_tokens", int, None, lambda v: v >= 1, "an integer >= 1")
+    limit = field(body, "max_tokens", int, limit, lambda v: v >= 1, "an integer >= 1") or default_max_tokens
+    if prompt_tokens >= context:
+        raise ApiError(400, f"the prompt has {prompt_tokens} tokens, {prompt_tokens - context + 1} more than fit the "
+                            f"model's context of {context} with room for an answer; shorten it",
+                       param="messages", code="context_length_exceeded")
+    stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) or len(v) <= 4 and
+                 all(isinstance(s, str) and s for s in v), "a string or a list of up to 4 non-empty strings")
+    options = field(body, "stream_options", dict, {})
+    return dict(max_new_tokens=limit,
+                temperature=float(field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2,
+                                        "a number from 0 to 2")),
+                top_p=float(field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+                seed=field(body, "seed", int, None, lambda v: 0 <= v < 2 ** 63, "an integer from 0 to 2**63 - 1"),
+                stop=[stop] if isinstance(stop, str) else stop,
+                stream=field(body, "stream", bool, False, what="true or false"),
+                include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
+
+
+def chat_prompt(body, tok):
+    """(prompt ids, messages) of a chat request, rendered as sample.py --chat renders a conversation."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of messages", param="messages")
+    rendered = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with a role and a content", param=f"messages[{i}]")
+        role = m.get("role") if isinstance(m.get("role"), str) else None
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role {json.dumps(m.get('role'))[:40]} is not one of system, user, "
+                                f"assistant (tool messages are not supported)", param=f"messages[{i}].role")
+        rendered.append({"role": role, "content": message_text(m, i)})
+    if rendered[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be the user's: the model answers it", param="messages")
+    try:
+        split_turns(rendered)
+    except ValueError as e:
+        raise ApiError(400, f"{e} (one system message first at most)", param="messages")
+    return tok.encode_chat(rendered)[0], rendered
+
+
+def completion_prompt(body, tok):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+    return [tok.bos_id] + tok.encode(prompt)
+
+
+class StopStrings:
+    """
+    Text out as it is generated, held back only while it could be the start of a stop string, and cut
+    where a stop string begins (which is then not part of the answer).
+    """
+
+    def __init__(self, stops):
+        self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
+
+    def add(self, piece):
+        """The text that can go out now."""
+        self.text += piece
+        hits = [self.text.find(s, max(0, self.sent - len(s))) for s in self.stops]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            self.stopped, end = True, min(hits)
+        else:
+            end = len(self.text) - max((len(s) - 1 for s in self.stops), default=0)
+            end = max(end, self.sent)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def flush(self):
+        out = "" if self.stopped else self.text[self.sent:]
+        self.sent = len(self.text)
+        return out
+
+
+def make_handler(engine, tok, name, default_max_tokens, body_limit):
+    """The request handler class of a server for engine's model."""
+    context = engine.context
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive for the non-streaming answers
+
+        def log_message(self, format, *args):  # one short line per request, not the default's long ones
+            sys.stderr.write(f"{self.address_string()} {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
+
+        def send_json(self, status, payload):
+            data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/":
+                with open(PAGE, "rb") as f:
+                    page = f.read()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+            elif self.path == "/health":
+                active, waiting = engine.busy()
+                self.send_json(200, {"status": "ok", "active": active, "waiting": waiting, "slots": engine.slots})
+            elif self.path == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                                  "owned_by": "llama2.zh"}]})
+            else:
+                self.send_json(404, ApiError(404, f"no such path: GET {self.path[:100]}", code="not_found").body())
+
+        def do_POST(self):
+            try:
+                if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                    raise ApiError(404, f"no such path: POST {self.path[:100]}", code="not_found")
+                body = self.read_body()
+                chat = self.path == "/v1/chat/completions"
+                ids = chat_prompt(body, tok)[0] if chat else completion_prompt(body, tok)
+                settings = sampling(body, context, len(ids), default_max_tokens)
+                self.answer(chat, ids, settings)
+            except ApiError as e:
+                self.close_connection = self.close_connection or e.status >= 500 or e.status == 413
+                self.send_json(e.status, e.body())
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            except Exception as e:  # our bug, not the client's: say so, and keep serving
+                self.close_connection = True
+                sys.stderr.write(f"error answering {self.path}: {type(e).__name__}: {e}\n")
+                self.send_json(500, ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").body())
+
+        def read_body(self):
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise ApiError(411, "send the body with a Content-Length header", code="length_required")
+            if int(length) > body_limit:
+                # read what the client is sending before answering, or it sees a broken pipe instead of the 413;
+                # a body far past the limit is cut off unread
+                left = int(length) if int(length) <= 16 * body_limit else 0
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                raise ApiError(413, f"the body has {length} bytes; the limit is {body_limit}", code="body_too_large")
+            raw = self.rfile.read(int(length))
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json")
+            if not isinstance(body, dict):
+                raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+            return body
+
+        def answer(self, chat, ids, settings):
+            limit = min(settings["max_new_tokens"], context - len(ids))
+            request = Request(ids, limit, settings["temperature"], settings["top_p"], settings["seed"],
+                              stop_tokens=(tok.eos_id, tok.bos_id))
+            if not engine.submit(request):
+                raise ApiError(503, "the server is busy: every slot and the queue are full; try again shortly",
+                               code="overloaded", kind="server_error")
+            streamer, stops = TextStreamer(tok, () if chat else ids), StopStrings(settings["stop"])
+            created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            obj = "chat.completion" if chat else "text_completion"
+
+            def chunk(text=None, finish=None, role=False, usage=None):
+                if chat:
+                    delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
+                    choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []
+                else:
+                    choices = [{"index": 0, "text": text or "", "finish_reason": finish}] if usage is None else []
+                return {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": name,
+                        "choices": choices, **({"usage": usage} if usage else {})}
+
+            def send_event(payload):
+                self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
+                self.wfile.flush()
+
+            # the text events, once per token: the JSON around the text is the same every time
+            head, tail = json.dumps(chunk("\0"), ensure_ascii=False).split('"\\u0000"')
+            head, tail = b"data: " + head.encode("utf-8"), tail.encode("utf-8") + b"\n\n"
+
+            def send_text(text):
+                self.wfile.write(head + json.dumps(text, ensure_ascii=False).encode("utf-8") + tail)
+
+            pieces, finish, generated = [], None, 0
+            try:
+                if settings["stream"]:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                    self.send_header("Cache-Control", "no-cache")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.close_connection = True
+                    if chat:
+                        send_event(chunk(role=True))
+                while finish is None:
+                    try:
+                        kind, value = request.out.get(timeout=600)
+                    except queue.Empty:
+                        kind, value = "end", "error"
+                    if kind == "end":
+                        finish = {"cancelled": "stop"}.get(value, value)
+                        text = stops.flush() + streamer.end() if not stops.stopped else ""
+                    else:
+                        generated += 1
+                        text = stops.add(streamer.put(value))
+                        if stops.stopped:
+                            request.cancel()  # a stop string: the slot is freed, the answer ends here
+                    if text:
+                        pieces.append(text)
+                        if settings["stream"]:
+                            send_text(text)
+                usage = {"prompt_tokens": len(ids), "completion_tokens": generated,
+                         "total_tokens": len(ids) + generated}
+                if finish == "error":
+                    raise ApiError(500, "generation failed on the server", kind="server_error")
+                if settings["stream"]:
+                    send_event(chunk(finish=finish))
+                    if settings["include_usage"]:
+                        send_event(chunk(usage=usage))
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                    return
+                text = "".join(pieces)
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                          if chat else {"index": 0, "text": text, "finish_reason": finish})
+                self.send_json(200, {"id": rid, "object": obj, "created": created, "model": name,
+                                     "choices": [choice], "usage": usage})
+            except (BrokenPipeError, ConnectionResetError):
+                request.cancel()  # the client went away: its slot is freed before the next step
+                self.close_connection = True
+
+    return Handler
+
+
+def main():
+    config = configure(globals())
+    check_ranges(config, at_least_1=("slots", "max_tokens", "max_body_bytes"), at_least_0=("port", "max_queue"))
+    dev, dt = resolve_device(device, dtype)
+    model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt], tokenizer)
+    if checkpoint.get("stage") not in ("sft", "dpo", "imported"):
+        print(f"warning: {out_dir} is a {checkpoint.get('stage')} checkpoint that never saw chat data", file=sys.stderr)
+    engine = Engine(model, slots, max_queue, background=False)  # run below, in the main thread
+    name = model_name or os.path.basename(os.path.abspath(out_dir))
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(engine, tok, name, max_tokens, max_body_bytes))
+    except OSError as e:
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror}; choose another --port")
+    server.daemon_threads = True
+    print(f"serving {name} ({model.num_params() / 1e6:.2f}M parameters, {slots} slots) on "
+          f"http://{host}:{server.server_address[1]}/ ; Ctrl-C stops", flush=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        print("\nstopped")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
