@@ -13,7 +13,8 @@ label smoothing (conservative DPO) or as IPO's squared loss. Every eval_interval
 accuracy (the share of held-out pairs whose implicit reward ranks chosen above rejected), mean reward
 margin, and how far the chosen and rejected log-probabilities moved. At the end, evaluate.py's
 held-out tasks for the DPO model beside the SFT model. Ctrl-C (or SIGTERM) saves at the end of the
-current iteration.
+current iteration. The defaults (beta, sft_weight) were chosen on the demo: plain DPO there lowered
+the chosen answers' probability too and broke the sentiment task (docs/experiments.md).
 """
 import json
 import math
