@@ -32,7 +32,7 @@ from configurator import check_ranges, configure
 from lora import adapters_disabled, merged_state_dict, trainable_state_dict
 from tokenizer import Tokenizer
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      model_to_tune, seed_step, setup_device, train_step, wrap_ddp)
+                      lora_base_dtype, model_to_tune, seed_step, setup_device, train_step, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -71,9 +71,11 @@ lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A 
 lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
 train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
+base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as dtype
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
 compile: bool = None              # torch.compile; None: on for CUDA where Triton runs, off elsewhere
 seed = 1337                       # the order of the pairs
 # -----------------------------------------------------------------------------
@@ -203,6 +205,7 @@ def main():
     if loss_type not in ("sigmoid", "ipo") or reference not in ("precomputed", "model") or label_smoothing >= 0.5:
         raise SystemExit("error: --loss_type is sigmoid or ipo, --reference precomputed or model, and "
                          "--label_smoothing below 0.5")
+    lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
     resume = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite, init_from=None if resume else init_from)
     run = setup_device(device, dtype, compile)
@@ -225,7 +228,8 @@ def main():
                     print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
         config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
     base_dir = checkpoint["base"] if resume else init_from
-    model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint)
+    model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint,
+                                                    base_dtype=lora_base_dtype(base_dtype, run.dtype))
     use_lora = config["lora_rank"] > 0
     model.to(run.device)
     # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters

@@ -1,20 +1,77 @@
 """
-LoRA for sft.py: a frozen nn.Linear plus a trainable low-rank update, W x + (alpha / r) * B A x.
-B starts at zero, so training starts exactly from the base model. Checkpoints store merged weights
-(a plain Transformer that sample.py and export.py load unchanged) and the adapters on their own.
+LoRA for sft.py and dpo.py: a frozen Linear plus a trainable low-rank update, W x + (alpha / r) * B A x.
+B starts at zero, so training starts exactly from the base model. The frozen weights can be stored
+in bf16/fp16 or int8 (FrozenLinear): they take no gradient and no optimizer state, so their storage
+is all they cost. Checkpoints store merged weights (a plain Transformer that sample.py and export.py
+load unchanged) and the adapters on their own.
 """
 import contextlib
 import math
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FrozenLinear(nn.Module):
+    """
+    A Linear layer that is never trained, its weight stored compactly: in "float32", "bfloat16" or
+    "float16", or "int8", each output row as int8 times one fp32 scale (its largest magnitude / 127;
+    the rounding error is at most half a step per weight). The forward pass computes in the input's
+    dtype, or autocast's where autocast is on, dequantizing one layer at a time.
+    """
+
+    def __init__(self, linear: nn.Linear, storage="float32"):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        if storage == "int8":
+            scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)   # (out, 1)
+            self.weight = nn.Parameter(torch.round(w.float() / scale).to(torch.int8), requires_grad=False)
+            self.scale = nn.Parameter(scale, requires_grad=False)
+        else:
+            self.weight = nn.Parameter(w.to(getattr(torch, storage)), requires_grad=False)
+            self.scale = None
+
+    def dequantized(self, dtype=torch.float32):
+        return dequantize(self.weight, self.scale, dtype)
+
+    def forward(self, x):
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        return FrozenMatmul.apply(x.to(dtype), self.weight, self.scale)
+
+
+def dequantize(weight, scale, dtype):
+    w = weight.to(dtype)
+    return w * scale.to(dtype) if scale is not None else w
+
+
+class FrozenMatmul(torch.autograd.Function):
+    """
+    x W^T for a frozen, compactly stored W. Autograd would keep the dequantized copy of W for the
+    backward pass, one per layer, all alive at once: as much memory as an fp32 (or bf16) base. This
+    keeps the stored weight and dequantizes it again in the backward pass, one layer at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale):
+        ctx.save_for_backward(weight, scale)
+        return F.linear(x, dequantize(weight, scale, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale = ctx.saved_tensors
+        return grad_out @ dequantize(weight, scale, grad_out.dtype), None, None
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank, alpha, dropout):
+    def __init__(self, base: FrozenLinear, rank, alpha, dropout):
         super().__init__()
         self.base = base
-        self.lora_a = nn.Parameter(base.weight.new_empty(rank, base.in_features))
-        self.lora_b = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
+        device = base.weight.device  # the adapters in fp32, whatever the base is stored in
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
@@ -25,38 +82,51 @@ class LoRALinear(nn.Module):
             return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
-    def merged_weight(self):
-        return self.base.weight + self.scale * (self.lora_b @ self.lora_a)
 
-
-def add_lora(model, targets, rank, alpha, dropout):
-    """Freeze every weight of model and wrap the Linear layers named in targets (e.g. {"wq", "w2"})."""
+def add_lora(model, targets, rank, alpha, dropout, base_dtype="float32"):
+    """
+    Freeze every weight of model, store the blocks' Linear layers as FrozenLinear(base_dtype), and give
+    those named in targets (e.g. {"wq", "w2"}) adapters. The embedding, classifier and norms stay as
+    they are (fp32): they are a small share of a large model, and the embedding may be trained.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0
-    for module in list(model.modules()):
+    for module in list(model.layers.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and name in targets:
-                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
-                wrapped += 1
+            if isinstance(child, nn.Linear):
+                frozen = FrozenLinear(child, base_dtype)
+                setattr(module, name, LoRALinear(frozen, rank, alpha, dropout) if name in targets else frozen)
+                wrapped += name in targets
     if not wrapped:
         raise SystemExit(f"error: lora_targets {sorted(targets)} name no Linear layer "
                          f"(choose from wq, wk, wv, wo, w1, w2, w3)")
     return model
 
 
-def merged_state_dict(model):
-    """The plain Transformer's state dict, every adapter folded into the weight it adapts."""
-    adapters = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def merged_state_dict(model, state=None):
+    """
+    The plain Transformer's state dict in fp32, every adapter folded into the weight it adapts. state:
+    the model's full state dict where the model itself holds only shards (FSDP); else model.state_dict().
+    """
+    state = model.state_dict() if state is None else state
+    modules = dict(model.named_modules())
     merged = {}
-    for key, value in model.state_dict().items():
-        if key.endswith((".lora_a", ".lora_b")):
-            continue
-        if key.endswith(".base.weight"):
-            name = key[:-len(".base.weight")]
-            merged[name + ".weight"] = adapters[name].merged_weight().detach().clone()
-        else:
-            merged[key] = value
+    for key, value in state.items():
+        name, _, leaf = key.rpartition(".")
+        module = modules.get(name)
+        if isinstance(module, LoRALinear) or isinstance(module, FrozenLinear) and leaf == "scale":
+            continue  # the adapters, and int8 scales: folded into the weight below
+        if isinstance(module, FrozenLinear):
+            scale = state.get(name + ".scale")
+            value = value.float() * scale.float() if scale is not None else value.float()
+            owner = modules.get(name.rpartition(".")[0])
+            if isinstance(owner, LoRALinear) and name.endswith(".base"):
+                name = name[:-len(".base")]
+                value = value + owner.scale * (state[name + ".lora_b"].float() @ state[name + ".lora_a"].float())
+                key = name + ".weight"
+            value = value.detach().clone()
+        merged[key] = value
     return merged
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from muon import MuonAdamW
 
@@ -171,6 +172,9 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.init_rope()
         self.gather_masked = True  # see forward()
+        # training keeps only each block's input and recomputes the block in the backward pass: activation
+        # memory of one block instead of all, for a third more compute (set by the training scripts)
+        self.checkpoint_activations = False
         self.apply(self._init_weights)
         # residual projections get a smaller init so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
@@ -237,7 +241,12 @@ class Transformer(nn.Module):
             cos = self.rope_cos[start_pos:start_pos + T]
             sin = self.rope_sin[start_pos:start_pos + T]
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache[i] if cache is not None else None, start_pos, attn_mask)
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                # the recomputation replays the same dropout masks (the RNG state is saved with the input)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, None, start_pos, attn_mask,
+                                                      use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache[i] if cache is not None else None, start_pos, attn_mask)
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, [-1], :]), None

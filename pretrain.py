@@ -61,6 +61,7 @@ muon = True                       # Muon for the blocks' matrices, AdamW for the
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
 seed = 1337                       # model init, batches and dropout: a run is a function of it
 # -----------------------------------------------------------------------------
@@ -186,6 +187,7 @@ def main():
         raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
     train_data.check_fits(seq_len)
     val_data.check_fits(seq_len)
+    model.checkpoint_activations = checkpoint_activations
     model.to(run.device)
     # a resumed run keeps its optimizer: the saved state only fits the one it was made by
     use_muon = checkpoint["config"].get("muon", False) if resume else muon

@@ -23,10 +23,11 @@ import torch
 import evaluate
 from checkpoint import check_tokenizer, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from configurator import check_ranges, configure
-from lora import merged_state_dict, trainable_state_dict
+from lora import merged_state_dict
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      seed_step, model_to_tune, setup_device, train_step, wrap_ddp)
+                      full_state, load_optimizer_state, lora_base_dtype, seed_step, model_to_tune, setup_device,
+                      train_step, wrap_ddp, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -62,9 +63,12 @@ lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A 
 lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
 train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
+base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as dtype
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
+fsdp = False                      # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
 seed = 1337                       # batch order and any dropout
 # -----------------------------------------------------------------------------
@@ -198,6 +202,7 @@ def main():
                                      "log_interval", "block_size"),
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
                              "dropout", "lora_rank", "lora_dropout", "eval_per_task"), positive=("learning_rate",))
+    lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
     resume = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite, init_from=None if resume else init_from)
     run = setup_device(device, dtype, compile)
@@ -220,7 +225,8 @@ def main():
                     print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
         config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
     base_dir = checkpoint["base"] if resume else init_from
-    model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint)
+    model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint,
+                                                    base_dtype=lora_base_dtype(base_dtype, run.dtype))
     model_args = model.args
     use_lora = config["lora_rank"] > 0
     full_embeddings = use_lora and model.tok_embeddings.weight.requires_grad
@@ -231,9 +237,13 @@ def main():
     train_data = Conversations(data_dir, "train", seq_len, tok, packing, seed)
     test_data = Conversations(data_dir, "test", seq_len, tok, packing, seed)
 
+    # FSDP: the model is sharded before the optimizer sees its parameters (each process then holds a shard)
+    sharded = fsdp and run.ddp
+    if sharded:
+        wrap_fsdp(model, run)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
     if resume:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
         checkpoint = None  # its weights and optimizer state now live in model and optimizer
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
     raw_model = model  # the plain module: what we save, evaluate with, and count
@@ -244,8 +254,8 @@ def main():
         if run.master:
             print("compiling the model (takes a minute)...")
         model = torch.compile(model, dynamic=not packing)  # padded batches change length every step
-    eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates, so no collectives there
-    if run.ddp:
+    eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates (every process, when sharded)
+    if run.ddp and not sharded:
         model = wrap_ddp(model, run)
 
     decay_iters = lr_decay_iters or max_iters
@@ -261,7 +271,7 @@ def main():
         print(f"data: {len(train_data):,} train conversations ({train_data.cut} cut at a turn boundary, "
               f"{train_data.skipped} skipped: longer than block_size={seq_len}), {len(test_data):,} test; "
               f"{'packed' if packing else 'padded'} batches of {batch_size} x {gradient_accumulation_steps} "
-              f"accumulation x {run.world_size} processes")
+              f"accumulation x {run.world_size} processes" + (" (FSDP)" if sharded else ""))
         rows_per_epoch = len(train_data.rows_of_epoch(0))
         print(f"{rows_per_epoch:,} rows per epoch: {max_iters:,} iterations are "
               f"{max_iters * batch_size * gradient_accumulation_steps * run.world_size / rows_per_epoch:.2f} epochs; "
@@ -308,17 +318,22 @@ def main():
     saved_iter = None  # the iteration of the last checkpoint this run wrote
 
     def checkpoint_now(it, val_loss):
+        """Rank 0 writes the checkpoint; sharded, every process must call this (the weights are gathered)."""
         nonlocal saved_iter
+        state, optimizer_state = full_state(raw_model, optimizer, sharded)
+        saved_iter = it
+        if not run.master:
+            return
+        trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
         save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-            "model": merged_state_dict(raw_model) if use_lora else raw_model.state_dict(),
-            "lora": trainable_state_dict(raw_model) if use_lora else None,
-            "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
+            "model": merged_state_dict(raw_model, state) if use_lora else state,
+            "lora": {k: v for k, v in state.items() if k in trained} if use_lora else None,
+            "optimizer": optimizer_state, "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
             "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
             "stage": "sft", "base": base_dir,
         })
         logger.commit()
-        saved_iter = it
 
     # ---- the loop
     model.train()
@@ -335,12 +350,13 @@ def main():
                 group["lr"] = lr
 
             eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
-            if run.master and eval_due and (iter_num > start_iter or not resume):  # a resumed run has its eval
+            if (run.master or sharded) and eval_due and (iter_num > start_iter or not resume):  # resumed: had it
                 val_loss = evaluate_loss()
                 if stopper.check_loss(val_loss, "test answer loss", iter_num):
-                    print(f"iter {iter_num}: test answer loss {val_loss:.4f}")
-                    logger.log({"iter": iter_num, "tokens": answer_tokens[1], "val_loss": val_loss,
-                                "time_s": time.time() - t_start})
+                    if run.master:
+                        print(f"iter {iter_num}: test answer loss {val_loss:.4f}")
+                        logger.log({"iter": iter_num, "tokens": answer_tokens[1], "val_loss": val_loss,
+                                    "time_s": time.time() - t_start})
                     best_val_loss = min(best_val_loss, val_loss)
                     if iter_num > 0:
                         checkpoint_now(iter_num, val_loss)
@@ -372,14 +388,18 @@ def main():
         raise SystemExit(130)
     finally:
         stopper.restore()
+        if sharded and finished and stop == Stopper.INTERRUPTED:
+            optimizer.zero_grad(set_to_none=True)
+            checkpoint_now(iter_num, float("nan"))  # gathered from every process, before they part
         end_distributed(run, finished)
     if not run.master:
         return
     stop = max(stop, stopper.code)  # a divergence seen in this iteration, after the processes last agreed
     if stop == Stopper.INTERRUPTED:
-        optimizer.zero_grad(set_to_none=True)
-        checkpoint_now(iter_num, float("nan"))
-        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {iter_num}; continue with --init_from=resume")
+        if not sharded:  # (sharded, the processes saved together above, or the run had ended with its checkpoint)
+            optimizer.zero_grad(set_to_none=True)
+            checkpoint_now(iter_num, float("nan"))
+        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {saved_iter}; continue with --init_from=resume")
         return
     if stop == Stopper.DIVERGED:
         raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)

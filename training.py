@@ -148,6 +148,50 @@ def wrap_ddp(model, run):
     return DDP(model, device_ids=device_ids, broadcast_buffers=False)
 
 
+def wrap_fsdp(model, run):
+    """
+    The model under FSDP2 (fully_shard): each block, then the rest, sharded over the processes, so that
+    each holds 1/world_size of the weights, gradients and optimizer state and gathers one block's
+    weights at a time. Weights are gathered and computed in the run's dtype, gradients reduced in fp32.
+    The device mesh is explicit: on a machine with GPUs, a gloo (CPU) run would otherwise pick CUDA.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(run.device_type, (run.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=PTDTYPE[run.dtype], reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def full_state(model, optimizer, sharded):
+    """
+    (model state dict, optimizer state dict), whole. Sharded (FSDP): gathered onto rank 0's CPU, a
+    collective every process must call (the others get empty dicts), the optimizer's keyed by
+    parameter name; load it back with load_full_state.
+    """
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state, sharded):
+    """An optimizer state saved by full_state into the optimizer of a model sharded (FSDP) or not."""
+    by_name = any(isinstance(k, str) for k in state.get("state", {}))
+    if by_name != sharded:
+        raise SystemExit(f"error: the checkpoint was saved {'with' if by_name else 'without'} --fsdp; resume it "
+                         f"with --fsdp={by_name}")
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def seed_step(seed, rank, it):
     """
     Seed every generator (CPU and CUDA) from (seed, process, iteration) before each training step: dropout
@@ -157,13 +201,25 @@ def seed_step(seed, rank, it):
     torch.manual_seed((seed * 1_000_003 + it) * 1_009 + rank)
 
 
-def model_to_tune(base_dir, tok, config, seed, resumed=None):
+BASE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+
+
+def lora_base_dtype(setting, run_dtype):
+    """How a LoRA run stores its frozen base weights: "auto" is the run's compute dtype (fp32 on CPU)."""
+    if setting not in BASE_DTYPES:
+        raise SystemExit(f"error: --base_dtype must be one of {', '.join(BASE_DTYPES)}, not {setting!r}")
+    return run_dtype if setting == "auto" else setting
+
+
+def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32"):
     """
     The model sft.py and dpo.py train: the base at base_dir (ours, or an imported Llama) in fp32 with the
     run's dropout; its embedding grown for an extended tokenizer (new rows drawn from a generator of
     their own, so a resumed run draws the same); LoRA adapters when config["lora_rank"] > 0, with the
     embedding and classifier trained in full where config["train_embeddings"] says (by default: when rows
-    were added); and, for a resumed run, the weights it saved. Returns (model, the base's stage, rows added).
+    were added), the frozen blocks' weights stored in base_dtype (lora.FrozenLinear); activation
+    checkpointing where config says; and, for a resumed run, the weights it saved. Returns (model, the
+    base's stage, rows added).
     """
     base = load_checkpoint(base_dir, flag="--init_from")
     check_data_tokenizer(base, base_dir, tok)
@@ -173,8 +229,10 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None):
     del base  # the base's optimizer state is of no use here
     added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
     if config["lora_rank"] > 0:
-        add_lora(model, set(config["lora_targets"].split(",")), config["lora_rank"], config["lora_alpha"],
-                 config["lora_dropout"])
+        with torch.random.fork_rng():  # the same adapters in every process: FSDP, unlike DDP, broadcasts nothing
+            torch.manual_seed(seed)
+            add_lora(model, set(config["lora_targets"].split(",")), config["lora_rank"], config["lora_alpha"],
+                     config["lora_dropout"], base_dtype)
         full_embeddings = config["train_embeddings"] if config["train_embeddings"] is not None else added_rows > 0
         if full_embeddings:  # new tokens need their own embeddings, which a low-rank update cannot give them
             model.tok_embeddings.weight.requires_grad_(True)
@@ -183,6 +241,7 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None):
             model.load_state_dict(resumed["lora"], strict=False)
     elif resumed is not None:
         model.load_state_dict(resumed["model"])
+    model.checkpoint_activations = config.get("checkpoint_activations", False)
     return model, base_stage, added_rows
 
 
@@ -215,7 +274,7 @@ def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
 def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, grad_clip, count=None, loss_fn=None):
     """
     One optimizer step over accumulation_steps micro-batches; get_batch(micro_step) returns the model's
-    keyword arguments. Under DDP, gradients are averaged across processes only after the last micro-step.
+    keyword arguments. Under DDP or FSDP, gradients are averaged across processes only after the last micro-step.
 
     Pretraining (count None): every micro-batch has as many tokens as the next, so their mean losses are
     averaged, and each batch is prepared while the device works on the one before. A loss that is a
@@ -238,7 +297,9 @@ def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, gra
     batch = batches[0] if batches else get_batch(0)
     losses = []
     for micro_step in range(accumulation_steps):
-        if run.ddp:
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter only after the last micro-step
+            model.set_requires_gradient_sync(micro_step == accumulation_steps - 1)
+        elif run.ddp:
             model.require_backward_grad_sync = micro_step == accumulation_steps - 1
         with run.autocast:
             loss = loss_fn(model, batch) if loss_fn else model(**batch)[1]

@@ -1,12 +1,14 @@
 """pretrain.py end to end on the demo data with a tiny model: learning, exact resume, DDP, compile, errors."""
 import json
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import TINY_MODEL, read_log, run
+from conftest import ROOT, TINY_MODEL, read_log, run
 
 
 def train_losses(out_dir):
@@ -53,6 +55,29 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(demo_data, 
     assert sorted(one) == sorted(two) == [0, 5, 10]
     assert one[10] < one[5] < one[0]  # it did train
     for it in one:  # the same weights after each step: DDP averaged the gradients
+        assert two[it] == pytest.approx(one[it], abs=1e-4), it
+
+
+def test_a_two_node_job_matches_one_process_with_twice_the_accumulation(demo_data, tmp_path):
+    # two torchrun launches, as on two machines (here both on localhost): node 0 hosts the rendezvous
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--max_iters=10", "--eval_interval=5", "--device=cpu"]
+    run("pretrain.py", f"--out_dir={tmp_path / 'one'}", *common, "--gradient_accumulation_steps=2")
+    nodes = []
+    for node_rank in (0, 1):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+                    "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        cmd = launcher + [os.path.join(ROOT, "pretrain.py"), f"--out_dir={tmp_path / 'two'}", *common]
+        nodes.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "x 1 accumulation x 2 processes" in outputs[0]
+    one, two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 5, 10]
+    for it in one:
         assert two[it] == pytest.approx(one[it], abs=1e-4), it
 
 

@@ -1,0 +1,65 @@
+"""sft.py --fsdp=True: 2 sharded processes (FSDP2 over gloo) train like 1 process with twice the accumulation,
+save a plain merged checkpoint, and resume exactly."""
+import sys
+
+import pytest
+import torch
+
+from conftest import read_log, run
+from model import ModelArgs, Transformer
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def common(demo_data, tiny_ckpt, *extra):
+    return [f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", "--batch_size=2", "--eval_iters=2",
+            "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2", "--evaluate_tasks=False",
+            "--eval_interval=3", "--device=cpu", *extra]
+
+
+@pytest.mark.parametrize("tuning", [[], ["--lora_rank=4", "--base_dtype=int8", "--checkpoint_activations=True"]],
+                         ids=["full", "lora-int8-checkpointing"])
+def test_two_sharded_processes_train_like_one_process_with_twice_the_accumulation(demo_data, tiny_ckpt, tmp_path,
+                                                                                   tuning):
+    args = common(demo_data, tiny_ckpt, "--max_iters=6", *tuning)
+    run("sft.py", f"--out_dir={tmp_path / 'one'}", *args, "--gradient_accumulation_steps=2")
+    p = run("sft.py", f"--out_dir={tmp_path / 'two'}", *args, "--gradient_accumulation_steps=1", "--fsdp=True",
+            launcher=TORCHRUN, extra_env=ONE_THREAD)
+    assert "2 processes (FSDP)" in p.out
+    one = {r["iter"]: r["val_loss"] for r in read_log(tmp_path / "one") if "val_loss" in r}
+    two = {r["iter"]: r["val_loss"] for r in read_log(tmp_path / "two") if "val_loss" in r}
+    assert sorted(one) == sorted(two) == [0, 3, 6] and one[6] < one[0]
+    for it in one:
+        assert two[it] == pytest.approx(one[it], abs=1e-4), it
+    # the checkpoint is gathered whole: a plain Transformer's weights that sample.py and export.py load
+    one_ckpt, two_ckpt = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+    assert two_ckpt["model"].keys() == one_ckpt["model"].keys() == tiny_model_keys(one_ckpt)
+    for k in one_ckpt["model"]:
+        torch.testing.assert_close(two_ckpt["model"][k], one_ckpt["model"][k], atol=1e-4, rtol=1e-3)
+
+
+def tiny_model_keys(ckpt):
+    return Transformer(ModelArgs(**ckpt["model_args"])).state_dict().keys()
+
+
+def test_a_sharded_run_resumes_exactly(demo_data, tiny_ckpt, tmp_path):
+    args = common(demo_data, tiny_ckpt, "--lora_rank=4", "--fsdp=True", "--lr_decay_iters=6")
+    run("sft.py", f"--out_dir={tmp_path / 'straight'}", *args, "--max_iters=6", launcher=TORCHRUN,
+        extra_env=ONE_THREAD)
+    run("sft.py", f"--out_dir={tmp_path / 'resumed'}", *args, "--max_iters=3", launcher=TORCHRUN, extra_env=ONE_THREAD)
+    run("sft.py", f"--out_dir={tmp_path / 'resumed'}", *[a for a in args if not a.startswith("--init_from")],
+        "--init_from=resume", "--max_iters=6", launcher=TORCHRUN, extra_env=ONE_THREAD)
+    straight = {r["iter"]: r["loss"] for r in read_log(tmp_path / "straight") if "loss" in r}
+    resumed = {r["iter"]: r["loss"] for r in read_log(tmp_path / "resumed") if "loss" in r}
+    for it in range(4, 7):
+        assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
+
+
+def test_resuming_a_sharded_checkpoint_unsharded_says_how(demo_data, tiny_ckpt, tmp_path):
+    args = common(demo_data, tiny_ckpt, "--lora_rank=4")
+    run("sft.py", f"--out_dir={tmp_path}", *args, "--fsdp=True", "--max_iters=3", launcher=TORCHRUN,
+        extra_env=ONE_THREAD)
+    p = run("sft.py", f"--out_dir={tmp_path}", *[a for a in args if not a.startswith("--init_from")],
+            "--init_from=resume", "--max_iters=6", check=False)
+    assert p.returncode != 0 and "resume it with --fsdp=True" in p.out and "Traceback" not in p.out
