@@ -8,6 +8,7 @@ here is asserted by the tests: machines are noisy.
     python bench.py --what=load      # peak memory while importing a generated Hugging Face Llama checkpoint
     python bench.py --what=loss      # peak memory of the classifier + loss at a GPU config's shape, plain vs chunked
     python bench.py --what=serve     # serve.py: tokens/s and time to first token, batched vs one request at a time
+    python bench.py --what=memory    # training memory per GPU, predicted (Llama-2-7B: LoRA, int8, FSDP) and checked on CPU
 
 The numbers, with the machine they were measured on, are in docs/benchmarks.md.
 """
@@ -23,7 +24,7 @@ import torch
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-what = "all"                 # prep, train, decode, load, loss, serve or all
+what = "all"                 # prep, train, decode, load, loss, serve, memory or all
 data_dir = "data"            # prepared demo data (python prepare_data.py)
 out_dir = "out"              # the checkpoint to decode with
 big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
@@ -38,6 +39,9 @@ loss_shape = "16384,512,64793"  # loss: rows (32 x 512, the GPU configs' micro-b
 serve_dir = "out-sft"        # serve: the checkpoint to serve
 serve_clients = "1,4,8,16"   # serve: numbers of concurrent streaming clients
 serve_requests = 4           # serve: requests each client sends, one after another
+memory_model = "llama2-7b"   # memory: llama2-7b, llama2-13b, a preset, or an imported Llama's directory (its config)
+memory_seq = "512,2048"      # memory: sequence lengths (one sequence per GPU per micro-step)
+memory_check = True          # memory: measure real CPU training steps of a few-hundred-MB model against the formula
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 where supported, float32 on CPU
 compile: bool = None       # torch.compile; None: on for CUDA, off elsewhere
@@ -348,9 +352,184 @@ def bench_serve():
             proc.wait()
 
 
+# Llama 2's published shapes (Meta's params.json / Hugging Face config.json), for memory planning without the weights
+LLAMA2 = {"llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
+                            max_seq_len=4096, tie_embeddings=False),
+          "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32000, hidden_dim=13824,
+                             max_seq_len=4096, tie_embeddings=False)}
+WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+
+def memory_args(name):
+    """ModelArgs of a Llama 2 size, a preset (with the demo's 8192-piece vocabulary) or an imported model's config."""
+    from model import PRESETS, ModelArgs
+    if name in LLAMA2:
+        return ModelArgs(**LLAMA2[name])
+    if name in PRESETS:
+        return ModelArgs(**PRESETS[name], vocab_size=8192)
+    if os.path.exists(os.path.join(name, "config.json")):
+        from checkpoint import hf_model_args
+        with open(os.path.join(name, "config.json")) as f:
+            return hf_model_args(json.load(f), name)
+    raise SystemExit(f"error: --memory_model={name}: not llama2-7b, llama2-13b, a preset, or a Hugging Face directory")
+
+
+def predict_memory(args, tokens, lora_rank=0, base_dtype="float32", compute="float32", checkpointing=False,
+                   processes=1, fsdp=False, vocab_rows=None):
+    """
+    Bytes one process holds at its peak while training args's model on `tokens` tokens per micro-step:
+    a dict of weights, gradients, optimizer state, activations and the total. The counts (docs/memory.md):
+    - weights: fp32 for everything trained; with LoRA the blocks' frozen matrices in base_dtype (int8:
+      plus an fp32 scale per output row), the embedding, classifier and norms in fp32, the adapters fp32.
+      Training everything under bf16 autocast adds autocast's bf16 copy of each matrix during the forward.
+    - gradients: fp32, one per trained parameter; AdamW state: two fp32 moments per trained parameter.
+    - activations, per token and block, counted from what model.py's autograd graph keeps for the
+      backward pass: trained in full, 9 dim + 2 kv + 4 hidden values (each norm's input, its normalized
+      value and its scaled output; q, k, v after RoPE; attention's output and its reshaped copy; the
+      MLP's gate, SiLU, up and product); with LoRA on every matrix 7 dim + 2 kv + 4 hidden (frozen norm
+      gains need no saved input). kv is dim when heads are grouped (k and v repeated before attention).
+      Checkpointing keeps one dim per block and recomputes one block at a time. Values are fp32 on the
+      residual stream and in the norms, the compute dtype elsewhere. The classifier adds 4 logits-sized
+      fp32 tensors (logits, log-softmax, and their gradients) where the loss is not chunked.
+    - the peak: weights + optimizer state + the larger of (activations + logits) at the start of the
+      backward pass and (gradients + one fp32 temporary per trained parameter) at the optimizer step.
+    - FSDP over N processes: weights, gradients and optimizer state divided by N, plus the gathered
+      weights in the compute dtype of the unsharded root (embedding, classifier) and two blocks (one
+      computing, one prefetched). DDP: every process holds everything, plus its gradient buckets.
+    """
+    from model import CHUNKED_LOSS_ABOVE
+    D, L, V = args.dim, args.n_layers, vocab_rows or args.vocab_size
+    H = args.hidden_dim or args.multiple_of * ((int(8 * D / 3) + args.multiple_of - 1) // args.multiple_of)
+    kv_dim = D // args.n_heads * (args.n_kv_heads or args.n_heads)
+    kv = D if kv_dim < D else kv_dim                                   # GQA: k and v repeated to every head
+    block_matrices = L * (2 * D * D + 2 * D * kv_dim + 3 * D * H)
+    embeddings = V * D * (1 if args.tie_embeddings else 2)
+    norms = L * 2 * D + D
+    c = WEIGHT_BYTES[compute]
+    if lora_rank:
+        adapters = L * lora_rank * (2 * D + 2 * (D + kv_dim) + 2 * D + 3 * (D + H))
+        trained = adapters
+        scales = L * (2 * D + 2 * kv_dim + 2 * H + D) * 4 if base_dtype == "int8" else 0
+        weights = block_matrices * WEIGHT_BYTES[base_dtype] + scales + (embeddings + norms + adapters) * 4
+        per_block = (7 * D + 2 * kv + 4 * H)
+        fp32_share = 4 * D                                             # block inputs and norm outputs
+    else:
+        trained = block_matrices + embeddings + norms
+        weights = trained * 4 + ((block_matrices + embeddings) * 2 if c == 2 else 0)  # autocast's bf16 copies
+        per_block = (9 * D + 2 * kv + 4 * H)
+        fp32_share = 6 * D
+    block_bytes = fp32_share * 4 + (per_block - fp32_share) * c        # per token
+    if checkpointing:
+        activations = tokens * (L * D * 4 + block_bytes)
+    else:
+        activations = tokens * L * block_bytes
+    activations += tokens * D * 4 * 3                                  # the embedding output and the final norm
+    logits = 4 * tokens * V * 4 if tokens * V <= CHUNKED_LOSS_ABOVE else 4 * (CHUNKED_LOSS_ABOVE // 4) * 4
+    gradients, optimizer = trained * 4, trained * 8
+    if fsdp and processes > 1:
+        gathered = (embeddings + norms + 2 * block_matrices // L) * c
+        weights, gradients, optimizer = weights / processes + gathered, gradients / processes, optimizer / processes
+    peak = weights + optimizer + max(activations + logits, gradients + trained * 4 / (processes if fsdp else 1))
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations + logits,
+            "total": peak}
+
+
+MEASURE_STEP = """
+import json, os, sys, torch
+sys.path.insert(0, {root!r})
+from lora import add_lora
+from model import ModelArgs, Transformer
+torch.set_num_threads(2)
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+torch.randn(64, 64) @ torch.randn(64, 64)  # the math libraries loaded before the baseline
+base = rss("VmRSS")
+torch.manual_seed(0)
+args = ModelArgs(**{args!r})
+model = Transformer(args)
+if {lora_rank}:
+    add_lora(model, set("wq,wk,wv,wo,w1,w2,w3".split(",")), {lora_rank}, 16.0, 0.0, {base_dtype!r})
+model.checkpoint_activations = {checkpointing}
+model.train()
+optimizer = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), "cpu", muon=False)
+open("/proc/self/clear_refs", "w").write("5")  # the peak from here on: training, not building the model
+for step in range(2):
+    tokens = torch.randint(0, args.vocab_size, (1, {seq}))
+    _, loss = model(tokens, tokens)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print(json.dumps({{"peak": rss("VmHWM") - base}}))
+"""
+
+
+def bench_memory():
+    """
+    Training memory per process, predicted, for Llama 2 7B (or memory_model) at memory_seq tokens per
+    micro-step; and, with memory_check, the formula against the peak RSS of real fp32 CPU training steps
+    of a model of a few hundred MB, in fresh processes whose large allocations go back to the system
+    at once (MALLOC_MMAP_THRESHOLD_), so that the resident size follows what is alive.
+    """
+    gb = 1 << 30
+    if memory_check:
+        from model import ModelArgs
+        shape = dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=16, vocab_size=32000, max_seq_len=1024,
+                     tie_embeddings=False)
+        args = ModelArgs(**shape)
+        print(f"== the formula against measured peak RSS: fp32 on this CPU, dim 1024, 8 layers, vocab 32000 "
+              f"({model_params(args) / 1e6:.0f}M parameters), AdamW, 2 steps")
+        print(f"{'setup':<44} {'predicted':>10} {'measured':>10} {'error':>7}")
+        for label, kw, seq in (("full fine-tuning, seq 512", {}, 512),
+                               ("full fine-tuning, seq 1024", {}, 1024),
+                               ("LoRA r8, fp32 base, seq 1024", dict(lora_rank=8), 1024),
+                               ("LoRA r8, bf16 base, seq 1024", dict(lora_rank=8, base_dtype="bfloat16"), 1024),
+                               ("LoRA r8, int8 base, seq 1024", dict(lora_rank=8, base_dtype="int8"), 1024),
+                               ("LoRA r8, int8 base, checkpointing, seq 1024",
+                                dict(lora_rank=8, base_dtype="int8", checkpointing=True), 1024)):
+            script = MEASURE_STEP.format(root=os.path.dirname(os.path.abspath(__file__)), args=shape, seq=seq,
+                                         lora_rank=kw.get("lora_rank", 0), base_dtype=kw.get("base_dtype", "float32"),
+                                         checkpointing=kw.get("checkpointing", False))
+            out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                 env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+            if out.returncode:
+                raise SystemExit(out.stderr)
+            measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+            predicted = predict_memory(args, seq, **kw)["total"]
+            print(f"{label:<44} {predicted / gb:9.2f}G {measured / gb:9.2f}G {(predicted / measured - 1) * 100:+6.1f}%")
+    args = memory_args(memory_model)
+    print(f"== {memory_model}: {model_params(args) / 1e9:.2f}B parameters; GB per GPU, bf16 compute, AdamW, "
+          f"one sequence per GPU per micro-step")
+    print(f"{'setup':<48} {'seq':>5} {'weights':>8} {'grads':>7} {'AdamW':>7} {'activ.':>7} {'peak':>7}")
+    setups = (("full fine-tuning, 1 GPU", {}),
+              ("full fine-tuning, FSDP 4 GPUs", dict(processes=4, fsdp=True)),
+              ("full fine-tuning, FSDP 8 GPUs, checkpointing", dict(processes=8, fsdp=True, checkpointing=True)),
+              ("LoRA r8, bf16 base, 1 GPU", dict(lora_rank=8, base_dtype="bfloat16")),
+              ("LoRA r8, bf16 base, checkpointing, 1 GPU", dict(lora_rank=8, base_dtype="bfloat16", checkpointing=True)),
+              ("LoRA r8, int8 base, 1 GPU", dict(lora_rank=8, base_dtype="int8")),
+              ("LoRA r8, int8 base, checkpointing, 1 GPU", dict(lora_rank=8, base_dtype="int8", checkpointing=True)),
+              ("LoRA r8, bf16 base, FSDP 4 GPUs", dict(lora_rank=8, base_dtype="bfloat16", processes=4, fsdp=True)),
+              ("LoRA r8, bf16 base, FSDP 4 GPUs, checkpointing",
+               dict(lora_rank=8, base_dtype="bfloat16", processes=4, fsdp=True, checkpointing=True)))
+    for seq in (int(x) for x in memory_seq.split(",")):
+        for label, kw in setups:
+            m = predict_memory(args, seq, compute="bfloat16", **kw)
+            print(f"{label:<48} {seq:>5} " + " ".join(f"{m[k] / gb:7.1f}" for k in ("weights", "gradients",
+                                                                                     "optimizer", "activations"))
+                  + f" {m['total'] / gb:7.1f}")
+
+
+def model_params(args):
+    """Parameter count of a model with these args, from its shapes (no weights allocated)."""
+    from model import Transformer
+    with torch.device("meta"):
+        return Transformer(args).num_params()
+
+
 if __name__ == "__main__":
     configure(globals())
     for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode), ("load", bench_load),
-                     ("loss", bench_loss), ("serve", bench_serve)):
+                     ("loss", bench_loss), ("serve", bench_serve), ("memory", bench_memory)):
         if what in (name, "all"):
             fn()
