@@ -9,9 +9,11 @@ here is asserted by the tests: machines are noisy.
     python bench.py --what=loss      # peak memory of the classifier + loss at a GPU config's shape, plain vs chunked
     python bench.py --what=serve     # serve.py: tokens/s and time to first token, batched vs one request at a time
     python bench.py --what=memory    # training memory per GPU, predicted (Llama-2-7B: LoRA, int8, FSDP) and checked on CPU
+    python bench.py --what=lora      # training tokens/s: full vs LoRA on fp32/bf16/int8 bases, checkpointing, the adapters' share
 
 The numbers, with the machine they were measured on, are in docs/benchmarks.md.
 """
+import contextlib
 import json
 import os
 import resource
@@ -24,7 +26,7 @@ import torch
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-what = "all"                 # prep, train, decode, load, loss, serve, memory or all
+what = "all"                 # prep, train, decode, load, loss, serve, memory, lora or all
 data_dir = "data"            # prepared demo data (python prepare_data.py)
 out_dir = "out"              # the checkpoint to decode with
 big_jsonl_gb = 1.0           # size of the generated JSONL for the memory test; 0 skips it
@@ -520,6 +522,60 @@ def bench_memory():
                   + f" {m['total'] / gb:7.1f}")
 
 
+def bench_lora():
+    """
+    Training steps of one model (dim 512, 8 layers, vocabulary 32000, one sequence of 512 tokens), fp32
+    compute on this CPU, all rows in this process: full fine-tuning, LoRA r8 on every matrix with the
+    base stored in fp32, bf16 and int8, and with activation checkpointing. The adapters' share of a LoRA
+    step: 1 - (the same step with the adapters off, the backward pass still running through every frozen
+    block to the embedding's output) / (the LoRA step).
+    """
+    from lora import adapters_disabled, add_lora
+    from model import ModelArgs, Transformer
+    args = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, max_seq_len=512,
+                     tie_embeddings=False)
+    tokens = torch.randint(0, args.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+
+    def step_time(model, steps=4, context=contextlib.nullcontext):
+        model.train()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained or [torch.zeros(1, requires_grad=True)], lr=1e-4)
+        times = []
+        for _ in range(steps + 1):  # the first step warms up
+            t0 = time.perf_counter()
+            with context():
+                _, loss = model(tokens, tokens)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    def build(lora_rank=0, base_dtype="float32", checkpointing=False):
+        torch.manual_seed(0)
+        model = Transformer(args)
+        if lora_rank:
+            add_lora(model, {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}, lora_rank, 16.0, 0.0, base_dtype)
+        model.checkpoint_activations = checkpointing
+        return model
+
+    print(f"== training steps, {model_params(args) / 1e6:.0f}M parameters, 512 tokens, fp32 compute, "
+          f"{torch.get_num_threads()} threads")
+    for label, kw in (("full fine-tuning", {}), ("LoRA r8, fp32 base", dict(lora_rank=8)),
+                      ("LoRA r8, bf16 base", dict(lora_rank=8, base_dtype="bfloat16")),
+                      ("LoRA r8, int8 base", dict(lora_rank=8, base_dtype="int8")),
+                      ("LoRA r8, int8 base, checkpointing", dict(lora_rank=8, base_dtype="int8", checkpointing=True))):
+        t = step_time(build(**kw))
+        print(f"{label:<36} {t * 1000:7.0f} ms/step {512 / t:8,.0f} tokens/s")
+    model = build(lora_rank=8)
+    with_adapters = step_time(model)
+    # the adapters off: the backward pass still runs through every frozen block, to the embedding's output
+    model.tok_embeddings.register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
+    base_only = step_time(model, context=lambda: adapters_disabled(model))
+    print(f"LoRA r8, fp32 base: the adapters' share of the step {(1 - base_only / with_adapters) * 100:.0f}% "
+          f"({with_adapters * 1000:.0f} ms with them, {base_only * 1000:.0f} ms through the frozen base alone)")
+
+
 def model_params(args):
     """Parameter count of a model with these args, from its shapes (no weights allocated)."""
     from model import Transformer
@@ -530,6 +586,6 @@ def model_params(args):
 if __name__ == "__main__":
     configure(globals())
     for name, fn in (("prep", bench_prep), ("train", bench_train), ("decode", bench_decode), ("load", bench_load),
-                     ("loss", bench_loss), ("serve", bench_serve), ("memory", bench_memory)):
+                     ("loss", bench_loss), ("serve", bench_serve), ("memory", bench_memory), ("lora", bench_lora)):
         if what in (name, "all"):
             fn()

@@ -300,11 +300,19 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * T * dim."""
+        """
+        Training FLOPs per token: 6 per trained parameter (forward, input and weight gradients), 4 per
+        frozen one (LoRA's base: no weight gradient), plus attention's 12 * L * T * dim. Recomputation
+        (activation checkpointing) is not counted: MFU counts the model's FLOPs, not the work done.
+        """
         a = self.args
-        # the embedding lookup does no FLOPs; the classifier matmul does (tied: the same weight counted once)
-        n = self.num_params() - (0 if a.tie_embeddings else a.vocab_size * a.dim)
-        return 6 * n + 12 * a.n_layers * seq_len * a.dim
+        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = self.num_params() - trained
+        if not a.tie_embeddings:  # the embedding lookup does no FLOPs; the classifier matmul does
+            lookup = a.vocab_size * a.dim
+            trained, frozen = (trained - lookup, frozen) if self.tok_embeddings.weight.requires_grad else \
+                (trained, frozen - lookup)
+        return 6 * trained + 4 * frozen + 12 * a.n_layers * seq_len * a.dim
 
     def new_cache(self, batch_size, max_len, device, dtype):
         """Empty key/value buffers for generate(), one (k, v) pair per layer."""

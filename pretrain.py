@@ -23,8 +23,9 @@ from checkpoint import check_data_tokenizer, check_tokenizer, load_checkpoint, m
 from configurator import check_ranges, configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
+from lora import merged_state_dict, trainable_state_dict
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      seed_step, setup_device, train_step, wrap_ddp)
+                      lora_base_dtype, model_to_tune, seed_step, setup_device, train_step, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -58,6 +59,13 @@ beta1 = 0.9                       # AdamW (and Muon's AdamW half): decay of the 
 beta2 = 0.95                      # and of the second moment
 grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
 muon = True                       # Muon for the blocks' matrices, AdamW for the rest (muon.py); False: AdamW for all
+# LoRA, for continued pretraining of an existing model (--init_from)
+lora_rank = 0                     # 0: train every weight; > 0: freeze the model and train rank-r adapters (AdamW)
+lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A x
+lora_dropout = 0.0                # dropout on the adapters' input
+lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
+train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
+base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as dtype
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
@@ -68,7 +76,7 @@ seed = 1337                       # model init, batches and dropout: a run is a 
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "dropout", "tie_embeddings",
-                   "muon")
+                   "muon", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings")
 
 
 class TokenShards:
@@ -134,6 +142,9 @@ def main():
                                      "log_interval", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size"),
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
                              "dropout"), positive=("learning_rate",))
+    lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
+    if lora_rank and init_from == "scratch":
+        raise SystemExit("error: --lora_rank adapts an existing model: pass --init_from=<a checkpoint or a Llama>")
     resume = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite,
                   init_from=None if init_from in ("scratch", "resume") else init_from)
@@ -164,9 +175,19 @@ def main():
                 print("warning: resuming with a different world_size x gradient_accumulation_steps: "
                       "the batches will differ from the original run's")
         config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
-        model = model_from_checkpoint(checkpoint)
+        if config["lora_rank"]:  # the base again, with the adapters this run saved
+            model = model_to_tune(base_path, tok, config, seed, resumed=checkpoint,
+                                  base_dtype=lora_base_dtype(base_dtype, run.dtype))[0]
+        else:
+            model = model_from_checkpoint(checkpoint)
     elif init_from == "scratch":
         model = Transformer(model_args_from_settings(tok.n_words))
+    elif lora_rank:  # continued pretraining with adapters on a frozen base (as sft.py does it)
+        model, _, added_rows = model_to_tune(init_from, tok, config, seed,
+                                             base_dtype=lora_base_dtype(base_dtype, run.dtype))
+        if run.master and added_rows:
+            print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
+                  f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
     else:  # continued pretraining of one of our checkpoints or of an imported Llama
         base = load_checkpoint(init_from, flag="--init_from")
         check_data_tokenizer(base, init_from, tok)
@@ -190,7 +211,9 @@ def main():
     model.checkpoint_activations = checkpoint_activations
     model.to(run.device)
     # a resumed run keeps its optimizer: the saved state only fits the one it was made by
-    use_muon = checkpoint["config"].get("muon", False) if resume else muon
+    use_lora = config["lora_rank"] > 0
+    # Muon orthogonalizes whole weight matrices: not the low-rank adapters, which get AdamW
+    use_muon = (checkpoint["config"].get("muon", False) if resume else muon) and not use_lora
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, use_muon,
                                            shard=run.ddp)
     if checkpoint is not None:
@@ -211,7 +234,10 @@ def main():
     if run.master:
         print(f"model: {model_args.dim} dim, {model_args.n_layers} layers, {model_args.n_heads} heads "
               f"({model_args.n_kv_heads or model_args.n_heads} kv), context {seq_len}, vocab {model_args.vocab_size}: "
-              f"{raw_model.num_params() / 1e6:.2f}M parameters")
+              f"{raw_model.num_params() / 1e6:.2f}M parameters" + (
+                  f"; LoRA rank {config['lora_rank']} on {config['lora_targets']}: "
+                  f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trained"
+                  if use_lora else ""))
         print(f"data: {train_data.sizes.sum():,} train tokens, {val_data.sizes.sum():,} val tokens; "
               f"tokens per iteration: {batch_size} batch x {seq_len} context x {gradient_accumulation_steps} "
               f"accumulation x {run.world_size} processes = {tokens_per_iter:,}")
@@ -261,7 +287,9 @@ def main():
     def checkpoint_now(it, val_loss):
         nonlocal saved_iter
         save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
+            "model": merged_state_dict(raw_model) if use_lora else raw_model.state_dict(),
+            "lora": trainable_state_dict(raw_model) if use_lora else None,
+            "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
             "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
             "stage": "pretrain", "base": base_path,

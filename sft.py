@@ -24,6 +24,7 @@ import evaluate
 from checkpoint import check_tokenizer, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from configurator import check_ranges, configure
 from lora import merged_state_dict
+from model import peak_flops
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
                       full_state, load_optimizer_state, lora_base_dtype, seed_step, model_to_tune, setup_device,
@@ -259,6 +260,7 @@ def main():
         model = wrap_ddp(model, run)
 
     decay_iters = lr_decay_iters or max_iters
+    peak = peak_flops(torch.cuda.get_device_name()) if run.device_type == "cuda" else None  # for MFU
     if run.master:
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
@@ -376,10 +378,15 @@ def main():
                 answers_per_s = answer_tokens[0] * run.world_size / (dt * log_interval)
                 answer_tokens[1] += answer_tokens[0] * run.world_size
                 answer_tokens[0] = 0
+                # MFU over every position computed (packed rows are full); padded rows vary, so no MFU there
+                tokens_per_s = batch_size * seq_len * gradient_accumulation_steps * run.world_size / dt
+                mfu = raw_model.flops_per_token(seq_len) * tokens_per_s / (peak * run.world_size) \
+                    if peak and packing else None
                 print(f"iter {iter_num}: answer loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-                      f"{answers_per_s:,.0f} answer tokens/s, ETA {logger.eta(iter_num)}")
+                      f"{answers_per_s:,.0f} answer tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu else "")
+                      + f", ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "tokens": answer_tokens[1], "loss": train_loss, "lr": lr,
-                            "ms_per_iter": dt * 1000, "answer_tokens_per_s": answers_per_s})
+                            "ms_per_iter": dt * 1000, "answer_tokens_per_s": answers_per_s, "mfu": mfu})
         finished = True
     except KeyboardInterrupt:  # the second Ctrl-C
         if run.master:

@@ -1,5 +1,7 @@
 """LoRA on a large model's terms: a frozen base stored in bf16 or int8 that takes no gradient and no optimizer
 state, adapters that merge exactly, activation checkpointing that changes no gradient, and runs that learn."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -95,9 +97,9 @@ def test_lora_on_an_int8_base_learns_like_lora_on_the_fp32_base(demo_data, tiny_
     final = {}
     for base_dtype in ("float32", "int8", "bfloat16"):
         out = tmp_path / base_dtype
-        p = run("sft.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={out}", *SFT_TINY,
-                "--learning_rate=1e-2", "--max_iters=30", "--eval_interval=30", "--lora_rank=8",
-                f"--base_dtype={base_dtype}", "--checkpoint_activations=True")
+        run("sft.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={out}", *SFT_TINY,
+            "--learning_rate=1e-2", "--max_iters=30", "--eval_interval=30", "--lora_rank=8",
+            f"--base_dtype={base_dtype}", "--checkpoint_activations=True")
         val = {r["iter"]: r["val_loss"] for r in read_log(out) if "val_loss" in r}
         assert val[30] < val[0] - 0.2, (base_dtype, val)
         final[base_dtype] = val[30]
@@ -124,3 +126,37 @@ def test_resume_with_lora_int8_and_checkpointing_continues_the_same_loss_curve(d
     resumed = {r["iter"]: r["loss"] for r in read_log(tmp_path / "resumed") if "loss" in r}
     for it in range(6, 11):
         assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
+
+
+def test_mfu_counts_a_frozen_weight_at_four_flops_per_token_and_a_trained_one_at_six():
+    model = tiny(tie_embeddings=False)
+    plain = model.num_params() - 97 * 64          # minus the embedding lookup, which does no FLOPs
+    attention = 12 * 2 * 16 * 64                   # 12 * layers * seq_len * dim
+    assert model.flops_per_token(16) == 6 * plain + attention
+    add_lora(model, {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}, 4, 8.0, 0.0)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.flops_per_token(16) == 4 * plain + 6 * adapters + attention
+
+
+def test_continued_pretraining_with_lora_resumes_exactly_and_saves_a_plain_model(demo_data, tiny_ckpt, tmp_path):
+    common = [f"--data_dir={demo_data}", "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
+              "--learning_rate=1e-2", "--eval_interval=5", "--lr_decay_iters=10", "--lora_rank=4",
+              "--base_dtype=int8", "--block_size=32"]
+    p = run("pretrain.py", f"--out_dir={tmp_path / 'straight'}", f"--init_from={tiny_ckpt}", *common, "--max_iters=10")
+    assert "LoRA rank 4" in p.out and "optimizer AdamW" in p.out  # Muon is for whole matrices, not adapters
+    run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", f"--init_from={tiny_ckpt}", *common, "--max_iters=5")
+    run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume", *common, "--max_iters=10")
+    straight = {r["iter"]: r["loss"] for r in read_log(tmp_path / "straight") if "loss" in r}
+    resumed = {r["iter"]: r["loss"] for r in read_log(tmp_path / "resumed") if "loss" in r}
+    for it in range(6, 11):
+        assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
+    ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    base = torch.load(os.path.join(tiny_ckpt, "ckpt.pt"), weights_only=True)
+    assert ckpt["model"].keys() == base["model"].keys() and ckpt["lora"]
+    assert all(k.endswith(("lora_a", "lora_b")) for k in ckpt["lora"])
+
+
+def test_lora_from_scratch_is_refused_in_one_line(demo_data, tmp_path):
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path / 'x'}", "--lora_rank=4", check=False)
+    assert p.returncode != 0 and "--lora_rank adapts an existing model" in p.out and "Traceback" not in p.out
+    assert not (tmp_path / "x").exists()

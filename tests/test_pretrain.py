@@ -93,7 +93,7 @@ def test_the_compiled_model_trains_like_the_eager_one(demo_data, tmp_path):
 
 
 def test_missing_data_says_how_to_make_it(tmp_path):
-    p = run("pretrain.py", f"--data_dir={tmp_path}", check=False)
+    p = run("pretrain.py", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", check=False)
     assert p.returncode != 0 and "prepare_data.py" in p.out and "Traceback" not in p.out
 
 
