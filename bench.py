@@ -139,7 +139,7 @@ def bench_train():
 def bench_decode():
     """
     Greedy decode speed, batch 1, the same threads for every engine, side by side in one process: our
-    generate() with and without the KV cache, llama.cpp (F32 and Q8_0 GGUF, through llama-cpp-python)
+    generate() with and without the KV cache and with a compiled fixed-shape step, llama.cpp (F32 and Q8_0 GGUF, through llama-cpp-python)
     and, with --runc_dir, llama2.c's run/runq; for the demo checkpoint and for 24m- and 134m-shaped
     models with random weights (what the speed depends on is the shape, not the weights).
     """
@@ -175,6 +175,15 @@ def bench_decode():
             t0 = time.time()
             out = list(model.generate(prompt, n, temperature=0, use_cache=use_cache))
             rows["ours, KV cache" if use_cache else "ours, no cache"] = len(out) / (time.time() - t0)
+            if use_cache:
+                eager_tokens = [int(t) for t in out]
+        # the fixed-shape decode step, compiled once (the compile itself is not timed)
+        step = torch.compile(model.decode_step)
+        list(model.generate(prompt, 5, temperature=0, step=step))
+        t0 = time.time()
+        out = list(model.generate(prompt, n, temperature=0, step=step))
+        rows["ours, compiled static step"] = len(out) / (time.time() - t0)
+        same = [int(t) for t in out] == eager_tokens
         if llama_cpp is not None:
             for qtype in ("f32", "q8_0"):
                 path = os.path.join(tmp, f"{qtype}.gguf")
@@ -201,7 +210,8 @@ def bench_decode():
                 speed = [line for line in p.stderr.splitlines() if "achieved tok/s" in line]
                 rows[f"llama2.c {binary}"] = float(speed[0].split()[-1]) if speed else float("nan")
         print(f"{name} ({model.num_params() / 1e6:.1f}M params, {n} tokens): "
-              + ", ".join(f"{k} {v:,.0f}" for k, v in rows.items()))
+              + ", ".join(f"{k} {v:,.0f}" for k, v in rows.items())
+              + f" (compiled greedy tokens {'identical' if same else 'DIFFERENT'})")
     shutil.rmtree(tmp)
 
 

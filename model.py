@@ -322,14 +322,26 @@ class Transformer(nn.Module):
         return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                 for _ in range(a.n_layers)]
 
+    def decode_step(self, token, position, cache):
+        """
+        The logits (B, 1, V) after one new token per row, token (B, 1), all at position (a 0-d tensor),
+        attending over the whole cache with a mask: every call has the same shapes, so torch.compile
+        makes one graph of it (generate's step argument). The plain cached step's shapes grow each token.
+        """
+        B, S = token.shape[0], cache[0][0].shape[1]
+        mask = (torch.arange(S, device=token.device) <= position)[None, None, None, :].expand(B, 1, 1, S)
+        logits, _ = self(token, cache=cache, start_pos=position.expand(B), attn_mask=mask)
+        return logits
+
     @torch.inference_mode()
     def generate(self, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop_tokens=(), use_cache=True):
+                 repetition_penalty=1.0, stop_tokens=(), use_cache=True, step=None):
         """
         Yields the next token of each row, a (B,) tensor, one step at a time, until max_new_tokens,
         the context is full, or every row has produced one of stop_tokens (the stop token is yielded).
         tokens: (B, T) prompt. temperature 0 is greedy. With use_cache the prompt is processed once and
         each step feeds only the newest token; without it each step recomputes the whole sequence.
+        step: a (compiled) decode_step for the steps after the prompt, over a cache of the full context.
         """
         B, T = tokens.shape
         max_len = self.args.max_seq_len
@@ -341,15 +353,20 @@ class Transformer(nn.Module):
             dtype = self.tok_embeddings.weight.dtype
             if torch.is_autocast_enabled(tokens.device.type):
                 dtype = torch.get_autocast_dtype(tokens.device.type)
-            cache = self.new_cache(B, T + steps, tokens.device, dtype)
+            # a compiled step cannot write into inference tensors: its cache and inputs are made outside inference mode
+            with torch.inference_mode(step is None):
+                cache = self.new_cache(B, max_len if step is not None else T + steps, tokens.device, dtype)
         seq = tokens
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
-        for step in range(steps):
+        for i in range(steps):
             if cache is None:
                 logits, _ = self(seq)
-            elif step == 0:
+            elif i == 0:
                 logits, _ = self(seq, cache=cache, start_pos=0)
+            elif step is not None:
+                with torch.inference_mode(False), torch.no_grad():
+                    logits = step(seq[:, -1:].clone(), torch.tensor(seq.shape[1] - 1, device=seq.device), cache)
             else:
                 logits, _ = self(seq[:, -1:], cache=cache, start_pos=seq.shape[1] - 1)
             logits = logits[:, -1, :].float()  # (B, V)

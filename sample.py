@@ -31,6 +31,7 @@ chat = False                 # chat with an SFT model instead of continuing text
 system = ""                  # chat: an optional system prompt
 prompt = ""                  # chat: answer this one message and exit instead of reading from the terminal
 use_cache = True             # the KV cache; off only to measure what it saves
+compile = False              # compile a fixed-shape decode step: faster for small models on CPU (docs/benchmarks.md)
 seed = 1337                  # sampling at temperature > 0 is a function of it
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
@@ -99,6 +100,8 @@ def main():
     context = model.args.max_seq_len
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
                     repetition_penalty=repetition_penalty, use_cache=use_cache)
+    if compile and use_cache:  # compiled on first use (a minute); greedy output is the same as without
+        settings["step"] = torch.compile(model.decode_step)
     try:
         if chat:
             chat_loop(model, tok, checkpoint, context, settings)

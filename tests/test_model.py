@@ -143,3 +143,17 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     # p(0) = 0.72, p(1) = 0.26: top_p=0.5 keeps only the first
     assert {sample_next(logits, 1.0, top_p=0.5).item() for _ in range(200)} == {0}
     assert sample_next(logits, 0).item() == 0
+
+
+def test_the_fixed_shape_decode_step_generates_what_the_cached_step_does_in_one_graph():
+    from torch._dynamo.utils import counters
+    model = tiny(max_seq_len=48)
+    prompt = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        cached = [t.tolist() for t in model.generate(prompt, 30, temperature=0)]
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(model.decode_step, backend="eager")  # what dynamo traces; inductor would only be slower here
+        stepped = [t.tolist() for t in model.generate(prompt, 30, temperature=0, step=step)]
+    assert stepped == cached
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph for every position

@@ -99,3 +99,10 @@ def test_a_prompt_longer_than_the_context_keeps_its_tail(tiny_ckpt, tmp_path):
 def test_a_missing_checkpoint_says_how_to_make_one(tmp_path):
     p = run("sample.py", f"--out_dir={tmp_path}", check=False)
     assert p.returncode != 0 and "pretrain.py" in p.out and "Traceback" not in p.out
+
+
+def test_the_compiled_decode_step_prints_what_the_eager_one_does(tiny_ckpt):
+    common = [f"--out_dir={tiny_ckpt}", "--temperature=0", "--max_new_tokens=20", "--start=床前明月光，"]
+    eager = run("sample.py", *common).stdout
+    compiled = run("sample.py", *common, "--compile=True").stdout
+    assert compiled == eager and eager.strip()
