@@ -23,9 +23,10 @@ from checkpoint import check_data_tokenizer, check_tokenizer, load_checkpoint, m
 from configurator import check_ranges, configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
-from lora import merged_state_dict, trainable_state_dict
+from lora import merged_state_dict
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      lora_base_dtype, model_to_tune, seed_step, setup_device, train_step, wrap_ddp)
+                      full_state, load_optimizer_state, lora_base_dtype, model_to_tune, seed_step, setup_device,
+                      train_step, wrap_ddp, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -70,6 +71,7 @@ base_dtype = "auto"               # LoRA: the frozen weights stored as float32, 
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
 checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
+fsdp = False                      # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
 seed = 1337                       # model init, batches and dropout: a run is a function of it
 # -----------------------------------------------------------------------------
@@ -143,6 +145,9 @@ def main():
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
                              "dropout"), positive=("learning_rate",))
     lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
+    if fsdp and muon and not lora_rank and init_from != "resume":
+        raise SystemExit("error: Muon orthogonalizes whole weight matrices, which FSDP shards; with --fsdp=True pass "
+                         "--muon=False (AdamW), or train adapters (--lora_rank)")
     if lora_rank and init_from == "scratch":
         raise SystemExit("error: --lora_rank adapts an existing model: pass --init_from=<a checkpoint or a Llama>")
     resume = init_from == "resume"
@@ -181,7 +186,9 @@ def main():
         else:
             model = model_from_checkpoint(checkpoint)
     elif init_from == "scratch":
-        model = Transformer(model_args_from_settings(tok.n_words))
+        with torch.random.fork_rng():  # the same initial weights in every process: FSDP, unlike DDP, broadcasts none
+            torch.manual_seed(seed)
+            model = Transformer(model_args_from_settings(tok.n_words))
     elif lora_rank:  # continued pretraining with adapters on a frozen base (as sft.py does it)
         model, _, added_rows = model_to_tune(init_from, tok, config, seed,
                                              base_dtype=lora_base_dtype(base_dtype, run.dtype))
@@ -214,10 +221,17 @@ def main():
     use_lora = config["lora_rank"] > 0
     # Muon orthogonalizes whole weight matrices: not the low-rank adapters, which get AdamW
     use_muon = (checkpoint["config"].get("muon", False) if resume else muon) and not use_lora
+    # FSDP: the model is sharded before the optimizer sees its parameters (each process then holds a shard)
+    sharded = fsdp and run.ddp
+    if sharded and use_muon:  # never orthogonalize a shard
+        raise SystemExit("error: Muon orthogonalizes whole weight matrices, which FSDP shards; with --fsdp=True pass "
+                         "--muon=False (AdamW), or train adapters (--lora_rank)")
+    if sharded:
+        wrap_fsdp(model, run)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, use_muon,
                                            shard=run.ddp)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
         checkpoint = None  # its weights and optimizer state now live in model and optimizer
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
     raw_model = model  # the plain module: what we save, evaluate with, and count
@@ -225,8 +239,8 @@ def main():
         if run.master:
             print("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates, so no collectives there
-    if run.ddp:
+    eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates (every process, when sharded)
+    if run.ddp and not sharded:
         model = wrap_ddp(model, run)
 
     tokens_per_iter = batch_size * seq_len * gradient_accumulation_steps * run.world_size
@@ -240,7 +254,8 @@ def main():
                   if use_lora else ""))
         print(f"data: {train_data.sizes.sum():,} train tokens, {val_data.sizes.sum():,} val tokens; "
               f"tokens per iteration: {batch_size} batch x {seq_len} context x {gradient_accumulation_steps} "
-              f"accumulation x {run.world_size} processes = {tokens_per_iter:,}")
+              f"accumulation x {run.world_size} processes = {tokens_per_iter:,}"
+              + (" (FSDP)" if sharded else ""))
         print(f"device {run.device}, {run.dtype}, compile {run.compile}, "
               f"optimizer {'Muon (block matrices) + AdamW' if use_muon else 'AdamW'}; "
               f"{'resuming at' if resume else 'starting at'} iteration {iter_num} of {max_iters}"
@@ -285,17 +300,22 @@ def main():
     saved_iter = None  # the iteration of the last checkpoint this run wrote
 
     def checkpoint_now(it, val_loss):
+        """Rank 0 writes the checkpoint; sharded, every process must call this (the weights are gathered)."""
         nonlocal saved_iter
+        state, optimizer_state = full_state(raw_model, optimizer, sharded)
+        saved_iter = it
+        if not run.master:
+            return
+        trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
         save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-            "model": merged_state_dict(raw_model) if use_lora else raw_model.state_dict(),
-            "lora": trainable_state_dict(raw_model) if use_lora else None,
-            "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
+            "model": merged_state_dict(raw_model, state) if use_lora else state,
+            "lora": {k: v for k, v in state.items() if k in trained} if use_lora else None,
+            "optimizer": optimizer_state, "model_args": vars(model_args),
             "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
             "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
             "stage": "pretrain", "base": base_path,
         })
         logger.commit()
-        saved_iter = it
 
     # ---- the loop
     stopper = Stopper(run)
@@ -311,13 +331,14 @@ def main():
                 group["lr"] = lr
 
             eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
-            if run.master and eval_due and (iter_num > start_iter or not resume):  # a resumed run has its eval
+            if (run.master or sharded) and eval_due and (iter_num > start_iter or not resume):  # resumed: had it
                 val_loss = evaluate()
                 if stopper.check_loss(val_loss, "val loss", iter_num):
                     bpc = val_loss / math.log(2) * val_data.tokens_per_char
-                    print(f"iter {iter_num}: val loss {val_loss:.4f}, {bpc:.3f} bits per character")
-                    logger.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "val_loss": val_loss,
-                                "val_bpc": bpc, "time_s": time.time() - t_start})
+                    if run.master:
+                        print(f"iter {iter_num}: val loss {val_loss:.4f}, {bpc:.3f} bits per character")
+                        logger.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "val_loss": val_loss,
+                                    "val_bpc": bpc, "time_s": time.time() - t_start})
                     best_val_loss = min(best_val_loss, val_loss)
                     if iter_num > 0:
                         checkpoint_now(iter_num, val_loss)
@@ -349,14 +370,18 @@ def main():
         raise SystemExit(130)
     finally:
         stopper.restore()
+        if sharded and finished and stop == Stopper.INTERRUPTED:
+            optimizer.zero_grad(set_to_none=True)
+            checkpoint_now(iter_num, float("nan"))  # gathered from every process, before they part
         end_distributed(run, finished)
     if not run.master:
         return
     stop = max(stop, stopper.code)  # a divergence seen in this iteration, after the processes last agreed
     if stop == Stopper.INTERRUPTED:
-        optimizer.zero_grad(set_to_none=True)
-        checkpoint_now(iter_num, float("nan"))
-        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {iter_num}; continue with --init_from=resume")
+        if not sharded:  # (sharded, the processes saved together above, or the run had ended with its checkpoint)
+            optimizer.zero_grad(set_to_none=True)
+            checkpoint_now(iter_num, float("nan"))
+        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {saved_iter}; continue with --init_from=resume")
     elif stop == Stopper.DIVERGED:
         raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
                          + "; lower --learning_rate, or use bfloat16 where float16 overflows")

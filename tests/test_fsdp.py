@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import read_log, run
+from conftest import TINY_MODEL, read_log, run
 from model import ModelArgs, Transformer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -63,3 +63,25 @@ def test_resuming_a_sharded_checkpoint_unsharded_says_how(demo_data, tiny_ckpt, 
     p = run("sft.py", f"--out_dir={tmp_path}", *[a for a in args if not a.startswith("--init_from")],
             "--init_from=resume", "--max_iters=6", check=False)
     assert p.returncode != 0 and "resume it with --fsdp=True" in p.out and "Traceback" not in p.out
+
+
+@pytest.mark.parametrize("tuning", [["--muon=False"], ["--lora_rank=4", "--base_dtype=int8"]], ids=["adamw", "lora"])
+def test_sharded_pretraining_matches_one_process_with_twice_the_accumulation(demo_data, tiny_ckpt, tmp_path, tuning):
+    args = [f"--data_dir={demo_data}", *TINY_MODEL, "--max_iters=6", "--eval_interval=3", "--device=cpu", *tuning]
+    if "--lora_rank=4" in tuning:  # adapters for continued pretraining of an existing model
+        args.append(f"--init_from={tiny_ckpt}")
+    run("pretrain.py", f"--out_dir={tmp_path / 'one'}", *args, "--gradient_accumulation_steps=2")
+    p = run("pretrain.py", f"--out_dir={tmp_path / 'two'}", *args, "--fsdp=True", launcher=TORCHRUN,
+            extra_env=ONE_THREAD)
+    assert "(FSDP)" in p.out
+    one = {r["iter"]: r["val_loss"] for r in read_log(tmp_path / "one") if "val_loss" in r}
+    two = {r["iter"]: r["val_loss"] for r in read_log(tmp_path / "two") if "val_loss" in r}
+    assert sorted(one) == sorted(two) == [0, 3, 6] and one[6] < one[0]
+    for it in one:
+        assert two[it] == pytest.approx(one[it], abs=1e-4), it
+
+
+def test_muon_under_fsdp_is_refused_in_one_line(demo_data, tmp_path):
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path / 'x'}", "--fsdp=True", check=False)
+    assert p.returncode != 0 and "--muon=False" in p.out and "Traceback" not in p.out
+    assert not (tmp_path / "x").exists()
