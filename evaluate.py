@@ -7,6 +7,7 @@ started from, so that what a stage bought is visible task by task.
     python evaluate.py --out_dir=out-dpo        # any checkpoint directory: a DPO model beside its SFT model
     python evaluate.py --base=none --per_task=100
     python evaluate.py --baselines              # also what simple classifiers score on the sentiment task
+    python evaluate.py --onpolicy_pairs=data/onpolicy.jsonl   # DPO pairs from the model's own wrong answers
 
 Scores per task (demo.score): sentiment accuracy, the share of idiom-chain answers that are real idioms
 with the right first character, name-extraction F1, exact match for the rest. The table is printed
@@ -17,6 +18,7 @@ import collections
 import json
 import math
 import os
+import random
 import time
 
 import numpy as np
@@ -34,7 +36,10 @@ base = "auto"                # compare with: auto (the model the checkpoint was 
 per_task = 1000              # held-out questions per task (the demo has 833 reviews and 200 of each other task); 0: all
 batch_size = 32              # questions answered together (same-length prompts only, so answers never change)
 baselines = False            # also score the sentiment task's majority label and Naive Bayes classifiers
-val_fraction = 0.01          # baselines: the --val_fraction prepare_data.py split the demo with
+val_fraction = 0.01          # baselines, onpolicy_pairs: the --val_fraction prepare_data.py split the demo with
+onpolicy_pairs = ""          # instead: answer the demo's training questions and write, for every wrong answer, a DPO
+                             # pair (the true answer chosen, the model's rejected) to this JSONL for prepare_data.py
+onpolicy_tasks = "sentiment,ner"  # onpolicy_pairs: the tasks asked (all their training questions)
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "float32"            # float32, or bfloat16 on GPUs (greedy answers can then differ in near ties)
 # -----------------------------------------------------------------------------
@@ -176,11 +181,61 @@ def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None):
     return results
 
 
+def balance_sentiment_labels(pairs, seed=0):
+    """
+    A model's errors lean one way (on the demo more positive reviews called negative than the reverse),
+    and DPO on them alone teaches that lean as a prior: sentiment collapsed to one label
+    (docs/experiments.md). So each label is the chosen answer of equally many pairs, the surplus dropped
+    at random. Returns (pairs in their order, how many were dropped).
+    """
+    by_label = {label: [] for label in demo.SENTIMENT_LABELS}  # a label no pair chooses keeps 0 of each
+    for i, pair in enumerate(pairs):
+        if pair["task"] == "sentiment":
+            by_label[pair["chosen"]].append(i)
+    keep = min(len(indices) for indices in by_label.values())
+    rng = random.Random(seed)
+    dropped = {i for indices in by_label.values() for i in rng.sample(indices, len(indices) - keep)}
+    return [pair for i, pair in enumerate(pairs) if i not in dropped], len(dropped)
+
+
+def write_onpolicy_pairs(model, tok, path, tasks, val_fraction, batch_size):
+    """
+    On-policy preference pairs: the model answers every training question of the demo tasks greedily
+    (the held-out ones never), and each answer that scores below 1 becomes the rejected side of a pair
+    whose chosen side is the true answer, the sentiment labels balanced. Written as TRL's {"prompt",
+    "chosen", "rejected"} JSONL, with the task.
+    """
+    questions = [{"task": task, "messages": messages} for split, task, messages in demo.sft_examples(val_fraction)
+                 if split == "train" and task in tasks]
+    record, words = [], demo.idiom_words()
+    t0 = time.time()
+    results = evaluate_on_tasks(model, tok, questions, words, 0, batch_size, record)
+    pairs = [{"prompt": question, "chosen": reference, "rejected": answer, "task": task}
+             for task, question, reference, answer in record
+             if answer.strip() and answer != reference and demo.score(task, question, reference, answer, words) < 1]
+    pairs, dropped = balance_sentiment_labels(pairs)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"{len(record):,} training questions answered in {time.time() - t0:.0f}s ("
+          + ", ".join(f"{task} {score * 100:.1f}%" for task, (score, _) in sorted(results.items()))
+          + f"); {len(pairs):,} wrong answers written as DPO pairs to {path}"
+          + (f" ({dropped:,} sentiment ones left out to balance the labels)" if dropped else ""))
+
+
 def main():
     config = configure(globals())
     check_ranges(config, at_least_0=("per_task",), at_least_1=("batch_size",))
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
+    if onpolicy_pairs:
+        tasks = set(onpolicy_tasks.split(","))
+        unknown = tasks - {"sentiment", "ner", "meaning", "pinyin", "origin", "example", "chain"}
+        if unknown:
+            raise SystemExit(f"error: --onpolicy_tasks: no demo task {sorted(unknown)[0]!r}")
+        write_onpolicy_pairs(model, tok, onpolicy_pairs, tasks, val_fraction, batch_size)
+        return
     models = {STAGE_NAMES.get(checkpoint.get("stage"), "model"): (model, tok, out_dir)}
     base_dir = checkpoint.get("base") if base == "auto" else None if base == "none" else base
     if base_dir:

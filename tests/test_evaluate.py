@@ -1,13 +1,14 @@
 """evaluate.py and demo.py's scoring: answers scored as the task defines, batching that changes no
-answer, the command's table and its machine-readable report, and the sentiment baselines."""
+answer, the command's table and its machine-readable report, the sentiment baselines, and on-policy DPO pairs."""
 import json
 import os
 
 import pytest
 
 import demo
+import prepare_data
 from conftest import run, tiny
-from evaluate import evaluate_on_tasks, load_tests
+from evaluate import balance_sentiment_labels, evaluate_on_tasks, load_tests
 from tokenizer import Tokenizer
 
 
@@ -90,3 +91,30 @@ def test_the_sentiment_baselines_beat_the_majority_label(demo_data, tiny_sft):
 def test_a_missing_checkpoint_says_how_to_make_one(tmp_path):
     p = run("evaluate.py", f"--out_dir={tmp_path}", check=False)
     assert p.returncode != 0 and "sft.py" in p.out and "Traceback" not in p.out
+
+
+def test_onpolicy_pairs_are_the_models_own_wrong_answers_on_training_questions(demo_data, tiny_sft, tmp_path):
+    path = tmp_path / "onpolicy.jsonl"
+    p = run("evaluate.py", f"--out_dir={tiny_sft}", f"--data_dir={demo_data}", f"--onpolicy_pairs={path}",
+            "--onpolicy_tasks=sentiment")
+    pairs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert pairs and f"{len(pairs):,} wrong answers written" in p.out
+    held_out = {t["messages"][0]["content"] for t in load_tests(demo_data)}
+    for pair in pairs:
+        prompt, chosen, rejected = prepare_data.to_preference(pair)  # a pair prepare_data.py reads
+        assert chosen in ("正面", "负面") and rejected != chosen and rejected.strip()
+        assert prompt[-1]["content"] not in held_out  # training questions only
+    chosen = [pair["chosen"] for pair in pairs]
+    assert chosen.count("正面") == chosen.count("负面")
+
+
+def test_onpolicy_sentiment_pairs_choose_each_label_equally_often():
+    pairs = ([{"task": "sentiment", "chosen": "正面", "rejected": "负面", "i": i} for i in range(5)]
+             + [{"task": "sentiment", "chosen": "负面", "rejected": "正面", "i": i} for i in range(5, 7)]
+             + [{"task": "ner", "chosen": "人名：张三", "rejected": "人名：无", "i": 7}])
+    kept, dropped = balance_sentiment_labels(pairs)
+    assert dropped == 3 and [p["chosen"] for p in kept].count("正面") == 2
+    assert [p for p in kept if p["chosen"] != "正面"] == pairs[5:]  # the rarer label and the other tasks: all
+    assert [p["i"] for p in kept] == sorted(p["i"] for p in kept)  # in their order
+    # errors that all lean one way teach nothing but the lean: none of them is kept
+    assert balance_sentiment_labels(pairs[:5] + pairs[7:]) == (pairs[7:], 5)
