@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import demo
 from checkpoint import checkpoint_format, load_model
@@ -84,6 +85,7 @@ def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, r
             by_length.setdefault(len(ids), []).append((ids, budget, context[-1]["content"], answer["content"]))
             n += 1
         scores = []
+        bar = tqdm(total=n, desc=task, unit="q", leave=False, dynamic_ncols=True)  # minutes on a CPU at full size
         for group in by_length.values():
             for i in range(0, len(group), batch_size):
                 chunk = group[i:i + batch_size]
@@ -102,6 +104,8 @@ def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, r
                     scores.append(demo.score(task, question, reference, tok.decode(out), idiom_words))
                     if record is not None:
                         record.append((task, question, reference, tok.decode(out)))
+                bar.update(len(chunk))
+        bar.close()
         if too_long:
             print(f"  {task}: {too_long} question(s) longer than the context skipped")
         if scores:

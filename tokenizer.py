@@ -47,6 +47,8 @@ def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
     try:
         proto = _train_bpe(sentences, vocab_size, num_threads)
     except RuntimeError as e:
+        if "KeyboardInterrupt" in str(e):  # Ctrl-C inside the sentence iterator, wrapped by sentencepiece's C++
+            raise KeyboardInterrupt from None
         msg = str(e).split("] ")[-1]
         if "required_chars" in msg:  # sentencepiece's own advice names options we do not expose
             msg = (f"the text needs more single-character pieces than vocab_size={vocab_size} leaves room for "
