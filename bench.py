@@ -139,8 +139,8 @@ def bench_train():
 def bench_decode():
     """
     Greedy decode speed, batch 1, the same threads for every engine, side by side in one process: our
-    generate() with and without the KV cache and with a compiled fixed-shape step, llama.cpp (F32 and Q8_0 GGUF, through llama-cpp-python)
-    and, with --runc_dir, llama2.c's run/runq; for the demo checkpoint and for 24m- and 134m-shaped
+    generate() with and without the KV cache and with a compiled fixed-shape step, llama.cpp (F32 and
+    Q8_0 GGUF, through llama-cpp-python) and, with --runc_dir, llama2.c's run/runq; for the demo checkpoint and for 24m- and 134m-shaped
     models with random weights (what the speed depends on is the shape, not the weights).
     """
     import shutil

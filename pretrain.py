@@ -76,6 +76,9 @@ compile: bool = None              # torch.compile; None: on for CUDA, off elsewh
 seed = 1337                       # model init, batches and dropout: a run is a function of it
 # -----------------------------------------------------------------------------
 
+MUON_UNDER_FSDP = ("error: Muon orthogonalizes whole weight matrices, which FSDP shards; with --fsdp=True pass "
+                   "--muon=False (AdamW), or train adapters (--lora_rank)")
+
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "dropout", "tie_embeddings",
                    "muon", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings")
@@ -146,8 +149,7 @@ def main():
                              "dropout"), positive=("learning_rate",))
     lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
     if fsdp and muon and not lora_rank and init_from != "resume":
-        raise SystemExit("error: Muon orthogonalizes whole weight matrices, which FSDP shards; with --fsdp=True pass "
-                         "--muon=False (AdamW), or train adapters (--lora_rank)")
+        raise SystemExit(MUON_UNDER_FSDP)
     if lora_rank and init_from == "scratch":
         raise SystemExit("error: --lora_rank adapts an existing model: pass --init_from=<a checkpoint or a Llama>")
     resume = init_from == "resume"
@@ -224,8 +226,7 @@ def main():
     # FSDP: the model is sharded before the optimizer sees its parameters (each process then holds a shard)
     sharded = fsdp and run.ddp
     if sharded and use_muon:  # never orthogonalize a shard
-        raise SystemExit("error: Muon orthogonalizes whole weight matrices, which FSDP shards; with --fsdp=True pass "
-                         "--muon=False (AdamW), or train adapters (--lora_rank)")
+        raise SystemExit(MUON_UNDER_FSDP)
     if sharded:
         wrap_fsdp(model, run)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, use_muon,
