@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from model import sample_next
+from model import decoding_attention, sample_next
 
 
 class TextStreamer:
@@ -128,7 +128,8 @@ class Engine:
         """The prompt into the request's cache row, and its first token."""
         cache = [(k[row:row + 1], v[row:row + 1]) for k, v in self.cache]
         prompt = torch.tensor([request.ids], device=self.cache[0][0].device)
-        logits, _ = self.model(prompt, cache=cache, start_pos=0)
+        with decoding_attention():
+            logits, _ = self.model(prompt, cache=cache, start_pos=0)
         request.position = len(request.ids)
         self._emit(request, logits[0, -1].float())
 
@@ -140,8 +141,9 @@ class Engine:
         positions = torch.tensor([r.position for r in self.active], device=device)       # (n,)
         span = int(positions.max()) + 1
         attn_mask = (torch.arange(span, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-        logits, _ = self.model(tokens, cache=[(k[:n], v[:n]) for k, v in self.cache], start_pos=positions,
-                               attn_mask=attn_mask)                                       # (n, 1, V)
+        with decoding_attention():
+            logits, _ = self.model(tokens, cache=[(k[:n], v[:n]) for k, v in self.cache], start_pos=positions,
+                                   attn_mask=attn_mask)                                   # (n, 1, V)
         for request, row_logits in zip(self.active, logits[:, -1].float()):
             request.position += 1
             self._emit(request, row_logits)

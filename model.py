@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from muon import MuonAdamW
 
@@ -360,15 +361,16 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
         for i in range(steps):
-            if cache is None:
-                logits, _ = self(seq)
-            elif i == 0:
-                logits, _ = self(seq, cache=cache, start_pos=0)
-            elif step is not None:
-                with torch.inference_mode(False), torch.no_grad():
-                    logits = step(seq[:, -1:].clone(), torch.tensor(seq.shape[1] - 1, device=seq.device), cache)
-            else:
-                logits, _ = self(seq[:, -1:], cache=cache, start_pos=seq.shape[1] - 1)
+            with decoding_attention():
+                if cache is None:
+                    logits, _ = self(seq)
+                elif i == 0:
+                    logits, _ = self(seq, cache=cache, start_pos=0)
+                elif step is not None:
+                    with torch.inference_mode(False), torch.no_grad():
+                        logits = step(seq[:, -1:].clone(), torch.tensor(seq.shape[1] - 1, device=seq.device), cache)
+                else:
+                    logits, _ = self(seq[:, -1:], cache=cache, start_pos=seq.shape[1] - 1)
             logits = logits[:, -1, :].float()  # (B, V)
             if repetition_penalty != 1.0:
                 seen = torch.gather(logits, 1, seq)
@@ -380,6 +382,15 @@ class Transformer(nn.Module):
             done |= torch.isin(next_token, stop)
             if done.all():
                 return
+
+
+def decoding_attention():
+    """
+    The attention kernels for decoding, where every step has a new shape (the cache grows by a token, each
+    prompt has its own length): flash, memory-efficient or plain, not cuDNN's, which builds a plan for each
+    new shape and made decoding 8 times slower on an H200 (docs/gpu.md). Training's fixed shapes keep it.
+    """
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 # logits of more rows x vocabulary entries than this are never all in memory at once (2**27 fp32 values

@@ -195,3 +195,60 @@ def test_ddp_raises_no_deprecation_warning(demo_data, tmp_path):
     p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path}", *TINY_MODEL, "--max_iters=2",
             "--eval_interval=2", "--device=cpu", launcher=TORCHRUN, extra_env=ONE_THREAD)
     assert "FutureWarning" not in p.out and "broadcast_buffers" not in p.out
+
+
+def test_the_gpu_measurement_command_runs_every_part_on_a_cpu_with_toy_shapes(tmp_path):
+    # `bench.py --what=gpu` is what a user runs first on a new GPU machine: with --tiny it must run whole here
+    report = tmp_path / "report"
+    p = run("bench.py", "--what=gpu", "--tiny=True", f"--gpu_report={report}", timeout=300)
+    import json
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert set(r) >= {"device", "train", "sft_compile", "loss", "lora", "decode", "distributed"}, p.out
+    parts = {k: r[k] for k in ("train", "sft_compile", "loss", "lora", "decode", "distributed")}
+    assert not [k for k, v in parts.items() if isinstance(v, str)], parts  # none failed or was skipped
+    for row in r["train"] + r["lora"]:
+        assert row["error"] is None and row["tokens_per_s"] > 0 and row["predicted_peak"] > 0
+        assert "measured_peak" in row and "mfu" in row  # None on a CPU: no CUDA allocator, no peak FLOP/s
+    assert {row["compiled"] for row in r["train"]} == {False, True}
+    assert {(row["base_dtype"], row["checkpointing"]) for row in r["lora"]} == \
+        {("bfloat16", False), ("int8", False), ("int8", True)}
+    plain, chunked = r["loss"]
+    assert chunked["value"] == pytest.approx(plain["value"], rel=1e-4)  # the same loss, computed in chunks
+    assert r["sft_compile"]["graphs"] == 1 and r["sft_compile"]["graph_breaks"] == 0
+    assert len(set(r["sft_compile"]["answer_tokens"])) > 1  # the batches really differ
+    n = r["shapes"]["decode_tokens"]
+    assert [row["tokens"] for row in r["decode"]] == [n, n] + [c * n for c in r["shapes"]["decode_concurrency"]]
+    assert {row["wrap"] for row in r["distributed"]} == {"ddp", "fsdp"}
+    assert all(row["error"] is None and row["processes"] == 2 for row in r["distributed"])
+    table = (tmp_path / "report.md").read_text()
+    assert "**Pretraining steps**" in table and "| tiny | True |" in table
+
+
+def test_decoding_keeps_cudnn_attention_out_and_training_keeps_it_in(monkeypatch):
+    # cuDNN's attention builds a plan for every new shape, and a KV cache has a new length every token:
+    # on an H200 that made decoding 8x slower (docs/gpu.md). Training's fixed shapes keep every kernel.
+    from engine import Engine, Request
+    seen = []
+    plain_sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return plain_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    model = tiny(dim=32, vocab_size=64, max_seq_len=32)
+    prompt = torch.tensor([[1, 5, 6]])
+    list(model.generate(prompt, 4, temperature=0))
+    list(model.generate(prompt, 4, temperature=0, use_cache=False))
+    engine = Engine(model, slots=2)
+    requests = [Request([1, 5, 6], 4), Request([1, 7], 4)]
+    for request in requests:
+        engine.submit(request)
+    for request in requests:
+        while request.out.get()[0] == "token":
+            pass
+    assert seen and not any(seen)
+    seen.clear()
+    model.train()
+    model(prompt, prompt)
+    assert seen and all(seen)
