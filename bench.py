@@ -25,6 +25,7 @@ import time
 import torch
 
 from configurator import configure
+from memory import LLAMA2, predict_memory
 
 # -----------------------------------------------------------------------------
 what = "all"                 # prep, train, decode, load, loss, serve, memory, lora, gpu, or all (all but gpu)
@@ -370,14 +371,6 @@ def bench_serve():
             proc.wait()
 
 
-# Llama 2's published shapes (Meta's params.json / Hugging Face config.json), for memory planning without the weights
-LLAMA2 = {"llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
-                            max_seq_len=4096, tie_embeddings=False),
-          "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32000, hidden_dim=13824,
-                             max_seq_len=4096, tie_embeddings=False)}
-WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-
-
 def memory_args(name):
     """ModelArgs of a Llama 2 size, a preset (with the demo's 8192-piece vocabulary) or an imported model's config."""
     from model import PRESETS, ModelArgs
@@ -390,66 +383,6 @@ def memory_args(name):
         with open(os.path.join(name, "config.json")) as f:
             return hf_model_args(json.load(f), name)
     raise SystemExit(f"error: --memory_model={name}: not llama2-7b, llama2-13b, a preset, or a Hugging Face directory")
-
-
-def predict_memory(args, tokens, lora_rank=0, base_dtype="float32", compute="float32", checkpointing=False,
-                   processes=1, fsdp=False, vocab_rows=None):
-    """
-    Bytes one process holds at its peak while training args's model on `tokens` tokens per micro-step:
-    a dict of weights, gradients, optimizer state, activations and the total. The counts (docs/memory.md):
-    - weights: fp32 for everything trained; with LoRA the blocks' frozen matrices in base_dtype (int8:
-      plus an fp32 scale per output row), the embedding, classifier and norms in fp32, the adapters fp32.
-      Training everything under bf16 autocast adds autocast's bf16 copy of each matrix during the forward.
-    - gradients: fp32, one per trained parameter; AdamW state: two fp32 moments per trained parameter.
-    - activations, per token and block, counted from what model.py's autograd graph keeps for the
-      backward pass: trained in full, 9 dim + 2 kv + 4 hidden values (each norm's input, its normalized
-      value and its scaled output; q, k, v after RoPE; attention's output and its reshaped copy; the
-      MLP's gate, SiLU, up and product); with LoRA on every matrix 7 dim + 2 kv + 4 hidden (frozen norm
-      gains need no saved input). kv is dim when heads are grouped (k and v repeated before attention).
-      Checkpointing keeps one dim per block and recomputes one block at a time. Values are fp32 on the
-      residual stream and in the norms, the compute dtype elsewhere. The classifier adds 4 logits-sized
-      fp32 tensors (logits, log-softmax, and their gradients) where the loss is not chunked.
-    - the peak: weights + optimizer state + the larger of (activations + logits) at the start of the
-      backward pass and (gradients + one fp32 temporary per trained parameter) at the optimizer step.
-    - FSDP over N processes: weights, gradients and optimizer state divided by N, plus the gathered
-      weights in the compute dtype of the unsharded root (embedding, classifier) and two blocks (one
-      computing, one prefetched). DDP: every process holds everything, plus its gradient buckets.
-    """
-    from model import CHUNKED_LOSS_ABOVE
-    D, L, V = args.dim, args.n_layers, vocab_rows or args.vocab_size
-    H = args.hidden_dim or args.multiple_of * ((int(8 * D / 3) + args.multiple_of - 1) // args.multiple_of)
-    kv_dim = D // args.n_heads * (args.n_kv_heads or args.n_heads)
-    kv = D if kv_dim < D else kv_dim                                   # GQA: k and v repeated to every head
-    block_matrices = L * (2 * D * D + 2 * D * kv_dim + 3 * D * H)
-    embeddings = V * D * (1 if args.tie_embeddings else 2)
-    norms = L * 2 * D + D
-    c = WEIGHT_BYTES[compute]
-    if lora_rank:
-        adapters = L * lora_rank * (2 * D + 2 * (D + kv_dim) + 2 * D + 3 * (D + H))
-        trained = adapters
-        scales = L * (2 * D + 2 * kv_dim + 2 * H + D) * 4 if base_dtype == "int8" else 0
-        weights = block_matrices * WEIGHT_BYTES[base_dtype] + scales + (embeddings + norms + adapters) * 4
-        per_block = (7 * D + 2 * kv + 4 * H)
-        fp32_share = 4 * D                                             # block inputs and norm outputs
-    else:
-        trained = block_matrices + embeddings + norms
-        weights = trained * 4 + ((block_matrices + embeddings) * 2 if c == 2 else 0)  # autocast's bf16 copies
-        per_block = (9 * D + 2 * kv + 4 * H)
-        fp32_share = 6 * D
-    block_bytes = fp32_share * 4 + (per_block - fp32_share) * c        # per token
-    if checkpointing:
-        activations = tokens * (L * D * 4 + block_bytes)
-    else:
-        activations = tokens * L * block_bytes
-    activations += tokens * D * 4 * 3                                  # the embedding output and the final norm
-    logits = 4 * tokens * V * 4 if tokens * V <= CHUNKED_LOSS_ABOVE else 4 * (CHUNKED_LOSS_ABOVE // 4) * 4
-    gradients, optimizer = trained * 4, trained * 8
-    if fsdp and processes > 1:
-        gathered = (embeddings + norms + 2 * block_matrices // L) * c
-        weights, gradients, optimizer = weights / processes + gathered, gradients / processes, optimizer / processes
-    peak = weights + optimizer + max(activations + logits, gradients + trained * 4 / (processes if fsdp else 1))
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations + logits,
-            "total": peak}
 
 
 MEASURE_STEP = """

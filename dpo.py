@@ -30,6 +30,7 @@ import evaluate
 from checkpoint import check_tokenizer, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from configurator import check_ranges, configure
 from lora import adapters_disabled, merged_state_dict, trainable_state_dict
+from memory import preflight
 from tokenizer import Tokenizer
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
                       lora_base_dtype, model_to_tune, seed_step, setup_device, train_step, wrap_ddp)
@@ -77,6 +78,8 @@ device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
 checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
 compile: bool = None              # torch.compile; None: on for CUDA where Triton runs, off elsewhere
+auto_batch_size = False           # pre-flight: the largest micro-batch that fits, same batch_size x accumulation
+device_memory_gb = 0.0            # pre-flight: plan for this much memory per device (GB); 0: what the device has free
 seed = 1337                       # the order of the pairs
 # -----------------------------------------------------------------------------
 
@@ -195,6 +198,7 @@ def all_answer_logps(model, pairs, batch_size, to_device, autocast, ids=None):
 
 
 def main():
+    global batch_size, gradient_accumulation_steps  # auto_batch_size may change them
     config = configure(globals())
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
                                      "block_size"),
@@ -231,17 +235,24 @@ def main():
     model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint,
                                                     base_dtype=lora_base_dtype(base_dtype, run.dtype))
     use_lora = config["lora_rank"] > 0
-    model.to(run.device)
-    # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters
-    # off; without, a copy, made before any step (and, resuming, from the base again)
-    ref_model = None
-    if config["reference"] == "model" and not use_lora:
-        ref_model, _, _ = model_to_tune(base_dir, tok, dict(config, lora_rank=0), seed)
-        ref_model.to(run.device).eval().requires_grad_(False)
     model_args = model.args
     seq_len = config["block_size"] or model_args.max_seq_len
     if seq_len > model_args.max_seq_len:
         raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
+    # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters
+    # off; without, a copy, made before any step (and, resuming, from the base again)
+    separate_reference = config["reference"] == "model" and not use_lora
+    batch_size, gradient_accumulation_steps = preflight(
+        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=config["lora_rank"],
+        base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations, rows_per_item=2,
+        extra_bytes=model.num_params() * 4 if separate_reference else 0, memory_gb=device_memory_gb,
+        auto_batch=auto_batch_size)
+    config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
+    model.to(run.device)
+    ref_model = None
+    if separate_reference:
+        ref_model, _, _ = model_to_tune(base_dir, tok, dict(config, lora_rank=0), seed)
+        ref_model.to(run.device).eval().requires_grad_(False)
     train_data = Pairs(data_dir, "train", seq_len, tok, seed)
     test_data = Pairs(data_dir, "test", seq_len, tok, seed)
 
@@ -401,6 +412,8 @@ def main():
             loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
                               gradient_accumulation_steps, run, grad_clip, loss_fn=pair_loss)
             iter_num += 1
+            if run.master:
+                logger.first_timing(iter_num, run)
 
             if run.master and iter_num % log_interval == 0:
                 train_loss = loss.item()  # this process's mean over the step's micro-batches

@@ -24,6 +24,7 @@ from configurator import check_ranges, configure
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
 from lora import merged_state_dict
+from memory import preflight
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
                       full_state, load_optimizer_state, lora_base_dtype, model_to_tune, seed_step, setup_device,
                       train_step, wrap_ddp, wrap_fsdp)
@@ -73,6 +74,8 @@ dtype = "auto"                    # auto: bfloat16 where supported, float16 on o
 checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
 fsdp = False                      # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
+auto_batch_size = False           # pre-flight: the largest micro-batch that fits, same batch_size x accumulation
+device_memory_gb = 0.0            # pre-flight: plan for this much memory per device (GB); 0: what the device has free
 seed = 1337                       # model init, batches and dropout: a run is a function of it
 # -----------------------------------------------------------------------------
 
@@ -142,6 +145,7 @@ def model_args_from_settings(vocab_size):
 
 
 def main():
+    global batch_size, gradient_accumulation_steps  # auto_batch_size may change them
     config = configure(globals())
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                                      "log_interval", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size"),
@@ -217,6 +221,11 @@ def main():
         raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
     train_data.check_fits(seq_len)
     val_data.check_fits(seq_len)
+    batch_size, gradient_accumulation_steps = preflight(
+        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=config["lora_rank"],
+        base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,
+        fsdp=fsdp and run.ddp, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
+    config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     model.checkpoint_activations = checkpoint_activations
     model.to(run.device)
     # a resumed run keeps its optimizer: the saved state only fits the one it was made by
@@ -350,6 +359,8 @@ def main():
             loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
                               gradient_accumulation_steps, run, grad_clip)
             iter_num += 1
+            if run.master:
+                logger.first_timing(iter_num, run)
 
             if run.master and iter_num % log_interval == 0:
                 train_loss = loss.item()  # this process's mean over the step's micro-batches

@@ -24,6 +24,7 @@ import evaluate
 from checkpoint import check_tokenizer, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from configurator import check_ranges, configure
 from lora import merged_state_dict
+from memory import preflight
 from model import peak_flops
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
@@ -71,6 +72,8 @@ dtype = "auto"                    # auto: bfloat16 where supported, float16 on o
 checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
 fsdp = False                      # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
+auto_batch_size = False           # pre-flight: the largest micro-batch that fits, same batch_size x accumulation
+device_memory_gb = 0.0            # pre-flight: plan for this much memory per device (GB); 0: what the device has free
 seed = 1337                       # batch order and any dropout
 # -----------------------------------------------------------------------------
 
@@ -198,6 +201,7 @@ class Conversations:
 
 
 def main():
+    global batch_size, gradient_accumulation_steps  # auto_batch_size may change them
     config = configure(globals())
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                                      "log_interval", "block_size"),
@@ -231,10 +235,15 @@ def main():
     model_args = model.args
     use_lora = config["lora_rank"] > 0
     full_embeddings = use_lora and model.tok_embeddings.weight.requires_grad
-    model.to(run.device)
     seq_len = config["block_size"] or model_args.max_seq_len
     if seq_len > model_args.max_seq_len:
         raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
+    batch_size, gradient_accumulation_steps = preflight(
+        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=config["lora_rank"],
+        base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,
+        fsdp=fsdp and run.ddp, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
+    config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
+    model.to(run.device)
     train_data = Conversations(data_dir, "train", seq_len, tok, packing, seed)
     test_data = Conversations(data_dir, "test", seq_len, tok, packing, seed)
 
@@ -369,6 +378,8 @@ def main():
             loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
                               gradient_accumulation_steps, run, grad_clip, count=lambda b: b["loss_mask"].sum())
             iter_num += 1
+            if run.master:
+                logger.first_timing(iter_num, run)
 
             if run.master and iter_num % log_interval == 0:
                 train_loss = loss.item()  # this process's mean over the step's micro-batches

@@ -445,6 +445,7 @@ class Logger:
         elif not resume and os.path.exists(self.path):
             os.remove(self.path)  # the log of a run that never saved a checkpoint
         self.t_start, self.it_start = time.time(), None
+        self.steps_seen, self.timing_mark = 0, None  # first_timing's count, and (iteration, time) it started at
 
     def log(self, record):
         if self.pending is not None:
@@ -460,6 +461,28 @@ class Logger:
             f.writelines(json.dumps(record) + "\n" for record in self.pending)
         os.replace(self.path + ".tmp", self.path)
         self.pending = None
+
+    def first_timing(self, it, run, warmup=2, timed=10):
+        """
+        Called after each training step: once `timed` steps after the first `warmup` ones (the compile,
+        the allocator's first growth) have run, say once how long the run will take at that pace. A GPU is
+        waited for at both ends, so that the interval measures the work, not the queueing of it.
+        """
+        sync = torch.cuda.synchronize if run.device_type == "cuda" else lambda: None
+        self.steps_seen += 1
+        if self.steps_seen == warmup:
+            sync()
+            self.timing_mark = (it, time.time())
+        elif self.timing_mark and (self.steps_seen == warmup + timed or it >= self.max_iters):
+            sync()
+            per_iter = (time.time() - self.timing_mark[1]) / (it - self.timing_mark[0])
+            left_s = per_iter * (self.max_iters - it)
+            peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GB allocated" \
+                if run.device_type == "cuda" else ""
+            print(f"pre-flight: {it - self.timing_mark[0]} steps at {per_iter * 1000:.0f} ms/iter{peak}: about "
+                  f"{int(left_s // 3600)}h{int(left_s % 3600 // 60):02d}m{int(left_s % 60):02d}s more to iteration "
+                  f"{self.max_iters} (evaluations not counted)")
+            self.timing_mark = None
 
     def eta(self, it):
         if self.it_start is None:

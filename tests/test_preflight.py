@@ -1,0 +1,102 @@
+"""
+The pre-flight check every training stage runs before the model goes on the device: the predicted peak
+memory is close to a measured one, a plan that cannot fit stops in one line before anything is written
+and names settings that fit (which then pass), --auto_batch_size keeps the tokens per step, and the
+first steps' timing is stated once.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_MODEL, read_log, run
+
+MEASURE = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from memory import preflight
+from model import ModelArgs, Transformer
+from training import setup_device
+torch.set_num_threads(2)
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+torch.randn(64, 64) @ torch.randn(64, 64)  # the math libraries loaded before the baseline
+run = setup_device("cpu", "float32", False, keep_memory=False)
+base = rss("VmRSS")
+torch.manual_seed(0)
+model = Transformer(ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=16000, max_seq_len=512,
+                              tie_embeddings=False))
+preflight(model, run, 512, 2, 1)
+optimizer = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), "cpu", muon=False)
+for step in range(2):
+    tokens = torch.randint(0, 16000, (2, 512))
+    _, loss = model(tokens, tokens)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print(json.dumps({{"peak": rss("VmHWM") - base}}))
+"""
+
+
+def test_the_predicted_peak_is_within_15_percent_of_the_measured_one_on_a_cpu():
+    # large allocations go back to the system at once, so that the resident size follows what is alive
+    p = subprocess.run([sys.executable, "-c", MEASURE.format(root=ROOT)], capture_output=True, text=True,
+                       env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), timeout=300)
+    assert p.returncode == 0, p.stderr
+    predicted = float(re.search(r"predicted peak per device ([\d.]+) GB", p.stdout).group(1)) * 2**30
+    measured = json.loads(p.stdout.strip().splitlines()[-1])["peak"]
+    assert predicted > 0.5 * 2**30  # large enough that the allocator's noise is small beside it
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+
+
+def test_a_plan_that_cannot_fit_stops_in_one_line_before_writing_and_its_suggestions_fit(demo_data, tmp_path):
+    out = tmp_path / "out"
+    common = [f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--block_size=64", "--batch_size=8",
+              "--gradient_accumulation_steps=2", "--max_iters=2", "--eval_interval=2", "--device_memory_gb=0.04"]
+    p = run("pretrain.py", *common, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.out, p.out
+    error = p.out.strip().splitlines()[-1]
+    assert error.startswith("error: this run needs about") and "settings that fit:" in error, p.out
+    assert sorted(os.listdir(out)) in ([], ["lock"])  # no checkpoint, no log, no tokenizer copy
+    # the first suggestion keeps the tokens per step (8 x 2) with a smaller micro-batch
+    batch, accumulation = map(int, re.search(r"--batch_size=(\d+) --gradient_accumulation_steps=(\d+)", error).groups())
+    assert batch < 8 and batch * accumulation == 16
+    p = run("pretrain.py", *common, f"--batch_size={batch}", f"--gradient_accumulation_steps={accumulation}")
+    assert "pre-flight: predicted peak" in p.out and os.path.exists(out / "ckpt.pt")
+
+
+def test_auto_batch_size_picks_a_micro_batch_that_fits_and_keeps_the_tokens_per_step(demo_data, tmp_path):
+    out = tmp_path / "out"
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--block_size=64",
+            "--batch_size=8", "--gradient_accumulation_steps=2", "--max_iters=2", "--eval_interval=2",
+            "--device_memory_gb=0.04", "--auto_batch_size=True")
+    chosen = re.search(r"auto_batch_size: (\d+) x (\d+) accumulation \(was 8 x 2\)", p.out)
+    assert chosen, p.out
+    batch, accumulation = map(int, chosen.groups())
+    assert batch < 8 and batch * accumulation == 16
+    assert "tokens per iteration: " + f"{batch} batch x 64 context x {accumulation} accumulation" in p.out
+    assert "= 1,024" in p.out  # 16 sequences x 64 tokens per step, as asked
+    with open(out / "ckpt.pt", "rb"):
+        pass
+    from checkpoint import load_checkpoint
+    config = load_checkpoint(str(out))["config"]
+    assert (config["batch_size"], config["gradient_accumulation_steps"]) == (batch, accumulation)
+
+
+def test_every_training_stage_prints_its_plan_and_the_first_steps_timing(demo_data, tiny_ckpt, tmp_path):
+    p = run("sft.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'sft'}",
+            "--batch_size=2", "--eval_iters=1", "--max_iters=14", "--eval_interval=14", "--evaluate_tasks=False")
+    assert "pre-flight: predicted peak per device" in p.out
+    timing = re.search(r"pre-flight: 10 steps at \d+ ms/iter: about \dh\d\dm\d\ds more to iteration 14", p.out)
+    assert timing, p.out
+    p = run("dpo.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'dpo'}",
+            "--batch_size=2", "--max_iters=2", "--eval_interval=2", "--evaluate_tasks=False", "--reference=model",
+            "--device_memory_gb=0.0001", check=False)
+    # a DPO micro-batch holds each pair twice (chosen and rejected) and the reference model beside it
+    assert "2 x 128 tokens per micro-step" in p.out and "other " in p.out, p.out
+    assert p.out.strip().splitlines()[-1].startswith("error: this run needs about"), p.out
