@@ -183,8 +183,10 @@ def export_hf(model, tok, directory):
     }
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
+    # generate() stops at any of these: EOS ends a chat answer, BOS ends a base model's document (our
+    # pretraining documents are [BOS] + text, so a document is over when the model predicts the next BOS)
     with open(os.path.join(directory, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}, f, indent=1)
+        json.dump({"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.bos_id]}, f, indent=1)
     shutil.copyfile(tok.model_path, os.path.join(directory, "tokenizer.model"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -202,7 +204,8 @@ def export_gguf(model, tok, path, qtype, name="llama2.zh"):
     """
     A GGUF file llama.cpp, llama-server and ollama run: architecture llama, every hyperparameter llama.cpp
     reads, our sentencepiece vocabulary (pieces, scores, token types: our byte pieces are llama.cpp's
-    <0xNN> byte tokens), bos/eos/unk, BOS added and EOS not, and our chat template. The tensors keep our
+    <0xNN> byte tokens), bos/eos/unk, BOS added and EOS not, BOS as an end of generation too (a base
+    model's document ends there), and our chat template. The tensors keep our
     interleaved rotary layout, which is Meta's and the one llama.cpp's llama architecture uses; the
     classifier is left out when it is the embedding. qtype: "f32", "f16" or "q8_0" for the matrices.
     """
@@ -244,6 +247,10 @@ def export_gguf(model, tok, path, qtype, name="llama2.zh"):
     writer.add_token_types(types)
     writer.add_bos_token_id(tok.bos_id)
     writer.add_eos_token_id(tok.eos_id)
+    # llama.cpp ends generation at any of its end-of-generation ids (EOS, end-of-text, end-of-message);
+    # BOS as the end-of-text id makes it stop where sample.py and run.c stop, at the end of a document.
+    # Prompts are tokenized as before: BOS still starts each one.
+    writer.add_eot_token_id(tok.bos_id)
     writer.add_unk_token_id(tok.sp.unk_id())
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)

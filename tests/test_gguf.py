@@ -166,3 +166,79 @@ def test_an_extended_tokenizer_and_an_untied_classifier_round_trip(extended_data
     with torch.no_grad():
         ours = model(torch.tensor([ids]), torch.tensor([ids]))[0][0].numpy()
     np.testing.assert_allclose(np.array(llm.scores[:len(ids)]), ours, atol=1e-3, rtol=1e-3)
+
+
+ENDING_PROMPTS = ["床前明月光，", "这家酒店的服务", "今天天气", "中国的", "一马当先", "我们", "北京是", "他说",
+                  "春眠不觉晓，", "房间很干净", "这部电影", "成语接龙"]
+
+
+def greedy_with_margin(model, ids, n, stop):
+    """Our greedy tokens after ids (up to a stop token, which is included) and the smallest gap between the
+    best and second-best logit on the way: how far every decision is from a tie another runtime could break."""
+    out, gap = [], float("inf")
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out]))[0][0, -1]
+            top = logits.topk(2).values
+            gap = min(gap, float(top[0] - top[1]))
+            out.append(int(logits.argmax()))
+            if out[-1] in stop:
+                break
+    return out, gap
+
+
+@pytest.fixture(scope="module")
+def ends_documents(tiny_ckpt, tmp_path_factory):
+    """
+    The tiny model changed so that it ends some documents: untied, one residual dimension held constant
+    and read by the BOS row of the classifier only, with the strength chosen so that after some prompts
+    the greedy text goes on to the length limit and after others the next token is BOS (the start of the
+    next document, where sample.py and run.c stop). Only prompts whose every greedy decision is clear of
+    a tie (a gap of 0.005 between the best two logits) are kept. Returns (model, tok, {prompt: our greedy
+    tokens}, GGUF path, Hugging Face directory).
+    """
+    from export import export_gguf, export_hf
+    from model import ModelArgs, Transformer
+    model, tok, _ = load_model(tiny_ckpt)
+    untied = Transformer(ModelArgs(**{**vars(model.args), "tie_embeddings": False})).eval()
+    state = model.state_dict()
+    untied.load_state_dict(dict(state, **{"output.weight": state["tok_embeddings.weight"].clone()}))
+    stop = (tok.bos_id, tok.eos_id)
+    with torch.no_grad():
+        untied.tok_embeddings.weight[:, 0] = 1.0
+        untied.output.weight[:, 0] = 0.0
+        for strength in [x / 1000 for x in range(40, 120)]:
+            untied.output.weight[tok.bos_id, 0] = strength
+            outcomes = {p: greedy_with_margin(untied, [tok.bos_id] + tok.encode(p), 16, stop) for p in ENDING_PROMPTS}
+            clear = {p: t for p, (t, gap) in outcomes.items() if gap > 0.005}
+            if any(t[-1] == tok.bos_id for t in clear.values()) and any(t[-1] not in stop for t in clear.values()):
+                break
+        else:
+            pytest.fail(f"no strength makes the tiny model end some documents clearly: {outcomes}")
+    out = tmp_path_factory.mktemp("ends_documents")
+    export_gguf(untied, tok, str(out / "model.gguf"), "f32")
+    export_hf(untied, tok, str(out / "hf"))
+    return untied, tok, clear, str(out / "model.gguf"), str(out / "hf")
+
+
+def test_llama_cpp_and_transformers_stop_at_the_end_of_a_document_where_sample_py_does(ends_documents):
+    from sample import generate_text
+    model, tok, ours, gguf_path, hf_dir = ends_documents
+    kv = fields(gguf_path)[0]
+    assert kv["tokenizer.ggml.eot_token_id"] == tok.bos_id  # BOS ends generation...
+    assert kv["tokenizer.ggml.bos_token_id"] == tok.bos_id and kv["tokenizer.ggml.add_bos_token"]  # ...and starts prompts
+    llm = llama(gguf_path, n_ctx=64)
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    for prompt, tokens in ours.items():
+        ids = [tok.bos_id] + tok.encode(prompt)
+        assert llm.tokenize(prompt.encode("utf-8")) == ids  # prompts are tokenized as before: BOS first
+        text, _, _, why = generate_text(model, tok, ids, stream=False, max_new_tokens=16, temperature=0,
+                                        stop_tokens=(tok.bos_id, tok.eos_id))  # what sample.py prints and why
+        assert why == ("stop" if tokens[-1] == tok.bos_id else "length")
+        theirs = llm.create_completion(prompt, max_tokens=16, temperature=0.0, repeat_penalty=1.0, top_k=1)
+        assert (theirs["choices"][0]["text"], theirs["choices"][0]["finish_reason"]) == (text, why), prompt
+        with torch.no_grad():
+            generated = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        assert generated == tokens, prompt  # the same tokens, ending with the BOS where ours end
