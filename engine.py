@@ -49,7 +49,9 @@ class Request:
     """
     One generation: its prompt ids and settings, and the queue its results go to: ("token", id) for
     each new token, then ("end", finish_reason) with "stop" (a stop token), "length" (max_new_tokens, or
-    the context is full), "cancelled", or "error".
+    the context is full), "cancelled", "error" (this request failed; the others go on) or "shutdown".
+    A seeded request samples on the CPU with its own generator: the same seed gives the same answer on
+    any device, and a CPU generator never meets GPU logits.
     """
 
     def __init__(self, ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=None, stop_tokens=()):
@@ -80,13 +82,14 @@ class Engine:
         self.cache = model.new_cache(slots, self.context, weight.device, weight.dtype)
         self.waiting, self.active = collections.deque(), []  # active[i] decodes in cache row i
         self.wake = threading.Condition()
+        self.closed = False
         if background:
             threading.Thread(target=self.run, daemon=True).start()
 
     def submit(self, request):
-        """Queue a request; False when the queue is full (the caller answers 503)."""
+        """Queue a request; False when every slot and the queue are full (the caller answers 503)."""
         with self.wake:
-            if len(self.waiting) >= self.max_queue:
+            if self.closed or len(self.active) + len(self.waiting) >= self.slots + self.max_queue:
                 return False
             self.waiting.append(request)
             self.wake.notify()
@@ -107,22 +110,35 @@ class Engine:
                 admitted = []
                 while self.waiting and len(self.active) + len(admitted) < self.slots:
                     admitted.append(self.waiting.popleft())
-            try:
-                for request in admitted:
-                    if request.cancelled.is_set():
-                        request.out.put(("end", "cancelled"))
-                        continue
-                    self.active.append(request)
+            for request in admitted:
+                if request.cancelled.is_set():
+                    request.out.put(("end", "cancelled"))
+                    continue
+                self.active.append(request)
+                try:
                     self._prefill(request, len(self.active) - 1)
+                except Exception as e:  # this request's own prompt failed: it ends, the others go on
+                    request.finish = "error"
+                    print(f"engine: a prompt failed ({type(e).__name__}: {e}); its request was ended")
+            try:
                 self._drop_finished()
                 if self.active:
                     self._decode()
                     self._drop_finished()
-            except Exception as e:  # a failed step must not take the server down: fail its requests
+            except Exception as e:  # a failed forward pass must not take the server down: fail its requests
                 for request in self.active:
                     request.out.put(("end", "error"))
                 self.active = []
                 print(f"engine: a step failed ({type(e).__name__}: {e}); its requests were ended")
+
+    def close(self):
+        """End every waiting and active request with "shutdown" and take no more (serve.py on Ctrl-C/SIGTERM)."""
+        with self.wake:
+            self.closed = True
+            for request in list(self.waiting) + list(self.active):
+                request.out.put(("end", "shutdown"))
+            self.waiting.clear()
+            self.active = []
 
     def _prefill(self, request, row):
         """The prompt into the request's cache row, and its first token."""
@@ -153,7 +169,14 @@ class Engine:
         if request.cancelled.is_set():
             request.finish = "cancelled"
             return
-        token = int(sample_next(logits[None], request.temperature, None, request.top_p, request.generator)[0])
+        if request.generator is not None:
+            logits = logits.cpu()
+        try:
+            token = int(sample_next(logits[None], request.temperature, None, request.top_p, request.generator)[0])
+        except Exception as e:  # this request's own sampling failed: it ends, the others go on
+            request.finish = "error"
+            print(f"engine: sampling failed ({type(e).__name__}: {e}); its request was ended")
+            return
         if token in request.stop_tokens:
             request.finish = "stop"
             return

@@ -447,7 +447,9 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
     """One token per row from (B, V) logits: greedy at temperature 0, else top-k/top-p filtered sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # the largest logit becomes 0 before the division: no temperature, however small, can overflow it to
+    # inf (and softmax to NaN); the rest can only go to -inf, a probability of 0
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))

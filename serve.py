@@ -11,12 +11,16 @@ answer is 503. Messages are rendered with the model's Llama 2 chat template exac
 --chat renders them. Errors are OpenAI-shaped ({"error": {"message", "type", "param", "code"}}).
 Built on the standard library's HTTP server: nothing to install (the reasons: docs/serve.md).
 """
+import errno
 import json
 import os
 import queue
+import signal
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -36,6 +40,7 @@ max_queue = 64               # requests waiting for a slot; past this the server
 max_tokens = 256             # new tokens per answer when a request does not say
 max_body_bytes = 1 << 20     # larger request bodies are refused (413)
 model_name = ""              # the model's id in the API; "": the checkpoint directory's name
+cors_origin = ""             # a web origin whose pages may call the API (e.g. http://localhost:3000, or *); "": none
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
 # -----------------------------------------------------------------------------
@@ -44,6 +49,12 @@ IGNORED = ("frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "t
            "response_format", "service_tier", "store", "metadata", "parallel_tool_calls", "top_k",
            "repetition_penalty", "reasoning_effort", "modalities", "prediction", "audio", "web_search_options")
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")
+# why a request ended without an answer: (HTTP status, message, code)
+FAILURES = {"error": (500, "generation failed on the server", "generation_failed"),
+            "timeout": (500, "no token came for 600 s; the answer was given up", "timeout"),
+            "shutdown": (503, "the server is shutting down", "shutting_down")}
+IDLE_SECONDS = 60
+POST_PATHS, GET_PATHS = ("/v1/chat/completions", "/v1/completions"), ("/", "/health", "/v1/models")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 
 
@@ -92,8 +103,9 @@ def sampling(body, context, prompt_tokens, default_max_tokens):
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens, {prompt_tokens - context + 1} more than fit the "
                             f"model's context of {context} with room for an answer; shorten it",
                        param="messages", code="context_length_exceeded")
-    stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) or len(v) <= 4 and
-                 all(isinstance(s, str) and s for s in v), "a string or a list of up to 4 non-empty strings")
+    stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) and v or isinstance(v, list) and
+                 len(v) <= 4 and all(isinstance(s, str) and s for s in v),
+                 "a non-empty string or a list of up to 4 non-empty strings")
     options = field(body, "stream_options", dict, {})
     return dict(max_new_tokens=limit,
                 temperature=float(field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2,
@@ -105,8 +117,13 @@ def sampling(body, context, prompt_tokens, default_max_tokens):
                 include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
 
 
-def chat_prompt(body, tok):
-    """(prompt ids, messages) of a chat request, rendered as sample.py --chat renders a conversation."""
+def chat_prompt(body, tok, budget):
+    """
+    (prompt ids, messages, turns left out) of a chat request, rendered as sample.py --chat renders a
+    conversation. A conversation longer than budget tokens loses its oldest (user, assistant) turns, the
+    system message staying, as sample.py --chat does; a last message that alone does not fit is left
+    whole, for the caller to refuse.
+    """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", param="messages")
@@ -126,7 +143,14 @@ def chat_prompt(body, tok):
         split_turns(rendered)
     except ValueError as e:
         raise ApiError(400, f"{e} (one system message first at most)", param="messages")
-    return tok.encode_chat(rendered)[0], rendered
+    head = rendered[:1] if rendered[0]["role"] == "system" else []
+    turns = rendered[len(head):-1]  # alternating user, assistant
+    for dropped in range(0, len(turns) // 2 + 1):
+        messages = head + turns[2 * dropped:] + rendered[-1:]
+        ids = tok.encode_chat(messages)[0]
+        if len(ids) <= budget:
+            return ids, messages, dropped
+    return ids, messages, len(turns) // 2
 
 
 def completion_prompt(body, tok):
@@ -166,52 +190,125 @@ class StopStrings:
         return out
 
 
-def make_handler(engine, tok, name, default_max_tokens, body_limit):
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # a burst of connections waits in the kernel's queue (the default 5 drops them)
+
+
+def make_handler(engine, tok, name, default_max_tokens, body_limit, cors=""):
     """The request handler class of a server for engine's model."""
     context = engine.context
+    model_card = {"id": name, "object": "model", "created": 0, "owned_by": "llama2.zh"}
+    answering = []  # one entry per answer being written: on shutdown, main() waits for their last events
 
     class Handler(BaseHTTPRequestHandler):
+        open_answers = answering
         protocol_version = "HTTP/1.1"  # keep-alive for the non-streaming answers
+        timeout = IDLE_SECONDS         # a connection silent this long is closed: it holds a thread
 
         def log_message(self, format, *args):  # one short line per request, not the default's long ones
             sys.stderr.write(f"{self.address_string()} {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
 
-        def send_json(self, status, payload):
+        def end_headers(self):
+            if cors:  # the page of another origin may read the answers
+                self.send_header("Access-Control-Allow-Origin", cors)
+                self.send_header("Access-Control-Expose-Headers", "X-Dropped-Turns")
+            super().end_headers()
+
+        def send_json(self, status, payload, headers=None):
             data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")  # so that a keep-alive client opens a new one
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def route(self):
+            """The path without its query string, and a 405 for a known path asked with the wrong method."""
+            path = urllib.parse.urlsplit(self.path).path
+            allowed = "POST" if path in POST_PATHS else "GET, HEAD" if path in GET_PATHS or \
+                path.startswith("/v1/models/") else None
+            if allowed and self.command not in allowed.split(", "):
+                self.send_json(405, ApiError(405, f"{path} takes {allowed}, not {self.command}",
+                                             code="method_not_allowed").body(), {"Allow": allowed})
+                return None
+            return path
 
         def do_GET(self):
-            if self.path == "/":
+            path = self.route()
+            if path == "/":
                 with open(PAGE, "rb") as f:
                     page = f.read()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(page)))
                 self.end_headers()
-                self.wfile.write(page)
-            elif self.path == "/health":
+                if self.command != "HEAD":
+                    self.wfile.write(page)
+            elif path == "/health":
                 active, waiting = engine.busy()
                 self.send_json(200, {"status": "ok", "active": active, "waiting": waiting, "slots": engine.slots})
-            elif self.path == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                                                  "owned_by": "llama2.zh"}]})
-            else:
-                self.send_json(404, ApiError(404, f"no such path: GET {self.path[:100]}", code="not_found").body())
+            elif path == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [model_card]})
+            elif path is not None and path.startswith("/v1/models/"):
+                if urllib.parse.unquote(path[len("/v1/models/"):]) == name:
+                    self.send_json(200, model_card)
+                else:
+                    self.send_json(404, ApiError(404, f"no model {path[11:][:100]!r}; this server has {name!r}",
+                                                 param="model", code="model_not_found").body())
+            elif path is not None:
+                self.send_json(404, ApiError(404, f"no such path: {self.command} {path[:100]}",
+                                             code="not_found").body())
+
+        do_HEAD = do_GET
+
+        def do_OPTIONS(self):  # a browser's preflight before a cross-origin POST
+            if not cors:
+                self.send_json(405, ApiError(405, "OPTIONS is answered only with --cors_origin set",
+                                             code="method_not_allowed").body(), {"Allow": "GET, HEAD, POST"})
+                return
+            self.send_response(204)
+            self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def refuse_method(self):
+            self.drop_body()
+            self.send_json(405, ApiError(405, f"{self.command} is not supported: GET, HEAD and POST are",
+                                         code="method_not_allowed").body(), {"Allow": "GET, HEAD, POST"})
+
+        do_PUT = do_DELETE = do_PATCH = refuse_method
 
         def do_POST(self):
+            self.body_read = False
             try:
-                if self.path not in ("/v1/chat/completions", "/v1/completions"):
-                    raise ApiError(404, f"no such path: POST {self.path[:100]}", code="not_found")
+                path = urllib.parse.urlsplit(self.path).path
+                if path in GET_PATHS or path.startswith("/v1/models/"):
+                    self.drop_body()
+                    self.body_read = True
+                    self.route()
+                    return
+                if path not in POST_PATHS:
+                    raise ApiError(404, f"no such path: POST {path[:100]}", code="not_found")
                 body = self.read_body()
-                chat = self.path == "/v1/chat/completions"
-                ids = chat_prompt(body, tok)[0] if chat else completion_prompt(body, tok)
+                chat = path == "/v1/chat/completions"
+                dropped = 0
+                if chat:  # room for an answer: the request's max_tokens, at most half the context
+                    room = min(field(body, "max_tokens", int, None) or default_max_tokens, context // 2)
+                    ids, _, dropped = chat_prompt(body, tok, context - room)
+                else:
+                    ids = completion_prompt(body, tok)
                 settings = sampling(body, context, len(ids), default_max_tokens)
-                self.answer(chat, ids, settings)
+                self.answer(chat, ids, settings, dropped)
             except ApiError as e:
+                if not self.body_read:  # an unread body would be parsed as the next request on this connection
+                    self.drop_body()
                 self.close_connection = self.close_connection or e.status >= 500 or e.status == 413
                 self.send_json(e.status, e.body())
             except (BrokenPipeError, ConnectionResetError):
@@ -221,9 +318,17 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit):
                 sys.stderr.write(f"error answering {self.path}: {type(e).__name__}: {e}\n")
                 self.send_json(500, ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").body())
 
+        def drop_body(self):
+            """Read and drop the body of a request refused before reading it; close when its length is unknown."""
+            length = self.headers.get("Content-Length", "")
+            if length.isascii() and length.isdigit() and int(length) <= body_limit:
+                self.rfile.read(int(length))
+            else:
+                self.close_connection = True
+
         def read_body(self):
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None or not (length.isascii() and length.isdigit()):
                 raise ApiError(411, "send the body with a Content-Length header", code="length_required")
             if int(length) > body_limit:
                 # read what the client is sending before answering, or it sees a broken pipe instead of the 413;
@@ -236,6 +341,7 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit):
                     left -= len(chunk)
                 raise ApiError(413, f"the body has {length} bytes; the limit is {body_limit}", code="body_too_large")
             raw = self.rfile.read(int(length))
+            self.body_read = True
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -244,11 +350,13 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit):
                 raise ApiError(400, "the body must be a JSON object", code="invalid_json")
             return body
 
-        def answer(self, chat, ids, settings):
+        def answer(self, chat, ids, settings, dropped=0):
             limit = min(settings["max_new_tokens"], context - len(ids))
             request = Request(ids, limit, settings["temperature"], settings["top_p"], settings["seed"],
                               stop_tokens=(tok.eos_id, tok.bos_id))
             if not engine.submit(request):
+                if engine.closed:
+                    raise ApiError(503, "the server is shutting down", code="shutting_down", kind="server_error")
                 raise ApiError(503, "the server is busy: every slot and the queue are full; try again shortly",
                                code="overloaded", kind="server_error")
             streamer, stops = TextStreamer(tok, () if chat else ids), StopStrings(settings["stop"])
@@ -275,13 +383,16 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit):
             def send_text(text):
                 self.wfile.write(head + json.dumps(text, ensure_ascii=False).encode("utf-8") + tail)
 
-            pieces, finish, generated = [], None, 0
+            pieces, finish, generated, started = [], None, 0, False
+            answering.append(request)
             try:
                 if settings["stream"]:
+                    started = True
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream; charset=utf-8")
                     self.send_header("Cache-Control", "no-cache")
                     self.send_header("Connection", "close")
+                    self.send_header("X-Dropped-Turns", str(dropped))
                     self.end_headers()
                     self.close_connection = True
                     if chat:
@@ -290,7 +401,8 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit):
                     try:
                         kind, value = request.out.get(timeout=600)
                     except queue.Empty:
-                        kind, value = "end", "error"
+                        request.cancel()
+                        kind, value = "end", "timeout"
                     if kind == "end":
                         finish = {"cancelled": "stop"}.get(value, value)
                         text = stops.flush() + streamer.end() if not stops.stopped else ""
@@ -305,8 +417,14 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit):
                             send_text(text)
                 usage = {"prompt_tokens": len(ids), "completion_tokens": generated,
                          "total_tokens": len(ids) + generated}
-                if finish == "error":
-                    raise ApiError(500, "generation failed on the server", kind="server_error")
+                if finish in FAILURES:
+                    status, message, code = FAILURES[finish]
+                    error = ApiError(status, message, code=code, kind="server_error")
+                    if not settings["stream"]:
+                        raise error
+                    # the status line went out with the first event: the failure is the stream's last event
+                    send_event(error.body())
+                    return
                 if settings["stream"]:
                     send_event(chunk(finish=finish))
                     if settings["include_usage"]:
@@ -318,10 +436,19 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit):
                 choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                           if chat else {"index": 0, "text": text, "finish_reason": finish})
                 self.send_json(200, {"id": rid, "object": obj, "created": created, "model": name,
-                                     "choices": [choice], "usage": usage})
+                                     "choices": [choice], "usage": usage}, {"X-Dropped-Turns": str(dropped)})
             except (BrokenPipeError, ConnectionResetError):
                 request.cancel()  # the client went away: its slot is freed before the next step
                 self.close_connection = True
+            except Exception as e:
+                request.cancel()
+                if not started:
+                    raise  # do_POST answers 500
+                sys.stderr.write(f"error answering {self.path}: {type(e).__name__}: {e}\n")
+                send_event(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error",
+                                    kind="server_error").body())
+            finally:
+                answering.remove(request)
 
     return Handler
 
@@ -329,26 +456,42 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit):
 def main():
     config = configure(globals())
     check_ranges(config, at_least_1=("slots", "max_tokens", "max_body_bytes"), at_least_0=("port", "max_queue"))
+    if port > 65535:
+        raise SystemExit(f"error: --port={port} is not a port: use 0 to 65535 (0: any free one)")
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt], tokenizer)
     if checkpoint.get("stage") not in ("sft", "dpo", "imported"):
         print(f"warning: {out_dir} is a {checkpoint.get('stage')} checkpoint that never saw chat data", file=sys.stderr)
     engine = Engine(model, slots, max_queue, background=False)  # run below, in the main thread
     name = model_name or os.path.basename(os.path.abspath(out_dir))
+    handler = make_handler(engine, tok, name, max_tokens, max_body_bytes, cors_origin)
+    Server.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host=::1, --host=::
     try:
-        server = ThreadingHTTPServer((host, port), make_handler(engine, tok, name, max_tokens, max_body_bytes))
-    except OSError as e:
-        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror}; choose another --port")
-    server.daemon_threads = True
+        server = Server((host, port), handler)
+    except (OSError, OverflowError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        fix = "choose another --port" if getattr(e, "errno", None) == errno.EADDRINUSE else "check --host and --port"
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {why}; {fix}")
+    shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} ({model.num_params() / 1e6:.2f}M parameters, {slots} slots) on "
-          f"http://{host}:{server.server_address[1]}/ ; Ctrl-C stops", flush=True)
+          f"http://{shown}:{server.server_address[1]}/ ; Ctrl-C stops", flush=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def on_sigterm(signum, frame):  # `kill`, `docker stop`, systemd: stop as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         engine.run()
     except KeyboardInterrupt:
         print("\nstopped")
     finally:
+        # every open answer ends with a last event saying why (never a cut stream), then the server closes
+        engine.close()
         server.shutdown()
+        deadline = time.time() + 5
+        while handler.open_answers and time.time() < deadline:
+            time.sleep(0.05)
         server.server_close()
 
 

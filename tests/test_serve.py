@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def free_port():
 def server(tiny_sft):
     port = free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tiny_sft}", f"--port={port}",
-                             "--slots=4", "--max_tokens=32"], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--slots=4", "--max_tokens=32", "--cors_origin=http://example.test"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
     line = proc.stdout.readline()
     assert "serving" in line, line
@@ -283,3 +284,256 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(server, tmp_path):
         assert page.inner_text(".user") == question and shown == want
         page.screenshot(path=os.environ.get("LLAMA2ZH_SCREENSHOT", str(tmp_path / "chat.png")))  # to look at
         browser.close()
+
+
+# ---- one request never hurts another; errors and shutdowns end streams properly (issue 26)
+
+def test_no_temperature_in_range_can_overflow_sampling():
+    from model import sample_next
+    logits = torch.tensor([[3.0, 9.5, -2.0, 9.0]])
+    for temperature in (1e-40, 1e-30, 1e-7, 1e-3):  # all inside the API's 0-2: each one the greedy token
+        assert sample_next(logits, temperature).tolist() == [1]
+    assert sample_next(logits, 1e-40, top_p=0.5).tolist() == [1]
+
+
+def test_a_request_whose_sampling_fails_ends_alone(tiny_sft):
+    model, tok, _ = load_model(tiny_sft)
+    ids = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])[0]
+    engine = Engine(model, slots=2)
+    healthy = Request(ids, 12, stop_tokens=(tok.eos_id, tok.bos_id))
+    broken = Request(ids, 12, temperature=1.0)
+    broken.generator = "not a generator"  # its sampling raises, in the same decode steps as the healthy one
+    engine.submit(healthy)
+    engine.submit(broken)
+    assert collect(broken) == ([], "error")
+    tokens, finish = collect(healthy)
+    assert finish in ("stop", "length") and tokens == greedy_alone(model, tok, ids, 12)
+
+
+def test_max_queue_0_means_no_waiting_beyond_the_slots(tiny_sft):
+    model, tok, _ = load_model(tiny_sft)
+    ids = tok.encode_chat([{"role": "user", "content": "你好"}])[0]
+    engine = Engine(model, slots=1, max_queue=0)
+    first = Request(ids, 10_000)
+    assert engine.submit(first)  # a free slot: accepted
+    assert first.out.get(timeout=60)[0] == "token"
+    assert not engine.submit(Request(ids, 4))  # the slot is busy and nothing may wait
+    first.cancel()
+    assert collect(first)[1] == "cancelled"
+
+
+def test_a_404_leaves_the_connection_usable_for_the_next_request(server):
+    openai = pytest.importorskip("openai", reason="the openai package is not installed (pip install openai)")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="x", input="你好" * 50)  # a body the server never reads as JSON
+    reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "你好"}], max_tokens=4,
+                                           temperature=0)
+    assert reply.choices[0].message.role == "assistant"
+    # the same with raw bytes: a 404 with a body, then a good request, on one connection
+    body = json.dumps({"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4}).encode()
+    host, port = server.rsplit(":", 1)[0].split("//")[1], int(server.rsplit(":", 1)[1])
+    with socket.create_connection((host, port), timeout=60) as s:
+        for path in ("/v1/embeddings", "/v1/chat/completions"):
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 404") and b"HTTP/1.1 200" in received, received[:400]
+
+
+def test_a_long_conversation_loses_its_oldest_turns_and_keeps_the_system_prompt(server):
+    system = {"role": "system", "content": "你是助手。"}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "这是一段很长的对话内容，" * 3}
+             for i in range(8)]
+    question = {"role": "user", "content": "你好"}
+    req = urllib.request.Request(server + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"messages": [system] + turns + [question], "max_tokens": 8,
+                                                  "temperature": 0}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        dropped, answer = int(r.headers["X-Dropped-Turns"]), json.loads(r.read())
+    assert dropped >= 1 and answer["choices"][0]["finish_reason"] in ("stop", "length")
+    # the answer is the one to the conversation without those turns: the system prompt was kept
+    status, direct = post(server + "/v1/chat/completions", {"messages": [system] + turns[2 * dropped:] + [question],
+                                                            "max_tokens": 8, "temperature": 0})
+    assert status == 200 and direct["choices"][0]["message"] == answer["choices"][0]["message"]
+    assert direct["usage"]["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+
+
+def test_stopping_the_server_ends_each_open_stream_with_an_error_event(tiny_sft, tmp_path):
+    from checkpoint import save_checkpoint
+    from model import ModelArgs, Transformer
+    _, tok, _ = load_model(tiny_sft)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, max_seq_len=4096)
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": Transformer(args).state_dict(), "model_args": vars(args),
+                                                "stage": "sft", "tokenizer_sha": tok.sha, "config": {}})
+    shutil.copy(tok.model_path, tmp_path / "tokenizer.model")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tmp_path}", f"--port={port}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert "serving" in proc.stdout.readline()
+    body = json.dumps({"prompt": "床前", "max_tokens": 4000, "stream": True, "temperature": 1.0}).encode()
+    client = socket.create_connection(("127.0.0.1", port), timeout=60)
+    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    received = b""
+    while received.count(b"data: ") < 3:  # it is generating
+        received += client.recv(4096)
+    proc.send_signal(signal.SIGTERM)  # `kill`, `docker stop`
+    while chunk := client.recv(65536):
+        received += chunk
+    client.close()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in proc.stdout.read()
+    events = [e for e in received.split(b"\r\n\r\n", 1)[1].split(b"\n\n") if e.strip()]
+    assert received.count(b"HTTP/1.1") == 1  # never a second status line inside the stream
+    last = json.loads(events[-1][len(b"data: "):])
+    assert last["error"]["code"] == "shutting_down" and last["error"]["type"] == "server_error"
+
+
+def browser_page(p):
+    """A page of Debian's chromium driven by playwright (never `playwright install`: it downloads)."""
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("no chromium here (apt-get install chromium fonts-wqy-microhei)")
+    return p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+
+
+def send_and_wait(page, text, answers):
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_function(f"document.getElementById('send').disabled === false && "
+                           f"document.querySelectorAll('.assistant').length === {answers}", timeout=60_000)
+
+
+def test_the_page_enter_while_composing_pinyin_does_not_send(server):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with playwright.sync_playwright() as p:
+        browser = browser_page(p)
+        page = browser.new_page()
+        page.goto(server + "/")
+        page.fill("#input", "nihao")
+        # Enter pressed to pick a candidate while an input method composes: the message must stay in the box
+        page.dispatch_event("#input", "keydown", {"key": "Enter", "isComposing": True})
+        page.dispatch_event("#input", "keydown", {"key": "Enter", "keyCode": 229})
+        assert page.locator(".user").count() == 0 and page.input_value("#input") == "nihao"
+        page.fill("#input", "你好")
+        send_and_wait(page, "你好", 1)  # a plain Enter sends
+        assert page.inner_text(".user") == "你好"
+        browser.close()
+
+
+def test_the_page_keeps_talking_past_the_context_and_after_failures(server):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with playwright.sync_playwright() as p:
+        browser = browser_page(p)
+        page = browser.new_page()
+        page.goto(server + "/")
+        page.fill("#system", "你是助手。")
+        # a message that cannot fit the 64-token context fails: it leaves no turn behind in the history
+        send_and_wait(page, "很长" * 100, 1)
+        assert "context" in page.inner_text(".note") and page.evaluate("() => history") == []
+        # then turn after turn, past the context: the oldest turns are left out (and the page says so)
+        for i in range(2, 8):
+            send_and_wait(page, "你好，今天天气怎么样？", i)
+        notes = page.locator(".note").all_inner_texts()
+        assert len(notes) > 1 and all("错误" not in n for n in notes[1:]) and any("省略" in n for n in notes), notes
+        turns = page.evaluate("() => history")
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2) and 0 < len(turns) < 12
+        browser.close()
+
+
+def test_new_chat_during_an_answer_starts_a_clean_conversation(long_server):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with playwright.sync_playwright() as p:
+        browser = browser_page(p)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{long_server}/")
+        page.fill("#input", "床前明月光")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelector('.assistant') && "
+                               "document.querySelector('.assistant').textContent.length > 3", timeout=60_000)
+        page.click("#new")  # while the answer streams
+        page.wait_for_function("document.getElementById('send').disabled === false", timeout=60_000)
+        assert page.evaluate("() => history") == []  # the aborted answer stayed with the old conversation
+        page.fill("#temperature", "0")
+        send_and_wait(page, "你好", 1)
+        notes = page.locator(".note").all_inner_texts()
+        assert not [n for n in notes if "错误" in n], notes  # no "messages must alternate"
+        assert [m["role"] for m in page.evaluate("() => history")] == ["user", "assistant"]
+        browser.close()
+
+
+def raw_http(server, request):
+    """Send raw request bytes on a new connection; the status line and the whole answer, as bytes."""
+    host, port = server.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(request)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+            if b"\r\n\r\n" in received:
+                head, body = received.split(b"\r\n\r\n", 1)
+                length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")]
+                if request.startswith(b"HEAD") or length and len(body) >= length[0]:
+                    break
+    return received
+
+
+def test_the_http_edges_get_openai_shaped_answers(server):
+    openai = pytest.importorskip("openai", reason="the openai package is not installed (pip install openai)")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    name = client.models.list().data[0].id
+    assert client.models.retrieve(name).id == name  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with urllib.request.urlopen(server + "/v1/models?limit=1", timeout=60) as r:  # a query string is no new path
+        assert json.loads(r.read())["data"][0]["id"] == name
+    for request, status in ((b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
+                            (b"PUT /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", b"405"),
+                            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \xc2\xb2\r\n\r\n", b"411")):
+        answer = raw_http(server, request)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+    head = raw_http(server, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")  # headers, no body
+    # a browser page of the allowed origin: the preflight, then the answer readable with its headers
+    preflight = raw_http(server, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: http://example.test\r\n\r\n")
+    assert preflight.startswith(b"HTTP/1.1 204") and b"Access-Control-Allow-Origin: http://example.test" in preflight
+    status, reply = post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}],
+                                                           "stop": ""})
+    assert status == 400 and reply["error"]["param"] == "stop"  # "" would end every answer before it starts
+
+
+def test_a_seeded_request_samples_on_the_cpu_whatever_device_its_logits_are_on(tiny_sft):
+    model, tok, _ = load_model(tiny_sft)
+    engine = Engine(model, slots=1, background=False)
+    logits = torch.randn(tok.n_words)
+
+    class OnAnotherDevice:  # what a CUDA tensor is to a CPU generator: usable only after .cpu()
+        def cpu(self):
+            return logits
+
+    request = Request([tok.bos_id], 4, temperature=1.0, seed=7)
+    engine._emit(request, OnAnotherDevice())
+    again = Request([tok.bos_id], 4, temperature=1.0, seed=7)
+    engine._emit(again, logits)
+    assert request.finish is None and request.out.get_nowait() == again.out.get_nowait()  # the same seeded token
+
+
+@pytest.mark.parametrize("flag, message", [("--port=70000", "is not a port"), ("--host=::1", "serving")])
+def test_serve_start_up_ports_and_ipv6(tiny_sft, flag, message):
+    if flag == "--host=::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tiny_sft}", flag,
+                             "--port=0" if "host" in flag else "--slots=1"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    proc.terminate()
+    out = line + proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out
+    # a machine without IPv6 loopback cannot listen on ::1: then it must say so, not blame the port
+    assert message in out or flag == "--host=::1" and "cannot listen on ::1" in out and "--host" in out, out
