@@ -37,6 +37,17 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
+def writable(directory):
+    """Whether a file can be created in directory, found by creating one: os.access says yes for root
+    even where the file system refuses (a read-only mount, /sys)."""
+    import tempfile
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_"):
+            return True
+    except OSError:
+        return False
+
+
 def checkpoint_format(path):
     """"ours", "hf", "meta", "llama2c", or None when path holds no model we can read."""
     if os.path.isfile(path):

@@ -106,7 +106,9 @@ class Engine:
         while True:
             with self.wake:
                 while not self.waiting and not self.active:
-                    self.wake.wait()
+                    # with a timeout: a signal (Ctrl-C, SIGTERM) that the OS hands to another thread is run
+                    # by the main thread only when it wakes, and an untimed wait might never wake
+                    self.wake.wait(timeout=0.5)
                 admitted = []
                 while self.waiting and len(self.active) + len(admitted) < self.slots:
                     admitted.append(self.waiting.popleft())

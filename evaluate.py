@@ -26,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 import demo
-from checkpoint import checkpoint_format, load_model
+from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
 from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out-sft"          # the checkpoint to evaluate (ckpt.pt, tokenizer.model); eval.json is written here
+report = ""                  # where to write the JSON report; "": out_dir/eval.json
 data_dir = "data"            # where the held-out questions are: data_dir/sft_test.jsonl
 base = "auto"                # compare with: auto (the model the checkpoint was tuned from), none, or a directory
 per_task = 1000              # held-out questions per task (the demo has 833 reviews and 200 of each other task); 0: all
@@ -233,6 +234,18 @@ def main():
     config = configure(globals())
     check_ranges(config, at_least_0=("per_task",), at_least_1=("batch_size",))
     dev, dt = resolve_device(device, dtype)
+    report_path = report or os.path.join(out_dir, "eval.json")
+    if not onpolicy_pairs:  # before minutes of answering: the questions exist, the report can be written
+        if load_tests(data_dir) is None:
+            raise SystemExit(f"error: no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on; pass the "
+                             f"--data_dir prepare_data.py wrote")
+        report_dir = os.path.dirname(os.path.abspath(report_path))
+        if not os.path.isdir(report_dir) or not writable(report_dir):
+            raise SystemExit(f"error: cannot write {report_path} ({report_dir} is not a writable directory); pass "
+                             f"--report=somewhere/eval.json")
+    if base not in ("auto", "none") and not checkpoint_format(base):
+        raise SystemExit(f"error: --base={base} is not a checkpoint directory or a Llama; pass an existing one, "
+                         f"auto or none")
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
     if onpolicy_pairs:
         tasks = set(onpolicy_tasks.split(","))
@@ -252,7 +265,7 @@ def main():
             print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")
     try:
         extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
-        compare(models, data_dir, per_task, os.path.join(out_dir, "eval.json"), batch_size, extra)
+        compare(models, data_dir, per_task, report_path, batch_size, extra)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: nothing was written")
 

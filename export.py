@@ -23,12 +23,13 @@ Formats (llama2.c at commit 350e04f):
 """
 import json
 import os
+import re
 import shutil
 import struct
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, writable
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -294,15 +295,29 @@ OLLAMA_TEMPLATE = """{{- $system := "" }}
 {{- end }}"""
 
 
-def write_modelfile(gguf_path):
-    """An ollama Modelfile beside the GGUF: ollama's built-in llama2 template is not our chat format."""
+def write_modelfile(gguf_path, context):
+    """
+    An ollama Modelfile beside the GGUF (ollama's built-in llama2 template is not our chat format), with
+    the model's context as num_ctx (ollama's default can exceed it) and only relative paths, so the
+    folder can move. A Modelfile without our first line (one the user wrote or edited) is kept.
+    Returns (its path, whether it was written).
+    """
     path = os.path.join(os.path.dirname(os.path.abspath(gguf_path)), "Modelfile")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        if not first.startswith((MODELFILE_MARK, "# ollama create my-model -f")):  # (the latter: older exports)
+            return path, False
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# ollama create my-model -f {path}\n")
-        f.write(f"FROM ./{os.path.basename(gguf_path)}\n")
-        f.write(f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n')
-        f.write('PARAMETER stop "</s>"\nPARAMETER stop "[INST]"\n')
-    return path
+        f.write(f"{MODELFILE_MARK} (delete this line to keep your edits); cd here, then: "
+                f"ollama create my-model -f Modelfile\n"
+                f"FROM ./{os.path.basename(gguf_path)}\n"
+                f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
+                f'PARAMETER stop "</s>"\nPARAMETER stop "[INST]"\nPARAMETER num_ctx {context}\n')
+    return path, True
+
+
+MODELFILE_MARK = "# written by llama2.zh's export.py"
 
 
 def refuse_for_llama2c(args, tok):
@@ -317,16 +332,37 @@ def refuse_for_llama2c(args, tok):
                              f"it would compute another model (use --version=hf)")
 
 
+HF_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
 def output_path(output, out_dir, default_name, is_file=True):
-    """--output, or out_dir/default_name; its directory is created, or a one-line error says why it cannot be."""
+    """
+    --output, or out_dir/default_name; its directory is created and must be writable, or a one-line error
+    says why not. A file's --output ending in a slash is a directory to write default_name into.
+    """
+    if output and is_file and output.endswith(("/", os.sep)):
+        output = os.path.join(output, default_name)
     path = output or os.path.join(out_dir, default_name)
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot create the directory of --output={path}: {e.strerror}")
+    directory = path if not is_file else os.path.dirname(os.path.abspath(path))
+    if not is_file and os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: --output={path} is a file; --version=hf writes a directory: name a new one")
     if is_file and os.path.isdir(path):
         raise SystemExit(f"error: --output={path} is a directory; name the file to write")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the directory of --output={path}: {e.strerror}")
+    if not writable(directory):
+        raise SystemExit(f"error: cannot write into {directory}; choose another --output")
+    if not is_file:  # our loader prefers an index: another model's shards left here would be read instead
+        import glob
+        stale = [os.path.basename(p) for p in glob.glob(os.path.join(path, "*"))
+                 if os.path.basename(p) in HF_WEIGHT_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors|"
+                                                                           r"pytorch_model-\d+-of-\d+\.bin",
+                                                                           os.path.basename(p))]
+        if stale:
+            raise SystemExit(f"error: {path} holds another model's weights ({', '.join(sorted(stale)[:3])}); "
+                             f"a new export beside them would be read inconsistently: choose an empty --output")
     return path
 
 
@@ -344,6 +380,15 @@ def main():
     if gguf_type not in ("f32", "f16", "q8_0"):
         raise SystemExit(f"error: --gguf_type must be f32, f16 or q8_0, not {gguf_type!r}")
     model, tok, _ = load_model(out_dir)
+    try:
+        write(model, tok)
+    except OSError as e:  # a read-only file in the way, a full disk: one line, the file left as it was
+        raise SystemExit(f"error: cannot write {e.filename or output or out_dir}: {e.strerror}; choose another "
+                         f"--output")
+
+
+def write(model, tok):
+    """The export main() asked for, with its messages."""
     if version == "hf":
         path = output_path(output, out_dir, "hf", is_file=False)
         export_hf(model, tok, path)
@@ -355,8 +400,9 @@ def main():
                              f"{tok.n_words} pieces")
         path = output_path(output, out_dir, "model.gguf")
         export_gguf(model, tok, path, gguf_type, name=os.path.basename(os.path.abspath(out_dir)))
-        modelfile = write_modelfile(path)
-        print(f"wrote {path} (GGUF, {gguf_type}, {os.path.getsize(path) / 2**20:.1f} MB) and {modelfile}")
+        modelfile, written = write_modelfile(path, model.args.max_seq_len)
+        print(f"wrote {path} (GGUF, {gguf_type}, {os.path.getsize(path) / 2**20:.1f} MB) and " +
+              (modelfile if written else f"kept your {modelfile} (delete it to get ours)"))
         return
     refuse_for_llama2c(model.args, tok)
     if version == "0":

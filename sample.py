@@ -53,6 +53,25 @@ def fit_history(tok, system_prompt, turns, user, budget):
     return messages, 0  # the new message alone is too long: the caller keeps its tail
 
 
+def cut_message(tok, messages, budget):
+    """
+    The messages with the last one's text cut from its front until the prompt fits budget tokens: the
+    template (BOS, [INST]) and the system prompt stay, as the model was trained to see them. The most
+    characters that fit are found by bisection, since tokens and characters do not map one to one.
+    """
+    text, head = messages[-1]["content"], messages[:-1]
+
+    def fits(n):
+        kept = {"role": "user", "content": text[len(text) - n:] if n else ""}
+        return len(tok.encode_chat(head + [kept])[0]) <= budget
+
+    keep, more = 0, len(text)  # fits(keep); not fits(more + 1) unless more == len(text)
+    while keep < more:
+        mid = (keep + more + 1) // 2
+        keep, more = (mid, more) if fits(mid) else (keep, mid - 1)
+    return head + [{"role": "user", "content": text[len(text) - keep:] if keep else ""}]
+
+
 def generate_text(model, tok, ids, stream=True, answer=False, **generate_kwargs):
     """
     Generate after `ids` with model.generate(**generate_kwargs), printing as it goes. answer: the text
@@ -172,8 +191,10 @@ def chat_loop(model, tok, checkpoint, context, settings):
         turns = turns[len(turns) - kept:]
         ids, _ = tok.encode_chat(messages)
         if len(ids) > budget:
-            print(f"(your message is too long; keeping its last {budget} tokens)", file=sys.stderr)
-            ids = ids[-budget:]
+            messages = cut_message(tok, messages, budget)
+            ids, _ = tok.encode_chat(messages)
+            print(f"(your message is too long for the {context}-token context; keeping its last "
+                  f"{len(messages[-1]['content'])} characters)", file=sys.stderr)
         if not prompt:
             print("助手: ", end="", flush=True)
         try:

@@ -409,3 +409,73 @@ def test_each_file_is_summed_up_once_and_crlf_repairs_are_counted(tmp_path):
     p = run("prepare_data.py", f"--input={path}", "--sft_input=", "--vocab_size=300", f"--out_dir={tmp_path / 'o'}")
     summaries = [line for line in p.out.replace("\r", "\n").splitlines() if line.strip().startswith(str(path))]
     assert len(summaries) == 1 and "200 CRLF line ends repaired" in summaries[0]
+
+
+def unwritable_dir(tmp_path):
+    """A directory this process cannot write into: /sys for root (who writes anywhere else), else a locked one."""
+    if os.geteuid() == 0:
+        return "/sys"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return str(locked)
+
+
+def test_export_into_an_unwritable_directory_is_a_one_line_error(tiny_ckpt, tmp_path):
+    for version, name in (("0", "m.bin"), ("gguf", "m.gguf")):
+        p = run("export.py", f"--out_dir={tiny_ckpt}", f"--version={version}",
+                f"--output={unwritable_dir(tmp_path)}/{name}", check=False)
+        assert_one_line_error(p, "cannot write into", "choose another --output")
+
+
+def test_export_output_paths_a_user_types(tiny_ckpt, tmp_path):
+    # an existing file where --version=hf wants a directory
+    (tmp_path / "hf_file").write_text("x")
+    p = run("export.py", f"--out_dir={tiny_ckpt}", "--version=hf", f"--output={tmp_path / 'hf_file'}", check=False)
+    assert_one_line_error(p, "is a file", "--version=hf writes a directory")
+    # a trailing slash: a new directory to write the file into
+    run("export.py", f"--out_dir={tiny_ckpt}", "--version=gguf", f"--output={tmp_path / 'newdir'}/")
+    assert (tmp_path / "newdir" / "model.gguf").exists()
+    # a directory holding another model's shards: our loader would prefer their index to the new weights
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    (sharded / "model-00001-of-00002.safetensors").write_text("")
+    before = sorted(os.listdir(sharded))
+    p = run("export.py", f"--out_dir={tiny_ckpt}", "--version=hf", f"--output={sharded}", check=False)
+    assert_one_line_error(p, "holds another model's weights", "choose an empty --output")
+    assert sorted(os.listdir(sharded)) == before
+
+
+def test_the_modelfile_sets_the_context_uses_relative_paths_and_keeps_a_users_edits(tiny_ckpt, tmp_path):
+    out = tmp_path / "gguf"
+    run("export.py", f"--out_dir={tiny_ckpt}", "--version=gguf", f"--output={out}/model.gguf")
+    modelfile = (out / "Modelfile").read_text()
+    assert "PARAMETER num_ctx 64" in modelfile and str(tmp_path) not in modelfile  # the folder can move
+    edited = "FROM ./model.gguf\nPARAMETER temperature 0.3\n"  # the user's own, without our first line
+    (out / "Modelfile").write_text(edited)
+    p = run("export.py", f"--out_dir={tiny_ckpt}", "--version=gguf", f"--output={out}/model.gguf")
+    assert (out / "Modelfile").read_text() == edited and "kept your" in p.out
+
+
+def test_evaluate_refuses_before_answering_what_would_fail_after(tiny_sft, demo_data, tmp_path):
+    p = run("evaluate.py", f"--out_dir={tiny_sft}", f"--data_dir={demo_data}",
+            f"--report={unwritable_dir(tmp_path)}/eval.json", check=False)
+    assert_one_line_error(p, "cannot write", "--report=")
+    p = run("evaluate.py", f"--out_dir={tiny_sft}", f"--data_dir={tmp_path}", check=False)  # no questions there
+    assert_one_line_error(p, "no held-out questions")
+    p = run("evaluate.py", f"--out_dir={tiny_sft}", f"--data_dir={demo_data}", "--base=out-sfft", check=False)
+    assert_one_line_error(p, "--base=out-sfft is not a checkpoint")
+
+
+def test_sample_chat_cuts_a_long_message_and_keeps_the_template_and_system_prompt(tiny_sft):
+    from sample import cut_message
+    tok = Tokenizer(os.path.join(tiny_sft, "tokenizer.model"))
+    messages = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "很长的问题" * 40 + "最后一句？"}]
+    cut = cut_message(tok, messages, 48)
+    ids = tok.encode_chat(cut)[0]
+    assert len(ids) <= 48 and ids[0] == tok.bos_id and cut[0] == messages[0]
+    assert cut[1]["content"].endswith("最后一句？") and len(cut[1]["content"]) < len(messages[1]["content"])
+    assert len(tok.encode_chat(cut_message(tok, messages, len(ids) + 3))[0]) >= len(ids)  # the most that fits
+    p = run("sample.py", f"--out_dir={tiny_sft}", "--chat", "--prompt", "很长的问题" * 40, "--max_new_tokens=4",
+            "--temperature=0")
+    assert "keeping its last" in p.out and "Traceback" not in p.out

@@ -537,3 +537,32 @@ def test_serve_start_up_ports_and_ipv6(tiny_sft, flag, message):
     assert "Traceback" not in out, out
     # a machine without IPv6 loopback cannot listen on ::1: then it must say so, not blame the port
     assert message in out or flag == "--host=::1" and "cannot listen on ::1" in out and "--host" in out, out
+
+
+def test_a_fuzz_of_extreme_settings_ends_no_concurrent_request(server):
+    rng = random.Random(1)
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    status, alone = post(server + "/v1/chat/completions", {"messages": question, "temperature": 0})
+    assert status == 200
+    results = []
+
+    def ask(body):
+        results.append(post(server + "/v1/chat/completions", body))
+
+    bodies = [{"messages": question, "temperature": 0}] * 4  # greedy requests, beside all the others
+    for _ in range(40):
+        bodies.append({"messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
+                       "temperature": rng.choice([0, 1e-40, 1e-30, 1e-7, 0.5, 2]),
+                       "top_p": rng.choice([1e-9, 0.5, 1]), "seed": rng.choice([None, 0, 2 ** 63 - 1]),
+                       "stop": rng.choice([None, "。", ["\n"], ["a", "b", "c", "d"]]),
+                       "max_tokens": rng.choice([1, 2, 32, 10 ** 6])})
+    rng.shuffle(bodies)
+    threads = [threading.Thread(target=ask, args=(body,)) for body in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [status for status, _ in results] == [200] * len(bodies), [r for r in results if r[0] != 200][:3]
+    assert all(reply["choices"][0]["finish_reason"] in ("stop", "length") for _, reply in results)
+    greedy = [reply for _, reply in results if reply["choices"][0]["message"] == alone["choices"][0]["message"]]
+    assert len(greedy) >= 4  # every greedy request got the answer it gets alone
