@@ -566,3 +566,34 @@ def test_a_fuzz_of_extreme_settings_ends_no_concurrent_request(server):
     assert all(reply["choices"][0]["finish_reason"] in ("stop", "length") for _, reply in results)
     greedy = [reply for _, reply in results if reply["choices"][0]["message"] == alone["choices"][0]["message"]]
     assert len(greedy) >= 4  # every greedy request got the answer it gets alone
+
+
+def test_the_page_shows_what_a_proxy_error_a_cut_answer_and_a_failed_stream_mean(server):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+    def sse(*events):
+        return "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    delta = {"choices": [{"index": 0, "delta": {"content": "一二三"}, "finish_reason": None}]}
+    answers = [  # what the API (or a proxy in front of it) sends, and what the page must say
+        (dict(status=502, content_type="text/html", body="<html>Bad Gateway</html>"), "502"),
+        (dict(status=200, content_type="text/event-stream",
+              body=sse(delta, {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})), "截断"),
+        (dict(status=200, content_type="text/event-stream",
+              body=sse(delta, {"error": {"message": "the server is shutting down", "type": "server_error",
+                                         "param": None, "code": "shutting_down"}})), "shutting down"),
+    ]
+    with playwright.sync_playwright() as p:
+        browser = browser_page(p)
+        page = browser.new_page()
+        page.goto(server + "/")
+        for i, (answer, shown) in enumerate(answers, 1):
+            page.route("**/v1/chat/completions", (lambda a: lambda route: route.fulfill(**a))(answer))
+            send_and_wait(page, f"问题{i}", i)
+            note = page.locator(".note").last.inner_text()
+            assert shown in note and "Unexpected token" not in note, note
+            page.unroute("**/v1/chat/completions")
+        # only the cut answer is a turn: the proxy error and the failed stream left none
+        assert [m["content"] for m in page.evaluate("() => history")] == ["问题2", "一二三"]
+        assert page.eval_on_selector(".msg", "e => getComputedStyle(e).overflowWrap") == "anywhere"  # long words wrap
+        browser.close()
