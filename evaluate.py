@@ -234,6 +234,7 @@ def main():
     config = configure(globals())
     check_ranges(config, at_least_0=("per_task",), at_least_1=("batch_size",))
     dev, dt = resolve_device(device, dtype)
+    model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
     report_path = report or os.path.join(out_dir, "eval.json")
     if not onpolicy_pairs:  # before minutes of answering: the questions exist, the report can be written
         if load_tests(data_dir) is None:
@@ -246,7 +247,6 @@ def main():
     if base not in ("auto", "none") and not checkpoint_format(base):
         raise SystemExit(f"error: --base={base} is not a checkpoint directory or a Llama; pass an existing one, "
                          f"auto or none")
-    model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
     if onpolicy_pairs:
         tasks = set(onpolicy_tasks.split(","))
         unknown = tasks - {"sentiment", "ner", "meaning", "pinyin", "origin", "example", "chain"}

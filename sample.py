@@ -26,7 +26,7 @@ max_new_tokens = 200         # tokens to generate at most (the context may end a
 temperature = 0.8            # 0: greedy
 top_k = 0                    # sample from the k likeliest tokens only; 0: off
 top_p = 0.9                  # nucleus sampling: the likeliest tokens that cover top_p; 1.0: off
-repetition_penalty = 1.1     # >1 discourages tokens already in the context; 1.0: off
+repetition_penalty: float = None  # >1 discourages repeats; 1.0: off; None: 1.1 sampling, off at temperature 0
 chat = False                 # chat with an SFT model instead of continuing text
 system = ""                  # chat: an optional system prompt
 prompt = ""                  # chat: answer this one message and exit instead of reading from the terminal
@@ -117,8 +117,11 @@ def main():
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt], tokenizer)
     context = model.args.max_seq_len
+    # temperature 0 is the plain greedy decoding other tools (llama.cpp, transformers) print, unless a penalty
+    # is asked for; sampling gets a mild one by default
+    penalty = repetition_penalty if repetition_penalty is not None else 1.0 if temperature == 0 else 1.1
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                    repetition_penalty=repetition_penalty, use_cache=use_cache)
+                    repetition_penalty=penalty, use_cache=use_cache)
     if compile and use_cache:  # compiled on first use (a minute); greedy output is the same as without
         settings["step"] = torch.compile(model.decode_step)
     try:

@@ -106,3 +106,21 @@ def test_the_compiled_decode_step_prints_what_the_eager_one_does(tiny_ckpt):
     eager = run("sample.py", *common).stdout
     compiled = run("sample.py", *common, "--compile=True").stdout
     assert compiled == eager and eager.strip()
+
+
+def test_temperature_0_is_plain_greedy_unless_a_penalty_is_asked_for(tiny_ckpt):
+    # what llama.cpp and transformers print at temperature 0: no repetition penalty slipped in. A prompt on
+    # which the sampling default's penalty (1.1) changes the tiny model's greedy text shows the difference
+    from checkpoint import load_model
+    model, tok, _ = load_model(tiny_ckpt)
+
+    def greedy(prompt, penalty):
+        ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)])
+        return [int(t) for t in model.generate(ids, 24, temperature=0, repetition_penalty=penalty)]
+
+    prompt = next(p for p in ("春眠不觉晓", "北京", "床前明月光，", "这家酒店", "今天", "我们", "中国", "他说")
+                  if greedy(p, 1.1) != greedy(p, 1.0))
+    command = ["sample.py", f"--out_dir={tiny_ckpt}", f"--start={prompt}", "--temperature=0", "--max_new_tokens=24"]
+    plain = run(*command).stdout
+    assert plain == run(*command, "--repetition_penalty=1.0").stdout
+    assert plain != run(*command, "--repetition_penalty=1.1").stdout  # the penalty still works when asked for
