@@ -41,6 +41,7 @@ max_tokens = 256             # new tokens per answer when a request does not say
 max_body_bytes = 1 << 20     # larger request bodies are refused (413)
 model_name = ""              # the model's id in the API; "": the checkpoint directory's name
 cors_origin = ""             # a web origin whose pages may call the API (e.g. http://localhost:3000, or *); "": none
+idle_timeout = 60.0          # seconds a connection may stay silent before it is closed (each holds a thread)
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
 # -----------------------------------------------------------------------------
@@ -53,7 +54,6 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")
 FAILURES = {"error": (500, "generation failed on the server", "generation_failed"),
             "timeout": (500, "no token came for 600 s; the answer was given up", "timeout"),
             "shutdown": (503, "the server is shutting down", "shutting_down")}
-IDLE_SECONDS = 60
 POST_PATHS, GET_PATHS = ("/v1/chat/completions", "/v1/completions"), ("/", "/health", "/v1/models")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 
@@ -195,7 +195,7 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 1024  # a burst of connections waits in the kernel's queue (the default 5 drops them)
 
 
-def make_handler(engine, tok, name, default_max_tokens, body_limit, cors=""):
+def make_handler(engine, tok, name, default_max_tokens, body_limit, cors="", idle_seconds=60):
     """The request handler class of a server for engine's model."""
     context = engine.context
     model_card = {"id": name, "object": "model", "created": 0, "owned_by": "llama2.zh"}
@@ -204,7 +204,7 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit, cors=""):
     class Handler(BaseHTTPRequestHandler):
         open_answers = answering
         protocol_version = "HTTP/1.1"  # keep-alive for the non-streaming answers
-        timeout = IDLE_SECONDS         # a connection silent this long is closed: it holds a thread
+        timeout = idle_seconds         # a connection silent this long is closed: it holds a thread
 
         def log_message(self, format, *args):  # one short line per request, not the default's long ones
             sys.stderr.write(f"{self.address_string()} {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
@@ -455,7 +455,8 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit, cors=""):
 
 def main():
     config = configure(globals())
-    check_ranges(config, at_least_1=("slots", "max_tokens", "max_body_bytes"), at_least_0=("port", "max_queue"))
+    check_ranges(config, at_least_1=("slots", "max_tokens", "max_body_bytes"), at_least_0=("port", "max_queue"),
+                 positive=("idle_timeout",))
     if port > 65535:
         raise SystemExit(f"error: --port={port} is not a port: use 0 to 65535 (0: any free one)")
     dev, dt = resolve_device(device, dtype)
@@ -464,7 +465,7 @@ def main():
         print(f"warning: {out_dir} is a {checkpoint.get('stage')} checkpoint that never saw chat data", file=sys.stderr)
     engine = Engine(model, slots, max_queue, background=False)  # run below, in the main thread
     name = model_name or os.path.basename(os.path.abspath(out_dir))
-    handler = make_handler(engine, tok, name, max_tokens, max_body_bytes, cors_origin)
+    handler = make_handler(engine, tok, name, max_tokens, max_body_bytes, cors_origin, idle_timeout)
     Server.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host=::1, --host=::
     try:
         server = Server((host, port), handler)

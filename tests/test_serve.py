@@ -597,3 +597,22 @@ def test_the_page_shows_what_a_proxy_error_a_cut_answer_and_a_failed_stream_mean
         assert [m["content"] for m in page.evaluate("() => history")] == ["问题2", "一二三"]
         assert page.eval_on_selector(".msg", "e => getComputedStyle(e).overflowWrap") == "anywhere"  # long words wrap
         browser.close()
+
+
+def test_a_silent_connection_is_closed_and_frees_its_thread(tiny_sft):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tiny_sft}", f"--port={port}",
+                             "--idle_timeout=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        silent = socket.create_connection(("127.0.0.1", port), timeout=60)  # connects, never sends a byte
+        kept_alive = socket.create_connection(("127.0.0.1", port), timeout=60)
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # one request, then silence
+        answer = b""
+        while not answer.rstrip().endswith(b"}"):  # the headers, then the JSON body
+            answer += kept_alive.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert silent.recv(1) == b"" and kept_alive.recv(1) == b""  # both closed by the server, not by the timeout
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
