@@ -15,6 +15,7 @@ here is asserted by the tests: machines are noisy.
 The numbers, with the machine they were measured on, are in docs/benchmarks.md.
 """
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -600,6 +601,15 @@ def error_line(e):
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
+def timed_step(model, optimizer, run, batch):
+    """One training step of model on batch (its keyword arguments), in the run's precision: what the GPU parts time."""
+    with run.autocast:
+        _, loss = model(**batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def gpu_train(run, meter, shapes, peak_flops_s):
     """Pretraining steps (AdamW, synthetic tokens) of each preset in the run's dtype, eager and compiled."""
     from model import Transformer
@@ -623,14 +633,7 @@ def gpu_train(run, meter, shapes, peak_flops_s):
                 optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), run.device_type, muon=False)
                 step_model = torch.compile(model, backend=backend) if compiled else model
                 x = torch.randint(0, args.vocab_size, (batch, args.max_seq_len), device=run.device)
-
-                def step():
-                    with run.autocast:
-                        _, loss = step_model(x, x)
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-
+                step = functools.partial(timed_step, step_model, optimizer, run, dict(tokens=x, targets=x))
                 row["first_iter_s"] = meter.time(step, 1)  # the compile, where there is one
                 meter.time(step, 2)
                 seconds = meter.time(step, shapes["train_iters"])
@@ -697,15 +700,7 @@ def gpu_sft_compile(run, meter, shapes):
         batch = {k: v.to(run.device) for k, v in
                  sft_batch(shapes["sft_batch"], args.max_seq_len, args.vocab_size, generator).items()}
         answer_tokens.append(int(batch["loss_mask"].sum()))
-
-        def step():
-            with run.autocast:
-                _, loss = compiled(**batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        seconds.append(meter.time(step, 1))
+        seconds.append(meter.time(lambda: timed_step(compiled, optimizer, run, batch), 1))
     result = {"shape": shapes["sft_shape"], "batch": shapes["sft_batch"], "seq": args.max_seq_len,
               "answer_tokens": answer_tokens, "graphs": int(counters["stats"]["unique_graphs"]),
               "graph_breaks": int(sum(counters["graph_break"].values())), "first_step_s": seconds[0],
@@ -816,14 +811,7 @@ def gpu_lora(run, meter, shapes, peak_flops_s):
             if meter.cuda:
                 torch.cuda.reset_peak_memory_stats()
             x = torch.randint(0, args.vocab_size, (1, seq), device=run.device)
-
-            def step():
-                with run.autocast:
-                    _, loss = model(x, x)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+            step = functools.partial(timed_step, model, optimizer, run, dict(tokens=x, targets=x))
             step()
             seconds = meter.time(step, shapes["lora_steps"])
             row["ms_per_step"], row["tokens_per_s"] = seconds * 1000, seq / seconds
@@ -935,14 +923,7 @@ def bench_gpu_dist():
     optimizer = torch.optim.AdamW(step_model.parameters(), lr=1e-4, fused=meter.cuda)
     x = torch.randint(0, args.vocab_size, (batch, args.max_seq_len), device=run.device)
     base = meter.start()
-
-    def step():
-        with run.autocast:
-            _, loss = step_model(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = functools.partial(timed_step, step_model, optimizer, run, dict(tokens=x, targets=x))
     meter.time(step, 2)
     seconds = meter.time(step, shapes["dist_iters"])
     if run.master:

@@ -388,7 +388,7 @@ def decoding_attention():
     """
     The attention kernels for decoding, where every step has a new shape (the cache grows by a token, each
     prompt has its own length): flash, memory-efficient or plain, not cuDNN's, which builds a plan for each
-    new shape and made decoding 8 times slower on an H200 (docs/gpu.md). Training's fixed shapes keep it.
+    new shape, a cost that dominated GPU decoding (docs/gpu.md). Training's fixed shapes keep it.
     """
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 

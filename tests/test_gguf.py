@@ -226,7 +226,7 @@ def test_llama_cpp_and_transformers_stop_at_the_end_of_a_document_where_sample_p
     model, tok, ours, gguf_path, hf_dir = ends_documents
     kv = fields(gguf_path)[0]
     assert kv["tokenizer.ggml.eot_token_id"] == tok.bos_id  # BOS ends generation...
-    assert kv["tokenizer.ggml.bos_token_id"] == tok.bos_id and kv["tokenizer.ggml.add_bos_token"]  # ...and starts prompts
+    assert kv["tokenizer.ggml.bos_token_id"] == tok.bos_id and kv["tokenizer.ggml.add_bos_token"]  # ...starts prompts
     llm = llama(gguf_path, n_ctx=64)
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()

@@ -278,12 +278,7 @@ def test_writing_into_a_file_where_a_directory_should_be_is_a_one_line_error(tin
 
 
 def test_an_out_dir_that_cannot_be_written_is_a_one_line_error(demo_data, tmp_path):
-    if os.geteuid() == 0:
-        target = "/sys/llama2zh_cannot_write"  # root writes anywhere else
-    else:
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        target = str(locked / "out")
+    target = unwritable_dir(tmp_path) + "/out"
     p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={target}", check=False)
     assert_one_line_error(p, "cannot write to --out_dir")
 

@@ -88,14 +88,33 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_sft):
+def start_server(out_dir, *flags):
+    """serve.py on a free port, started as a user starts it; (the process, its port) once it listens."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tiny_sft}", f"--port={port}",
-                             "--slots=4", "--max_tokens=32", "--cors_origin=http://example.test"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={out_dir}", f"--port={port}",
+                             *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="2"))
     line = proc.stdout.readline()
     assert "serving" in line, line
+    return proc, port
+
+
+def long_context_checkpoint(tiny_sft, out):
+    """A random tiny model with a 4096-token context (and tiny_sft's tokenizer) in out: answers that take seconds."""
+    from checkpoint import save_checkpoint
+    from model import ModelArgs, Transformer
+    _, tok, _ = load_model(tiny_sft)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, max_seq_len=4096)
+    torch.manual_seed(0)
+    save_checkpoint(str(out / "ckpt.pt"), {"model": Transformer(args).state_dict(), "model_args": vars(args),
+                                           "stage": "sft", "tokenizer_sha": tok.sha, "config": {}})
+    shutil.copy(tok.model_path, out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sft):
+    proc, port = start_server(tiny_sft, "--slots=4", "--max_tokens=32", "--cors_origin=http://example.test")
     threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
@@ -180,19 +199,7 @@ def test_completions_stop_strings_and_the_context_limit(server, tiny_sft):
 @pytest.fixture(scope="module")
 def long_server(tiny_sft, tmp_path_factory):
     """A server for a random tiny model with a 4096-token context: an answer that takes seconds."""
-    from checkpoint import save_checkpoint
-    from model import ModelArgs, Transformer
-    _, tok, _ = load_model(tiny_sft)
-    out = tmp_path_factory.mktemp("long_context")
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, max_seq_len=4096)
-    torch.manual_seed(0)
-    save_checkpoint(str(out / "ckpt.pt"), {"model": Transformer(args).state_dict(), "model_args": vars(args),
-                                           "stage": "sft", "tokenizer_sha": tok.sha, "config": {}})
-    shutil.copy(tok.model_path, out / "tokenizer.model")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={out}", f"--port={port}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert "serving" in proc.stdout.readline()
+    proc, port = start_server(long_context_checkpoint(tiny_sft, tmp_path_factory.mktemp("long_context")))
     threading.Thread(target=proc.stdout.read, daemon=True).start()
     yield port
     proc.terminate()
@@ -262,18 +269,27 @@ def test_hundreds_of_malformed_requests_get_openai_shaped_errors_and_the_server_
     assert status == 200 and reply["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_the_chat_page_streams_an_answer_in_a_real_browser(server, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+def playwright_api():
+    return pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+
+def browser_page(p):
+    """A page of Debian's chromium driven by playwright (never `playwright install`: it downloads)."""
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         pytest.skip("no chromium here (apt-get install chromium fonts-wqy-microhei)")
+    return p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+
+
+def test_the_chat_page_streams_an_answer_in_a_real_browser(server, tmp_path):
+    playwright = playwright_api()
     question = QUESTIONS[1]
     _, reply = post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
                                                       "temperature": 0})
     want = reply["choices"][0]["message"]["content"]
     assert want.strip()  # an answer to see on the page
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        browser = browser_page(p)
         page = browser.new_page()
         page.goto(server + "/")
         page.fill("#input", question)
@@ -364,18 +380,7 @@ def test_a_long_conversation_loses_its_oldest_turns_and_keeps_the_system_prompt(
 
 
 def test_stopping_the_server_ends_each_open_stream_with_an_error_event(tiny_sft, tmp_path):
-    from checkpoint import save_checkpoint
-    from model import ModelArgs, Transformer
-    _, tok, _ = load_model(tiny_sft)
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, max_seq_len=4096)
-    torch.manual_seed(0)
-    save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": Transformer(args).state_dict(), "model_args": vars(args),
-                                                "stage": "sft", "tokenizer_sha": tok.sha, "config": {}})
-    shutil.copy(tok.model_path, tmp_path / "tokenizer.model")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tmp_path}", f"--port={port}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert "serving" in proc.stdout.readline()
+    proc, port = start_server(long_context_checkpoint(tiny_sft, tmp_path))
     body = json.dumps({"prompt": "床前", "max_tokens": 4000, "stream": True, "temperature": 1.0}).encode()
     client = socket.create_connection(("127.0.0.1", port), timeout=60)
     client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -394,14 +399,6 @@ def test_stopping_the_server_ends_each_open_stream_with_an_error_event(tiny_sft,
     assert last["error"]["code"] == "shutting_down" and last["error"]["type"] == "server_error"
 
 
-def browser_page(p):
-    """A page of Debian's chromium driven by playwright (never `playwright install`: it downloads)."""
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        pytest.skip("no chromium here (apt-get install chromium fonts-wqy-microhei)")
-    return p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-
-
 def send_and_wait(page, text, answers):
     page.fill("#input", text)
     page.press("#input", "Enter")
@@ -410,7 +407,7 @@ def send_and_wait(page, text, answers):
 
 
 def test_the_page_enter_while_composing_pinyin_does_not_send(server):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    playwright = playwright_api()
     with playwright.sync_playwright() as p:
         browser = browser_page(p)
         page = browser.new_page()
@@ -427,7 +424,7 @@ def test_the_page_enter_while_composing_pinyin_does_not_send(server):
 
 
 def test_the_page_keeps_talking_past_the_context_and_after_failures(server):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    playwright = playwright_api()
     with playwright.sync_playwright() as p:
         browser = browser_page(p)
         page = browser.new_page()
@@ -447,7 +444,7 @@ def test_the_page_keeps_talking_past_the_context_and_after_failures(server):
 
 
 def test_new_chat_during_an_answer_starts_a_clean_conversation(long_server):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    playwright = playwright_api()
     with playwright.sync_playwright() as p:
         browser = browser_page(p)
         page = browser.new_page()
@@ -494,14 +491,16 @@ def test_the_http_edges_get_openai_shaped_answers(server):
         assert json.loads(r.read())["data"][0]["id"] == name
     for request, status in ((b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
                             (b"PUT /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", b"405"),
-                            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \xc2\xb2\r\n\r\n", b"411")):
+                            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \xc2\xb2\r\n\r\n",
+                             b"411")):
         answer = raw_http(server, request)
         assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
     head = raw_http(server, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")  # headers, no body
     # a browser page of the allowed origin: the preflight, then the answer readable with its headers
-    preflight = raw_http(server, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: http://example.test\r\n\r\n")
+    preflight = raw_http(server, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                 b"Origin: http://example.test\r\n\r\n")
     assert preflight.startswith(b"HTTP/1.1 204") and b"Access-Control-Allow-Origin: http://example.test" in preflight
     status, reply = post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}],
                                                            "stop": ""})
@@ -569,7 +568,7 @@ def test_a_fuzz_of_extreme_settings_ends_no_concurrent_request(server):
 
 
 def test_the_page_shows_what_a_proxy_error_a_cut_answer_and_a_failed_stream_mean(server):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    playwright = playwright_api()
 
     def sse(*events):
         return "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events) + "data: [DONE]\n\n"
@@ -600,11 +599,8 @@ def test_the_page_shows_what_a_proxy_error_a_cut_answer_and_a_failed_stream_mean
 
 
 def test_a_silent_connection_is_closed_and_frees_its_thread(tiny_sft):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={tiny_sft}", f"--port={port}",
-                             "--idle_timeout=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, port = start_server(tiny_sft, "--idle_timeout=1")
     try:
-        assert "serving" in proc.stdout.readline()
         silent = socket.create_connection(("127.0.0.1", port), timeout=60)  # connects, never sends a byte
         kept_alive = socket.create_connection(("127.0.0.1", port), timeout=60)
         kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # one request, then silence
