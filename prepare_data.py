@@ -412,6 +412,8 @@ def _init_worker(model_path, threads=1):
     _tok, _threads = Tokenizer(model_path), threads
     if threads != -1:  # a pool worker: Ctrl-C is the main process's to handle (a worker killed by it hangs the pool)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def encode_documents(docs, fraction):
@@ -470,7 +472,18 @@ def parallel_map(fn, batches, n_workers, init_args):
         for batch in batches:
             yield fn(*batch)
         return
-    with multiprocessing.Pool(n_workers, initializer=_init_worker, initargs=init_args) as pool:
+    # Ctrl-C stays blocked while the workers start: one that arrived before a worker's initializer ignores
+    # it killed that worker holding the pool's queue lock, and the pool then hung on exit; the parent
+    # gets any Ctrl-C of that moment as soon as the pool stands
+    blocked = hasattr(signal, "pthread_sigmask")
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool = multiprocessing.Pool(n_workers, initializer=_init_worker, initargs=init_args)
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    with pool:
         pending = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(fn, batch))
