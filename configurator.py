@@ -136,6 +136,7 @@ def _apply_config_file(path, g, declared):
             if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
                 _fail(f"{path}: {key} should be {TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
         g[key] = float(value) if kind is float and value is not None else value
+    return set(assigned)
 
 
 def configure(g, argv=None):
@@ -166,14 +167,17 @@ def configure(g, argv=None):
             raw = argv[i + 1]
             i += 2
         flags.append((key.replace("-", "_"), raw))
+    given = set()  # the settings a file or flag set: resuming warns only about those it cannot honour
     for path in files:  # files first, then flags: a flag wins wherever it stands
-        _apply_config_file(path, g, declared)
+        given |= _apply_config_file(path, g, declared)
     for key, raw in flags:
         _check_key(key, declared)
         if raw.lower() == "none" and key in g.get("__annotations__", {}):
             g[key] = None  # back to the default's meaning ("the preset's", "auto")
         else:
             g[key] = _convert(key, raw, declared[key][0])
+        given.add(key)
+    g["_given"] = given
     return {k: g[k] for k in declared}
 
 

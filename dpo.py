@@ -17,9 +17,7 @@ current iteration. The defaults (beta, sft_weight) were chosen on the demo: plai
 the chosen answers' probability too and broke the sentiment task (docs/experiments.md).
 """
 import json
-import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -27,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from checkpoint import check_tokenizer, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
+from checkpoint import check_tokenizer
 from configurator import check_ranges, configure
-from lora import adapters_disabled, merged_state_dict, trainable_state_dict
+from lora import adapters_disabled
 from memory import preflight
 from tokenizer import Tokenizer
-from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      lora_base_dtype, model_to_tune, seed_step, setup_device, train_step, wrap_ddp)
+from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, load_optimizer_state,
+                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, save_run, seed_step,
+                      setup_device, stream_position, to_device, train_step, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -77,6 +76,7 @@ base_dtype = "auto"               # LoRA: the frozen weights stored as float32, 
 device = "auto"                   # auto: cuda, then mps, then cpu
 dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
 checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
+fsdp = False                      # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
 compile: bool = None              # torch.compile; None: on for CUDA where Triton runs, off elsewhere
 auto_batch_size = False           # pre-flight: the largest micro-batch that fits, same batch_size x accumulation
 device_memory_gb = 0.0            # pre-flight: plan for this much memory per device (GB); 0: what the device has free
@@ -85,7 +85,7 @@ seed = 1337                       # the order of the pairs
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "dropout",
-                   "block_size", "beta", "loss_type", "label_smoothing", "sft_weight", "reference")
+                   "block_size", "beta", "loss_type", "label_smoothing", "sft_weight", "reference", "base_dtype")
 
 
 class Pairs:
@@ -178,8 +178,30 @@ def batch_loss(model, batch, ref_logps, beta, loss_type="sigmoid", label_smoothi
     return loss
 
 
+def pair_metrics(policy, ref, beta, loss_type, label_smoothing):
+    """Held-out pairs, from the (pairs, 2) log-probs of policy and reference: the loss, reward accuracy, mean
+    reward margin, and how far the chosen and rejected log-probabilities moved."""
+    losses, margin = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
+    return {"val_loss": losses.mean().item(), "reward_accuracy": (margin > 0).float().mean().item(),
+            "reward_margin": beta * margin.mean().item(), "chosen_drift": (policy[:, 0] - ref[:, 0]).mean().item(),
+            "rejected_drift": (policy[:, 1] - ref[:, 1]).mean().item()}
+
+
 @torch.no_grad()
-def all_answer_logps(model, pairs, batch_size, to_device, autocast, ids=None):
+def on_the_fly_reference(batch, ref_model, policy):
+    """The reference's answer log-probs for a batch: ref_model's, or (LoRA) the policy's with its adapters off."""
+    if ref_model is not None:
+        return answer_logps(ref_model, batch)
+    with adapters_disabled(policy):
+        was_training = policy.training
+        policy.eval()
+        logps = answer_logps(policy, batch)
+        policy.train(was_training)
+    return logps
+
+
+@torch.no_grad()
+def all_answer_logps(model, pairs, batch_size, run, ids=None):
     """
     The model's answer log-probs for the pairs ids of a split (default: all that fit): a (pairs in the
     file, 2) tensor of chosen and rejected, zero for the pairs not asked for.
@@ -190,8 +212,8 @@ def all_answer_logps(model, pairs, batch_size, to_device, autocast, ids=None):
     fits = sorted(pairs.fits if ids is None else ids, key=lambda i: lengths[i])  # similar lengths: little padding
     for i in range(0, len(fits), batch_size):
         ids = fits[i:i + batch_size]
-        batch = to_device(pairs.batch(ids))
-        with autocast:
+        batch = to_device(pairs.batch(ids), run)
+        with run.autocast:
             logps = answer_logps(model, batch).float().cpu()
         out[ids, 0], out[ids, 1] = logps[:len(ids)], logps[len(ids):]
     return out
@@ -210,42 +232,30 @@ def main():
         raise SystemExit("error: --loss_type is sigmoid or ipo, --reference precomputed or model, and "
                          "--label_smoothing below 0.5")
     lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
-    resume = init_from == "resume"
-    claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite, init_from=None if resume else init_from)
+    resumed = init_from == "resume"
+    claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite, init_from=None if resumed else init_from)
     run = setup_device(device, dtype, compile)
     torch.manual_seed(seed + run.rank)
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
 
     # ---- the model: the SFT checkpoint, or our own to resume
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
-    if resume:
-        checkpoint = load_checkpoint(out_dir)
-        if checkpoint.get("stage") != "dpo":
-            stage = checkpoint.get("stage", "unknown")
-            raise SystemExit(f"error: {out_dir}/ckpt.pt is a {stage} checkpoint, not a DPO run to resume; "
-                             f"to align it, pass --init_from={out_dir} and a new --out_dir")
+    if resumed:  # LoRA, the row length and the loss as the run was started (globals and config updated)
+        checkpoint = resume(out_dir, "dpo", tok, run, globals(), config, FIXED_ON_RESUME)
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        saved = checkpoint["config"]
-        if run.master:
-            for key in FIXED_ON_RESUME:
-                if key in saved and config[key] != saved[key]:
-                    print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
-        config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
-    base_dir = checkpoint["base"] if resume else init_from
-    model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint,
-                                                    base_dtype=lora_base_dtype(base_dtype, run.dtype))
-    use_lora = config["lora_rank"] > 0
+    base_dir = checkpoint["base"] if resumed else init_from
+    model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
+                                         base_dtype=lora_base_dtype(base_dtype, run.dtype))
     model_args = model.args
-    seq_len = config["block_size"] or model_args.max_seq_len
-    if seq_len > model_args.max_seq_len:
-        raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
+    seq_len = context_length(block_size, model)
     # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters
     # off; without, a copy, made before any step (and, resuming, from the base again)
-    separate_reference = config["reference"] == "model" and not use_lora
+    separate_reference = reference == "model" and not lora_rank
+    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     batch_size, gradient_accumulation_steps = preflight(
-        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=config["lora_rank"],
+        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations, rows_per_item=2,
-        extra_bytes=model.num_params() * 4 if separate_reference else 0, memory_gb=device_memory_gb,
+        extra_bytes=model.num_params() * 4 if separate_reference else 0, fsdp=sharded, memory_gb=device_memory_gb,
         auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     model.to(run.device)
@@ -255,86 +265,54 @@ def main():
         ref_model.to(run.device).eval().requires_grad_(False)
     train_data = Pairs(data_dir, "train", seq_len, tok, seed)
     test_data = Pairs(data_dir, "test", seq_len, tok, seed)
-
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
-    if resume:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        checkpoint = None  # its weights and optimizer state now live in model and optimizer
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
-    raw_model = model  # the plain module: what we save, evaluate with, and count
-    if run.compile:
-        if run.master:
-            print("compiling the model (takes a minute)...")
-        model = torch.compile(model, dynamic=True)  # pairs are padded to their longest: lengths vary
-    eval_model = model
-    if run.ddp:
-        model = wrap_ddp(model, run)
-
-    def to_device(batch):
-        out = {}
-        for k, v in batch.items():
-            t = torch.from_numpy(v)
-            out[k] = t.pin_memory().to(run.device, non_blocking=True) if run.device_type == "cuda" else t.to(run.device)
-        return out
-
-    @torch.no_grad()
-    def reference_logps(batch):
-        """The reference's answer log-probs for a batch, on the fly."""
-        if ref_model is not None:
-            return answer_logps(ref_model, batch)
-        with adapters_disabled(raw_model):
-            was_training = raw_model.training
-            raw_model.eval()
-            logps = answer_logps(raw_model, batch)
-            raw_model.train(was_training)
-        return logps
+    if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
+        return
 
     t_ref = time.time()
     ref_train = ref_test = None
-    if config["reference"] == "precomputed":
-        # the model before any DPO step is the reference: the base again when resuming
-        reference_model = raw_model if not resume else model_to_tune(base_dir, tok, dict(config, lora_rank=0),
-                                                                     seed)[0].to(run.device)
-        # only the pairs this process will train on (all of them over an epoch or more, few in a short run)
-        first = [((it * run.world_size + run.rank) * gradient_accumulation_steps + micro) * batch_size
-                 for it in range(iter_num, max_iters) for micro in range(gradient_accumulation_steps)]
-        needed = sorted({i for f in first for i in train_data.pair_ids(f, batch_size)})
+    if reference == "precomputed":
+        # the model before any DPO step is the reference: the base again when resuming. Before FSDP shards
+        # the model: each process computes the pairs it will train on, a number of its own
+        reference_model = model if not resumed else model_to_tune(base_dir, tok, dict(config, lora_rank=0),
+                                                                  seed)[0].to(run.device)
+        needed = sorted({i for it in range(iter_num, max_iters) for micro in range(gradient_accumulation_steps)
+                         for i in train_data.pair_ids(stream_position(it, micro, run, gradient_accumulation_steps,
+                                                                      batch_size), batch_size)})
         with adapters_disabled(reference_model):
-            ref_train = all_answer_logps(reference_model, train_data, 4 * batch_size, to_device, run.autocast, needed)
-            ref_test = all_answer_logps(reference_model, test_data, 4 * batch_size, to_device, run.autocast)
+            ref_train = all_answer_logps(reference_model, train_data, 4 * batch_size, run, needed)
+            ref_test = all_answer_logps(reference_model, test_data, 4 * batch_size, run)
         del reference_model
     t_ref = time.time() - t_ref
+
+    if sharded:  # before the optimizer sees the parameters
+        wrap_fsdp(model, run)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
+    if resumed:
+        load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
+        checkpoint = None  # its weights and optimizer state now live in model and optimizer
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+    raw_model = model  # the plain module: what we save and count
+    model, eval_model = compile_and_wrap(model, run, sharded, dynamic=True)  # pairs are padded: lengths vary
 
     decay_iters = lr_decay_iters or max_iters
     if run.master:
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{'LoRA rank %d on %s: ' % (config['lora_rank'], config['lora_targets']) if use_lora else ''}"
-              f"{n_train / 1e6:.2f}M trained; reference {config['reference']}"
-              + (f" ({t_ref:.0f}s for the reference's log-probs)" if config["reference"] == "precomputed" else ""))
-        if added_rows:
-            print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
-                  f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
+              f"{'LoRA rank %d on %s: ' % (lora_rank, lora_targets) if lora_rank else ''}"
+              f"{n_train / 1e6:.2f}M trained; reference {reference}"
+              + (f" ({t_ref:.0f}s for the reference's log-probs)" if reference == "precomputed" else ""))
         print(f"data: {len(train_data):,} train pairs ({train_data.skipped} longer than block_size={seq_len} "
               f"skipped), {len(test_data):,} test; {batch_size} pairs x {gradient_accumulation_steps} accumulation x "
-              f"{run.world_size} processes: {max_iters:,} iterations are "
+              f"{run.world_size} processes" + (" (FSDP)" if sharded else "") + f": {max_iters:,} iterations are "
               f"{max_iters * batch_size * gradient_accumulation_steps * run.world_size / len(train_data):.2f} epochs; "
-              f"{'resuming at' if resume else 'starting at'} iteration {iter_num} of {max_iters}")
-    if resume and iter_num >= max_iters:
-        if run.master:
-            print(f"nothing to do: {out_dir}/ckpt.pt is at iteration {iter_num} and --max_iters={max_iters}; "
-                  f"raise --max_iters to train on (or run evaluate.py --out_dir={out_dir})")
-        end_distributed(run, finished=True)
-        return
-    logger = Logger(out_dir, max_iters, resume) if run.master else None
-    if run.master and os.path.abspath(data_dir) != os.path.abspath(out_dir):
-        # the checkpoint directory carries its tokenizer, so sample.py and export.py need nothing else
-        shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
+              f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed)
+
+    reference_logps = lambda batch: on_the_fly_reference(batch, ref_model, raw_model)  # noqa: E731
 
     def train_batch(it, micro_step):
-        # each process takes its own pairs of the one stream: (iteration, process, micro-step, pair)
-        first = ((it * run.world_size + run.rank) * gradient_accumulation_steps + micro_step) * batch_size
-        batch = to_device(train_data.batch(train_data.pair_ids(first, batch_size)))
+        first = stream_position(it, micro_step, run, gradient_accumulation_steps, batch_size)
+        batch = to_device(train_data.batch(train_data.pair_ids(first, batch_size)), run)
         if ref_train is not None:
             ref = ref_train[batch["pair_ids"].cpu()]                    # (n, 2)
             batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]]).to(run.device)
@@ -342,69 +320,46 @@ def main():
 
     def pair_loss(model_, batch):
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(batch)
-        return batch_loss(model_, batch, ref, config["beta"], config["loss_type"], config["label_smoothing"],
-                          config["sft_weight"])
+        return batch_loss(model_, batch, ref, beta, loss_type, label_smoothing, sft_weight)
 
     @torch.no_grad()
     def evaluate_pairs():
         """Held-out pairs: loss, reward accuracy, mean reward margin, and how far the log-probs moved."""
-        policy = all_answer_logps(eval_model, test_data, 4 * batch_size, to_device, run.autocast)[test_data.fits]
+        policy = all_answer_logps(eval_model, test_data, 4 * batch_size, run)[test_data.fits]
         if ref_test is not None:
             ref = ref_test[test_data.fits]
         else:
             ref = torch.zeros_like(policy)
             for i in range(0, len(test_data), 4 * batch_size):
                 ids = list(test_data.fits[i:i + 4 * batch_size])
-                logps = reference_logps(to_device(test_data.batch(ids))).float().cpu()
+                logps = reference_logps(to_device(test_data.batch(ids), run)).float().cpu()
                 ref[i:i + len(ids), 0], ref[i:i + len(ids), 1] = logps[:len(ids)], logps[len(ids):]
         eval_model.train()
-        losses, margin = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], config["beta"],
-                                  config["loss_type"], config["label_smoothing"])
-        return {"val_loss": losses.mean().item(), "reward_accuracy": (margin > 0).float().mean().item(),
-                "reward_margin": config["beta"] * margin.mean().item(),
-                "chosen_drift": (policy[:, 0] - ref[:, 0]).mean().item(),
-                "rejected_drift": (policy[:, 1] - ref[:, 1]).mean().item()}
-
-    saved_iter = None  # the iteration of the last checkpoint this run wrote
+        return pair_metrics(policy, ref, beta, loss_type, label_smoothing)
 
     def checkpoint_now(it, val_loss):
-        nonlocal saved_iter
-        save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-            "model": merged_state_dict(raw_model) if use_lora else raw_model.state_dict(),
-            "lora": trainable_state_dict(raw_model) if use_lora else None,
-            "optimizer": optimizer.state_dict(), "model_args": vars(model_args),
-            "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
-            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
-            "stage": "dpo", "base": base_dir,
-        })
-        logger.commit()
-        saved_iter = it
+        save_run(out_dir, raw_model, optimizer, sharded, run, logger, iter_num=it, best_val_loss=val_loss,
+                 model_args=vars(model_args), config=config, tokenizer_sha=tok.sha, stage="dpo", base=base_dir)
 
     # ---- the loop
     model.train()
-    stopper = Stopper(run)
-    t_last, t_start, start_iter = time.time(), time.time(), iter_num
-    stop, finished = Stopper.GO, False
-    try:
-        while True:
-            stop = stopper.agreed()
-            if stop != Stopper.GO:
-                break
+    t_last = time.time()
+    with Stopper(run, out_dir, checkpoint_now, sharded, "held-out DPO loss", best_val_loss) as stopper:
+        while stopper.go(iter_num):
             lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
-            if run.master and eval_due and (iter_num > start_iter or not resume):  # a resumed run has its eval
+            if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
                 metrics = evaluate_pairs()
                 if stopper.check_loss(metrics["val_loss"], "held-out DPO loss", iter_num):
-                    print(f"iter {iter_num}: held-out DPO loss {metrics['val_loss']:.4f}, reward accuracy "
-                          f"{metrics['reward_accuracy'] * 100:.1f}%, margin {metrics['reward_margin']:.3f}, log-prob "
-                          f"drift chosen {metrics['chosen_drift']:+.2f} rejected {metrics['rejected_drift']:+.2f}")
-                    logger.log({"iter": iter_num, **metrics, "time_s": time.time() - t_start})
-                    best_val_loss = min(best_val_loss, metrics["val_loss"])
-                    if iter_num > 0:
-                        checkpoint_now(iter_num, metrics["val_loss"])
+                    if run.master:
+                        print(f"iter {iter_num}: held-out DPO loss {metrics['val_loss']:.4f}, reward accuracy "
+                              f"{metrics['reward_accuracy'] * 100:.1f}%, margin {metrics['reward_margin']:.3f}, "
+                              f"log-prob drift chosen {metrics['chosen_drift']:+.2f} rejected "
+                              f"{metrics['rejected_drift']:+.2f}")
+                        logger.log({"iter": iter_num, **metrics, "time_s": time.time() - stopper.t_start})
+                    stopper.evaluated(iter_num, metrics["val_loss"])
             if iter_num >= max_iters:
                 break
 
@@ -425,39 +380,8 @@ def main():
                       f"{pairs_per_s:,.0f} pairs/s, ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
                             "pairs_per_s": pairs_per_s})
-        finished = True
-    except KeyboardInterrupt:  # the second Ctrl-C
-        if run.master:
-            print(f"\nquit without saving; {out_dir}/ckpt.pt holds "
-                  + (f"iteration {saved_iter}" if saved_iter is not None else "what it held before this run"))
-        raise SystemExit(130)
-    finally:
-        stopper.restore()
-        end_distributed(run, finished)
-    if not run.master:
-        return
-    stop = max(stop, stopper.code)  # a divergence seen in this iteration, after the processes last agreed
-    if stop == Stopper.INTERRUPTED:
-        optimizer.zero_grad(set_to_none=True)
-        checkpoint_now(iter_num, float("nan"))
-        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {iter_num}; continue with --init_from=resume")
-        return
-    if stop == Stopper.DIVERGED:
-        raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
-                         + "; lower --learning_rate")
-    print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best held-out DPO loss "
-          f"{best_val_loss:.4f}; " + (f"checkpoint in {out_dir}/ckpt.pt" if saved_iter is not None else
-                                      "no checkpoint written (no iteration was trained)"))
-    if evaluate_tasks and saved_iter is not None:
-        try:
-            dpo_model = model_from_checkpoint(load_checkpoint(out_dir), run.device)
-            base_model, base_tok, _ = load_model(base_dir, run.device)
-            evaluate.compare({evaluate.STAGE_NAMES.get(base_stage, "base"): (base_model, base_tok, base_dir),
-                              "DPO": (dpo_model, tok, out_dir)}, data_dir, eval_per_task,
-                             os.path.join(out_dir, "eval.json"))
-        except KeyboardInterrupt:
-            raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
-                             f"`python evaluate.py --out_dir={out_dir}`")
+    if stopper.finished and evaluate_tasks and stopper.saved_iter is not None:
+        evaluate.after_training("DPO", out_dir, base_dir, base_stage, tok, data_dir, eval_per_task, run.device)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,19 @@ import glob
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
 
-from checkpoint import check_data_tokenizer, check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import check_tokenizer, model_from_checkpoint
 from configurator import check_ranges, configure
+from memory import preflight
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
-from lora import merged_state_dict
-from memory import preflight
-from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      full_state, load_optimizer_state, lora_base_dtype, model_to_tune, seed_step, setup_device,
-                      train_step, wrap_ddp, wrap_fsdp)
+from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, load_optimizer_state,
+                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, save_run, seed_step,
+                      setup_device, to_device, train_step, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -84,7 +82,7 @@ MUON_UNDER_FSDP = ("error: Muon orthogonalizes whole weight matrices, which FSDP
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "dropout", "tie_embeddings",
-                   "muon", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings")
+                   "muon", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "base_dtype")
 
 
 class TokenShards:
@@ -156,8 +154,8 @@ def main():
         raise SystemExit(MUON_UNDER_FSDP)
     if lora_rank and init_from == "scratch":
         raise SystemExit("error: --lora_rank adapts an existing model: pass --init_from=<a checkpoint or a Llama>")
-    resume = init_from == "resume"
-    claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite,
+    resumed = init_from == "resume"
+    claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite,
                   init_from=None if init_from in ("scratch", "resume") else init_from)
     run = setup_device(device, dtype, compile)
     torch.manual_seed(seed + run.rank)
@@ -169,74 +167,39 @@ def main():
     # ---- the model: from the settings, from the checkpoint we resume, or an existing model to continue
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
     base_path = None if init_from == "scratch" else init_from  # the model this run continues, if any
-    if resume:
-        checkpoint = load_checkpoint(out_dir)
-        if "optimizer" not in checkpoint:
-            raise SystemExit(f"error: {out_dir} is not a pretraining run to resume")
-        check_tokenizer(checkpoint["tokenizer_sha"], tok.sha, f"{out_dir}/ckpt.pt",
-                        fix="resume with --data_dir pointing at the data it was trained on")
+    if resumed:  # the shape, the optimizer and LoRA as the run was started (globals and config updated)
+        checkpoint = resume(out_dir, "pretrain", tok, run, globals(), config, FIXED_ON_RESUME)
         iter_num, best_val_loss, base_path = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint.get("base")
-        saved = checkpoint["config"]
-        if run.master:
-            for key in FIXED_ON_RESUME:
-                if key in saved and config[key] != saved[key]:
-                    print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
-            if saved.get("world_size", run.world_size) * saved["gradient_accumulation_steps"] \
-                    != run.world_size * gradient_accumulation_steps:
-                print("warning: resuming with a different world_size x gradient_accumulation_steps: "
-                      "the batches will differ from the original run's")
-        config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
-        if config["lora_rank"]:  # the base again, with the adapters this run saved
-            model = model_to_tune(base_path, tok, config, seed, resumed=checkpoint,
-                                  base_dtype=lora_base_dtype(base_dtype, run.dtype))[0]
-        else:
-            model = model_from_checkpoint(checkpoint)
+    if resumed and not lora_rank:
+        model = model_from_checkpoint(checkpoint)
     elif init_from == "scratch":
         with torch.random.fork_rng():  # the same initial weights in every process: FSDP, unlike DDP, broadcasts none
             torch.manual_seed(seed)
             model = Transformer(model_args_from_settings(tok.n_words))
-    elif lora_rank:  # continued pretraining with adapters on a frozen base (as sft.py does it)
-        model, _, added_rows = model_to_tune(init_from, tok, config, seed,
-                                             base_dtype=lora_base_dtype(base_dtype, run.dtype))
-        if run.master and added_rows:
-            print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
-                  f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
-    else:  # continued pretraining of one of our checkpoints or of an imported Llama
-        base = load_checkpoint(init_from, flag="--init_from")
-        check_data_tokenizer(base, init_from, tok)
-        if run.master:
+    else:  # continued pretraining of one of our checkpoints or of an imported Llama, in full or with adapters
+        if run.master and not resumed:
             for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
                 if config[key] is not None:
                     print(f"warning: --{key} is ignored: the model comes from {init_from}")
-        base["model_args"]["dropout"] = dropout
-        model = model_from_checkpoint(base).float()  # fp32 weights; autocast computes in bf16/fp16 where set
-        del base
-        added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
-        if run.master and added_rows:
-            print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
-                  f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
+        model = model_to_tune(base_path, tok, config, seed, resumed=checkpoint, verbose=run.master and not resumed,
+                              base_dtype=lora_base_dtype(base_dtype, run.dtype))[0]
     model_args = model.args
-    seq_len = config["block_size"] or model_args.max_seq_len  # shorter windows than an imported model's context
-    if seq_len > model_args.max_seq_len:
-        raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
+    seq_len = context_length(block_size, model)
     train_data.check_fits(seq_len)
     val_data.check_fits(seq_len)
+    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     batch_size, gradient_accumulation_steps = preflight(
-        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=config["lora_rank"],
+        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,
-        fsdp=fsdp and run.ddp, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
+        fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     model.checkpoint_activations = checkpoint_activations
     model.to(run.device)
-    # a resumed run keeps its optimizer: the saved state only fits the one it was made by
-    use_lora = config["lora_rank"] > 0
-    # Muon orthogonalizes whole weight matrices: not the low-rank adapters, which get AdamW
-    use_muon = (checkpoint["config"].get("muon", False) if resume else muon) and not use_lora
-    # FSDP: the model is sharded before the optimizer sees its parameters (each process then holds a shard)
-    sharded = fsdp and run.ddp
-    if sharded and use_muon:  # never orthogonalize a shard
+    # Muon orthogonalizes whole weight matrices: not the low-rank adapters (AdamW), never a shard
+    use_muon = muon and not lora_rank
+    if sharded and use_muon:
         raise SystemExit(MUON_UNDER_FSDP)
-    if sharded:
+    if sharded:  # before the optimizer sees the parameters
         wrap_fsdp(model, run)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, use_muon,
                                            shard=run.ddp)
@@ -244,14 +207,8 @@ def main():
         load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
         checkpoint = None  # its weights and optimizer state now live in model and optimizer
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
-    raw_model = model  # the plain module: what we save, evaluate with, and count
-    if run.compile:
-        if run.master:
-            print("compiling the model (takes a minute)...")
-        model = torch.compile(model)
-    eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates (every process, when sharded)
-    if run.ddp and not sharded:
-        model = wrap_ddp(model, run)
+    raw_model = model  # the plain module: what we save and count
+    model, eval_model = compile_and_wrap(model, run, sharded)
 
     tokens_per_iter = batch_size * seq_len * gradient_accumulation_steps * run.world_size
     decay_iters = lr_decay_iters or max_iters
@@ -259,40 +216,27 @@ def main():
         print(f"model: {model_args.dim} dim, {model_args.n_layers} layers, {model_args.n_heads} heads "
               f"({model_args.n_kv_heads or model_args.n_heads} kv), context {seq_len}, vocab {model_args.vocab_size}: "
               f"{raw_model.num_params() / 1e6:.2f}M parameters" + (
-                  f"; LoRA rank {config['lora_rank']} on {config['lora_targets']}: "
+                  f"; LoRA rank {lora_rank} on {lora_targets}: "
                   f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trained"
-                  if use_lora else ""))
+                  if lora_rank else ""))
         print(f"data: {train_data.sizes.sum():,} train tokens, {val_data.sizes.sum():,} val tokens; "
               f"tokens per iteration: {batch_size} batch x {seq_len} context x {gradient_accumulation_steps} "
               f"accumulation x {run.world_size} processes = {tokens_per_iter:,}"
               + (" (FSDP)" if sharded else ""))
         print(f"device {run.device}, {run.dtype}, compile {run.compile}, "
               f"optimizer {'Muon (block matrices) + AdamW' if use_muon else 'AdamW'}; "
-              f"{'resuming at' if resume else 'starting at'} iteration {iter_num} of {max_iters}"
+              f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}"
               + (f", continuing the pretraining of {init_from}" if init_from not in ("scratch", "resume") else ""))
-    if resume and iter_num >= max_iters:
-        if run.master:
-            print(f"nothing to do: {out_dir}/ckpt.pt is at iteration {iter_num} and --max_iters={max_iters}; "
-                  f"raise --max_iters to train on")
-        end_distributed(run, finished=True)
+    if nothing_to_do(run, out_dir, iter_num, max_iters, resumed):
         return
-    logger = Logger(out_dir, max_iters, resume) if run.master else None
-    if run.master and os.path.abspath(data_dir) != os.path.abspath(out_dir):
-        # the checkpoint directory carries its tokenizer, so sample.py and export.py need nothing else
-        shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed)
     peak = peak_flops(torch.cuda.get_device_name()) if run.device_type == "cuda" else None
-
-    def to_device(array):
-        t = torch.from_numpy(array)
-        if run.device_type == "cuda":
-            return t.pin_memory().to(run.device, non_blocking=True)
-        return t.to(run.device)
 
     def train_batch(it, micro_step):
         # a function of (seed, iteration, global micro-batch index) alone: a resumed run sees the same
         # batches, and N processes see the same batches as one process with N times the accumulation
         micro = run.rank * gradient_accumulation_steps + micro_step
-        windows = to_device(train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len))
+        windows = to_device(train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len), run)
         return {"tokens": windows[:, :-1], "targets": windows[:, 1:]}  # (B, T) each: y is x shifted by one
 
     @torch.no_grad()
@@ -300,58 +244,35 @@ def main():
         eval_model.eval()
         losses = []
         for k in range(eval_iters):  # the same val batches at every evaluation
-            windows = to_device(val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, seq_len))
+            windows = to_device(val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, seq_len), run)
             with run.autocast:
                 _, loss = eval_model(windows[:, :-1], windows[:, 1:])
             losses.append(loss.item())
         eval_model.train()
         return float(np.mean(losses))
 
-    saved_iter = None  # the iteration of the last checkpoint this run wrote
-
     def checkpoint_now(it, val_loss):
-        """Rank 0 writes the checkpoint; sharded, every process must call this (the weights are gathered)."""
-        nonlocal saved_iter
-        state, optimizer_state = full_state(raw_model, optimizer, sharded)
-        saved_iter = it
-        if not run.master:
-            return
-        trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
-        save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-            "model": merged_state_dict(raw_model, state) if use_lora else state,
-            "lora": {k: v for k, v in state.items() if k in trained} if use_lora else None,
-            "optimizer": optimizer_state, "model_args": vars(model_args),
-            "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
-            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
-            "stage": "pretrain", "base": base_path,
-        })
-        logger.commit()
+        save_run(out_dir, raw_model, optimizer, sharded, run, logger, iter_num=it, best_val_loss=val_loss,
+                 model_args=vars(model_args), config=config, tokenizer_sha=tok.sha, stage="pretrain", base=base_path)
 
     # ---- the loop
-    stopper = Stopper(run)
-    t_last, t_start, start_iter = time.time(), time.time(), iter_num
-    stop, finished = Stopper.GO, False
-    try:
-        while True:
-            stop = stopper.agreed()
-            if stop != Stopper.GO:
-                break
+    t_last = time.time()
+    with Stopper(run, out_dir, checkpoint_now, sharded, "val loss", best_val_loss,
+                 advice="lower --learning_rate, or use bfloat16 where float16 overflows") as stopper:
+        while stopper.go(iter_num):
             lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
-            if (run.master or sharded) and eval_due and (iter_num > start_iter or not resume):  # resumed: had it
+            if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
                 val_loss = evaluate()
                 if stopper.check_loss(val_loss, "val loss", iter_num):
                     bpc = val_loss / math.log(2) * val_data.tokens_per_char
                     if run.master:
                         print(f"iter {iter_num}: val loss {val_loss:.4f}, {bpc:.3f} bits per character")
                         logger.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "val_loss": val_loss,
-                                    "val_bpc": bpc, "time_s": time.time() - t_start})
-                    best_val_loss = min(best_val_loss, val_loss)
-                    if iter_num > 0:
-                        checkpoint_now(iter_num, val_loss)
+                                    "val_bpc": bpc, "time_s": time.time() - stopper.t_start})
+                    stopper.evaluated(iter_num, val_loss)
             if iter_num >= max_iters:
                 break
 
@@ -374,33 +295,6 @@ def main():
                       + f", ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": train_loss, "lr": lr,
                             "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu})
-        finished = True
-    except KeyboardInterrupt:  # the second Ctrl-C
-        if run.master:
-            print(f"\nquit without saving; {out_dir}/ckpt.pt holds "
-                  + (f"iteration {saved_iter}" if saved_iter is not None else "what it held before this run"))
-        raise SystemExit(130)
-    finally:
-        stopper.restore()
-        if sharded and finished and stop == Stopper.INTERRUPTED:
-            optimizer.zero_grad(set_to_none=True)
-            checkpoint_now(iter_num, float("nan"))  # gathered from every process, before they part
-        end_distributed(run, finished)
-    if not run.master:
-        return
-    stop = max(stop, stopper.code)  # a divergence seen in this iteration, after the processes last agreed
-    if stop == Stopper.INTERRUPTED:
-        if not sharded:  # (sharded, the processes saved together above, or the run had ended with its checkpoint)
-            optimizer.zero_grad(set_to_none=True)
-            checkpoint_now(iter_num, float("nan"))
-        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {saved_iter}; continue with --init_from=resume")
-    elif stop == Stopper.DIVERGED:
-        raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
-                         + "; lower --learning_rate, or use bfloat16 where float16 overflows")
-    else:
-        print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best val loss "
-              f"{best_val_loss:.4f}; " + (f"checkpoint in {out_dir}/ckpt.pt" if saved_iter is not None else
-                                          "no checkpoint written (no iteration was trained)"))
 
 
 if __name__ == "__main__":

@@ -12,24 +12,21 @@ model prompted with the same template, so the gain from SFT is visible. Ctrl-C (
 at the end of the current iteration.
 """
 import json
-import math
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
 
 import evaluate
-from checkpoint import check_tokenizer, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
+from checkpoint import check_tokenizer
 from configurator import check_ranges, configure
-from lora import merged_state_dict
 from memory import preflight
 from model import peak_flops
 from tokenizer import Tokenizer, turn_boundary_cut
-from training import (Logger, Stopper, claim_out_dir, cosine_lr, end_distributed, last_checkpoint_note,
-                      full_state, load_optimizer_state, lora_base_dtype, seed_step, model_to_tune, setup_device,
-                      train_step, wrap_ddp, wrap_fsdp)
+from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, load_optimizer_state,
+                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, save_run, seed_step,
+                      setup_device, stream_position, to_device, train_step, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -79,7 +76,7 @@ seed = 1337                       # batch order and any dropout
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "dropout",
-                   "block_size")
+                   "block_size", "base_dtype")
 
 
 class Conversations:
@@ -208,77 +205,53 @@ def main():
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
                              "dropout", "lora_rank", "lora_dropout", "eval_per_task"), positive=("learning_rate",))
     lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
-    resume = init_from == "resume"
-    claim_out_dir(out_dir, fresh=not resume, overwrite=overwrite, init_from=None if resume else init_from)
+    resumed = init_from == "resume"
+    claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite, init_from=None if resumed else init_from)
     run = setup_device(device, dtype, compile)
     torch.manual_seed(seed + run.rank)
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
 
     # ---- the model: the pretrained checkpoint, or our own to resume
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
-    if resume:
-        checkpoint = load_checkpoint(out_dir)
-        if checkpoint.get("stage") != "sft":
-            stage = checkpoint.get("stage", "unknown")
-            raise SystemExit(f"error: {out_dir}/ckpt.pt is a {stage} checkpoint, not an SFT run to resume; "
-                             f"to fine-tune it, pass --init_from={out_dir} and a new --out_dir")
+    if resumed:  # LoRA and the row length as the run was started (globals and config updated)
+        checkpoint = resume(out_dir, "sft", tok, run, globals(), config, FIXED_ON_RESUME)
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        saved = checkpoint["config"]
-        if run.master:
-            for key in FIXED_ON_RESUME:
-                if key in saved and config[key] != saved[key]:
-                    print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
-        config.update({key: saved[key] for key in FIXED_ON_RESUME if key in saved})  # what the checkpoint records
-    base_dir = checkpoint["base"] if resume else init_from
-    model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint,
-                                                    base_dtype=lora_base_dtype(base_dtype, run.dtype))
+    base_dir = checkpoint["base"] if resumed else init_from
+    model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
+                                         base_dtype=lora_base_dtype(base_dtype, run.dtype))
     model_args = model.args
-    use_lora = config["lora_rank"] > 0
-    full_embeddings = use_lora and model.tok_embeddings.weight.requires_grad
-    seq_len = config["block_size"] or model_args.max_seq_len
-    if seq_len > model_args.max_seq_len:
-        raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model_args.max_seq_len})")
+    seq_len = context_length(block_size, model)
+    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     batch_size, gradient_accumulation_steps = preflight(
-        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=config["lora_rank"],
+        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,
-        fsdp=fsdp and run.ddp, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
+        fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     model.to(run.device)
     train_data = Conversations(data_dir, "train", seq_len, tok, packing, seed)
     test_data = Conversations(data_dir, "test", seq_len, tok, packing, seed)
 
-    # FSDP: the model is sharded before the optimizer sees its parameters (each process then holds a shard)
-    sharded = fsdp and run.ddp
-    if sharded:
+    if sharded:  # before the optimizer sees the parameters
         wrap_fsdp(model, run)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
-    if resume:
+    if resumed:
         load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
         checkpoint = None  # its weights and optimizer state now live in model and optimizer
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
-    raw_model = model  # the plain module: what we save, evaluate with, and count
+    raw_model = model  # the plain module: what we save and count
     # the classifier on answer positions only halves an eager CPU step, but its data-dependent shape would
     # make compiled code recompile for every new count of answer tokens: static shapes there and on GPUs
     raw_model.gather_masked = run.device_type == "cpu" and not run.compile
-    if run.compile:
-        if run.master:
-            print("compiling the model (takes a minute)...")
-        model = torch.compile(model, dynamic=not packing)  # padded batches change length every step
-    eval_model = model  # compiled but not DDP-wrapped: only rank 0 evaluates (every process, when sharded)
-    if run.ddp and not sharded:
-        model = wrap_ddp(model, run)
+    model, eval_model = compile_and_wrap(model, run, sharded, dynamic=not packing)  # padded: lengths vary
 
     decay_iters = lr_decay_iters or max_iters
     peak = peak_flops(torch.cuda.get_device_name()) if run.device_type == "cuda" else None  # for MFU
     if run.master:
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{'LoRA rank %d on %s: ' % (config['lora_rank'], config['lora_targets']) if use_lora else ''}"
-              f"{n_train / 1e6:.2f}M trained" + (" (with the embeddings in full)" if use_lora and full_embeddings
-                                                 else ""))
-        if added_rows:
-            print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
-                  f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
+              f"{'LoRA rank %d on %s: ' % (lora_rank, lora_targets) if lora_rank else ''}{n_train / 1e6:.2f}M trained"
+              + (" (with the embeddings in full)" if lora_rank and raw_model.tok_embeddings.weight.requires_grad
+                 else ""))
         print(f"data: {len(train_data):,} train conversations ({train_data.cut} cut at a turn boundary, "
               f"{train_data.skipped} skipped: longer than block_size={seq_len}), {len(test_data):,} test; "
               f"{'packed' if packing else 'padded'} batches of {batch_size} x {gradient_accumulation_steps} "
@@ -286,91 +259,51 @@ def main():
         rows_per_epoch = len(train_data.rows_of_epoch(0))
         print(f"{rows_per_epoch:,} rows per epoch: {max_iters:,} iterations are "
               f"{max_iters * batch_size * gradient_accumulation_steps * run.world_size / rows_per_epoch:.2f} epochs; "
-              f"{'resuming at' if resume else 'starting at'} iteration {iter_num} of {max_iters}")
-    if resume and iter_num >= max_iters:
-        if run.master:
-            print(f"nothing to do: {out_dir}/ckpt.pt is at iteration {iter_num} and --max_iters={max_iters}; "
-                  f"raise --max_iters to train on (or run evaluate.py --out_dir={out_dir})")
-        end_distributed(run, finished=True)
+              f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
+    if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
         return
-    logger = Logger(out_dir, max_iters, resume) if run.master else None
-    if run.master and os.path.abspath(data_dir) != os.path.abspath(out_dir):
-        # the checkpoint directory carries its tokenizer, so sample.py and export.py need nothing else
-        shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
-
-    def to_device(batch):
-        out = {}
-        for k, v in batch.items():
-            t = torch.from_numpy(v)
-            out[k] = t.pin_memory().to(run.device, non_blocking=True) if run.device_type == "cuda" else t.to(run.device)
-        return out
-
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed)
     answer_tokens = [0, 0]  # answer tokens trained on: since the last log line, and in the whole run
 
     def train_batch(it, micro_step):
-        # each process takes its own rows of the one stream: (iteration, process, micro-step, row)
-        first_row = ((it * run.world_size + run.rank) * gradient_accumulation_steps + micro_step) * batch_size
-        batch = train_data.batch(first_row, batch_size)
+        batch = train_data.batch(stream_position(it, micro_step, run, gradient_accumulation_steps, batch_size),
+                                 batch_size)
         answer_tokens[0] += int(batch["loss_mask"].sum())
-        return to_device(batch)
+        return to_device(batch, run)
 
     @torch.no_grad()
     def evaluate_loss():
         eval_model.eval()
         losses = []
         for k in range(eval_iters):  # the same test batches at every evaluation
-            batch = to_device(test_data.batch(k * batch_size, batch_size))
+            batch = to_device(test_data.batch(k * batch_size, batch_size), run)
             with run.autocast:
                 _, loss = eval_model(**batch)
             losses.append(loss.item())
         eval_model.train()
         return float(np.mean(losses))
 
-    saved_iter = None  # the iteration of the last checkpoint this run wrote
-
     def checkpoint_now(it, val_loss):
-        """Rank 0 writes the checkpoint; sharded, every process must call this (the weights are gathered)."""
-        nonlocal saved_iter
-        state, optimizer_state = full_state(raw_model, optimizer, sharded)
-        saved_iter = it
-        if not run.master:
-            return
-        trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
-        save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-            "model": merged_state_dict(raw_model, state) if use_lora else state,
-            "lora": {k: v for k, v in state.items() if k in trained} if use_lora else None,
-            "optimizer": optimizer_state, "model_args": vars(model_args),
-            "iter_num": it, "best_val_loss": val_loss if math.isfinite(val_loss) else best_val_loss,
-            "config": config, "tokenizer_sha": tok.sha, "world_size": run.world_size,
-            "stage": "sft", "base": base_dir,
-        })
-        logger.commit()
+        save_run(out_dir, raw_model, optimizer, sharded, run, logger, iter_num=it, best_val_loss=val_loss,
+                 model_args=vars(model_args), config=config, tokenizer_sha=tok.sha, stage="sft", base=base_dir)
 
     # ---- the loop
     model.train()
-    stopper = Stopper(run)
-    t_last, t_start, start_iter = time.time(), time.time(), iter_num
-    stop, finished = Stopper.GO, False
-    try:
-        while True:
-            stop = stopper.agreed()
-            if stop != Stopper.GO:
-                break
+    t_last = time.time()
+    with Stopper(run, out_dir, checkpoint_now, sharded, "test answer loss", best_val_loss) as stopper:
+        while stopper.go(iter_num):
             lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
-            if (run.master or sharded) and eval_due and (iter_num > start_iter or not resume):  # resumed: had it
+            if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
                 val_loss = evaluate_loss()
                 if stopper.check_loss(val_loss, "test answer loss", iter_num):
                     if run.master:
                         print(f"iter {iter_num}: test answer loss {val_loss:.4f}")
                         logger.log({"iter": iter_num, "tokens": answer_tokens[1], "val_loss": val_loss,
-                                    "time_s": time.time() - t_start})
-                    best_val_loss = min(best_val_loss, val_loss)
-                    if iter_num > 0:
-                        checkpoint_now(iter_num, val_loss)
+                                    "time_s": time.time() - stopper.t_start})
+                    stopper.evaluated(iter_num, val_loss)
             if iter_num >= max_iters:
                 break
 
@@ -398,43 +331,8 @@ def main():
                       + f", ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "tokens": answer_tokens[1], "loss": train_loss, "lr": lr,
                             "ms_per_iter": dt * 1000, "answer_tokens_per_s": answers_per_s, "mfu": mfu})
-        finished = True
-    except KeyboardInterrupt:  # the second Ctrl-C
-        if run.master:
-            print(f"\nquit without saving; {out_dir}/ckpt.pt holds "
-                  + (f"iteration {saved_iter}" if saved_iter is not None else "what it held before this run"))
-        raise SystemExit(130)
-    finally:
-        stopper.restore()
-        if sharded and finished and stop == Stopper.INTERRUPTED:
-            optimizer.zero_grad(set_to_none=True)
-            checkpoint_now(iter_num, float("nan"))  # gathered from every process, before they part
-        end_distributed(run, finished)
-    if not run.master:
-        return
-    stop = max(stop, stopper.code)  # a divergence seen in this iteration, after the processes last agreed
-    if stop == Stopper.INTERRUPTED:
-        if not sharded:  # (sharded, the processes saved together above, or the run had ended with its checkpoint)
-            optimizer.zero_grad(set_to_none=True)
-            checkpoint_now(iter_num, float("nan"))
-        print(f"interrupted: saved {out_dir}/ckpt.pt at iteration {saved_iter}; continue with --init_from=resume")
-        return
-    if stop == Stopper.DIVERGED:
-        raise SystemExit(f"error: {stopper.message}. " + last_checkpoint_note(out_dir, saved_iter)
-                         + "; lower --learning_rate")
-    print(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min, best test answer loss "
-          f"{best_val_loss:.4f}; " + (f"checkpoint in {out_dir}/ckpt.pt" if saved_iter is not None else
-                                      "no checkpoint written (no iteration was trained)"))
-    if evaluate_tasks and saved_iter is not None:
-        try:
-            sft_model = model_from_checkpoint(load_checkpoint(out_dir), run.device)
-            base_model, base_tok, _ = load_model(base_dir, run.device)
-            evaluate.compare({evaluate.STAGE_NAMES.get(base_stage, "base"): (base_model, base_tok, base_dir),
-                              "SFT": (sft_model, tok, out_dir)}, data_dir, eval_per_task,
-                             os.path.join(out_dir, "eval.json"))
-        except KeyboardInterrupt:
-            raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
-                             f"`python evaluate.py --out_dir={out_dir}`")
+    if stopper.finished and evaluate_tasks and stopper.saved_iter is not None:
+        evaluate.after_training("SFT", out_dir, base_dir, base_stage, tok, data_dir, eval_per_task, run.device)
 
 
 if __name__ == "__main__":

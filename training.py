@@ -1,7 +1,9 @@
 """
-What the training loops (pretrain.py, sft.py, dpo.py) truly share: device/DDP/precision setup, the
-learning-rate schedule, the optimizer step, the model a fine-tuning starts from, the guard on
-out_dir, the stop decision and the log.
+The loop protocol pretrain.py, sft.py and dpo.py share, so that each script tells only its own stage:
+device/DDP/FSDP/precision setup and the compile-and-wrap step; the model a fine-tuning starts from;
+resuming a run (its fixed settings written back); the guard on out_dir; batches to the device; the
+learning-rate schedule and the optimizer step; the checkpoint (sharded, LoRA); the loop's frame
+(Stopper: Ctrl-C/SIGTERM, divergence, the end-of-run messages) and the log.
 """
 import contextlib
 import ctypes
@@ -10,6 +12,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from typing import NamedTuple
@@ -18,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_data_tokenizer, load_checkpoint, model_from_checkpoint
-from lora import add_lora
+from checkpoint import check_data_tokenizer, check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
+from lora import LoRALinear, add_lora, merged_state_dict
 
 
 class Run(NamedTuple):
@@ -211,15 +214,15 @@ def lora_base_dtype(setting, run_dtype):
     return run_dtype if setting == "auto" else setting
 
 
-def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32"):
+def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32", verbose=False):
     """
     The model sft.py and dpo.py train: the base at base_dir (ours, or an imported Llama) in fp32 with the
     run's dropout; its embedding grown for an extended tokenizer (new rows drawn from a generator of
     their own, so a resumed run draws the same); LoRA adapters when config["lora_rank"] > 0, with the
     embedding and classifier trained in full where config["train_embeddings"] says (by default: when rows
     were added), the frozen blocks' weights stored in base_dtype (lora.FrozenLinear); activation
-    checkpointing where config says; and, for a resumed run, the weights it saved. Returns (model, the
-    base's stage, rows added).
+    checkpointing where config says; and, for a resumed run, the weights it saved. verbose: say what rows
+    were added. Returns (model, the base's stage, rows added).
     """
     base = load_checkpoint(base_dir, flag="--init_from")
     check_data_tokenizer(base, base_dir, tok)
@@ -228,6 +231,9 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
     base_stage = base.get("stage")
     del base  # the base's optimizer state is of no use here
     added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
+    if verbose and added_rows:
+        print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
+              f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
     if config["lora_rank"] > 0:
         with torch.random.fork_rng():  # the same adapters in every process: FSDP, unlike DDP, broadcasts nothing
             torch.manual_seed(seed)
@@ -243,6 +249,103 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
         model.load_state_dict(resumed["model"])
     model.checkpoint_activations = config.get("checkpoint_activations", False)
     return model, base_stage, added_rows
+
+
+RESUMABLE = {"pretrain": ("a pretraining run", "continue pretraining"), "sft": ("an SFT run", "fine-tune"),
+             "dpo": ("a DPO run", "align")}  # stage: (what resume expects, what --init_from does with it instead)
+
+
+def resume(out_dir, stage, tok, run, settings, config, fixed):
+    """
+    The checkpoint of the run out_dir holds, to continue it: refused when another stage wrote it, or
+    another tokenizer's data is given. Each setting in `fixed` takes the checkpoint's value, written
+    back into the script's settings (its globals) and config, so that the code reads one name; a warning
+    says so where the command line or a config file asked for another value.
+    """
+    checkpoint = load_checkpoint(out_dir)
+    if checkpoint.get("stage") != stage:
+        run_name, verb = RESUMABLE[stage]
+        raise SystemExit(f"error: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint, not "
+                         f"{run_name} to resume; to {verb} it, pass --init_from={out_dir} and a new --out_dir")
+    check_tokenizer(checkpoint["tokenizer_sha"], tok.sha, f"{out_dir}/ckpt.pt",
+                    fix="resume with --data_dir pointing at the data it was trained on")
+    saved = checkpoint["config"]
+    given = settings.get("_given", set(config))
+    for key in fixed:
+        if key in saved and config[key] != saved[key]:
+            if run.master and key in given:
+                print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
+            settings[key] = config[key] = saved[key]
+    if run.master and saved.get("world_size", run.world_size) * saved["gradient_accumulation_steps"] \
+            != run.world_size * config["gradient_accumulation_steps"]:
+        print("warning: resuming with a different world_size x gradient_accumulation_steps: "
+              "the batches will differ from the original run's")
+    return checkpoint
+
+
+def context_length(block_size, model):
+    """The rows' length: block_size (shorter windows than the model's context), or the model's context."""
+    seq_len = block_size or model.args.max_seq_len
+    if seq_len > model.args.max_seq_len:
+        raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model.args.max_seq_len})")
+    return seq_len
+
+
+def stream_position(it, micro_step, run, accumulation_steps, batch_size):
+    """Where a micro-batch starts in a stage's one stream of rows (or pairs): each process takes its own
+    stretch, (iteration, process, micro-step, row), so N processes train on what one process with N times
+    the accumulation would."""
+    return ((it * run.world_size + run.rank) * accumulation_steps + micro_step) * batch_size
+
+
+def compile_and_wrap(model, run, sharded, dynamic=None):
+    """
+    (the model the loop trains, the model it evaluates with): compiled where run.compile says, and the
+    first under DDP when several processes train unsharded (FSDP wraps before the optimizer is made).
+    dynamic: torch.compile's, for batches whose length varies.
+    """
+    if run.compile:
+        if run.master:
+            print("compiling the model (takes a minute)...")
+        model = torch.compile(model, dynamic=dynamic)
+    return (wrap_ddp(model, run) if run.ddp and not sharded else model), model
+
+
+def to_device(batch, run):
+    """numpy arrays (one, or a dict of them) as tensors on the run's device; pinned on the way to a GPU."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, run) for k, v in batch.items()}
+    t = torch.from_numpy(batch)
+    return t.pin_memory().to(run.device, non_blocking=True) if run.device_type == "cuda" else t.to(run.device)
+
+
+def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
+    """
+    Write out_dir/ckpt.pt: the weights (adapters folded in for a LoRA run, which also keeps what it trained
+    under "lora" to resume with), the optimizer state, the world size and `fields`; then the log catches
+    up (Logger.commit). Sharded (FSDP), the state is gathered first, a collective every process must
+    call; rank 0 writes.
+    """
+    state, optimizer_state = full_state(model, optimizer, sharded)
+    if not run.master:
+        return
+    lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+        "model": merged_state_dict(model, state) if lora else state,
+        "lora": {k: v for k, v in state.items() if k in trained} if lora else None,
+        "optimizer": optimizer_state, "world_size": run.world_size, **fields})
+    logger.commit()
+
+
+def open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed):
+    """Rank 0's Logger for out_dir (None elsewhere), and the tokenizer copied beside the checkpoint, so that
+    sample.py and export.py need nothing else."""
+    if not run.master:
+        return None
+    if os.path.abspath(data_dir) != os.path.abspath(out_dir):
+        shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
+    return Logger(out_dir, max_iters, resumed)
 
 
 def keep_freed_memory():
@@ -320,18 +423,27 @@ def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, gra
 
 class Stopper:
     """
-    Why a training loop stops early, decided by every process together at an iteration boundary, so
-    that no process is left waiting in a collective for one that has gone:
+    The frame of a training loop (`with Stopper(...) as stopper: while stopper.go(iter_num): ...`): why
+    it stops early, decided by every process together at an iteration boundary so that none is left
+    waiting in a collective for one that has gone, and what each way of stopping leaves behind.
     - Ctrl-C or SIGTERM (Slurm preemption, `docker stop`, a spot instance going away) only sets a
-      flag; the loop then saves a checkpoint at the next iteration boundary and exits. A second
-      Ctrl-C quits at once, without saving.
+      flag; the loop then saves a checkpoint at the next iteration boundary (sharded: all processes
+      together) and exits. A second Ctrl-C quits at once, without saving.
     - a loss that is NaN or infinite (rank 0 reads the losses) marks the run diverged: it stops
       without saving, so the last checkpoint on disk stays the last good one.
+    - the end: rank 0 says how it went; `finished` tells the script to go on (the task evaluation).
+    save(iteration, best loss so far) writes out_dir/ckpt.pt; sharded, every process calls it.
     """
     GO, INTERRUPTED, DIVERGED = 0, 1, 2
 
-    def __init__(self, run):
-        self.run, self.code, self.message = run, self.GO, ""
+    def __init__(self, run, out_dir="", save=None, sharded=False, metric="val loss", best=float("inf"),
+                 advice="lower --learning_rate"):
+        self.run, self.out_dir, self.save_fn, self.sharded = run, out_dir, save, sharded
+        self.metric, self.best, self.advice = metric, best, advice
+        self.code, self.message = self.GO, ""
+        self.stop = self.GO  # what the processes last agreed
+        self.iter_num = self.start_iter = self.saved_iter = None
+        self.finished, self.t_start = False, time.time()
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
@@ -359,6 +471,77 @@ class Stopper:
         code = torch.tensor([self.code], device=self.run.device)
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
         return int(code.item())
+
+    def go(self, iter_num):
+        """At the top of each iteration: whether all processes carry on."""
+        self.iter_num = iter_num
+        if self.start_iter is None:
+            self.start_iter = iter_num
+        self.stop = self.agreed()
+        return self.stop == self.GO
+
+    def eval_due(self, iter_num, eval_interval, max_iters, resumed):
+        """Whether this process evaluates now: every eval_interval and at the end, on rank 0 (every process when
+        sharded); a resumed run had the evaluation of the iteration it starts at."""
+        due = iter_num % eval_interval == 0 or iter_num == max_iters
+        return due and (self.run.master or self.sharded) and (iter_num > self.start_iter or not resumed)
+
+    def evaluated(self, iter_num, loss):
+        """A finite held-out loss: the best so far, and a checkpoint once the run has trained."""
+        self.best = min(self.best, loss)
+        if iter_num > 0:
+            self.save(iter_num, loss)
+
+    def save(self, iter_num, loss):
+        self.save_fn(iter_num, loss if math.isfinite(loss) else self.best)
+        self.saved_iter = iter_num
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.restore()
+        if exc_type is KeyboardInterrupt:  # the second Ctrl-C
+            if self.run.master:
+                print(f"\nquit without saving; {self.out_dir}/ckpt.pt holds " + (
+                    f"iteration {self.saved_iter}" if self.saved_iter is not None else "what it held before this run"))
+            end_distributed(self.run, finished=False)
+            raise SystemExit(130)
+        if exc_type is not None:
+            end_distributed(self.run, finished=False)
+            return False
+        if self.sharded and self.stop == self.INTERRUPTED:
+            self.save(self.iter_num, float("nan"))  # gathered from every process, before they part
+        end_distributed(self.run, finished=True)
+        if not self.run.master:
+            return False
+        stop = max(self.stop, self.code)  # a divergence seen in this iteration, after the processes last agreed
+        if stop == self.INTERRUPTED:
+            if not self.sharded:  # (sharded, the processes saved together above)
+                self.save(self.iter_num, float("nan"))
+            print(f"interrupted: saved {self.out_dir}/ckpt.pt at iteration {self.saved_iter}; continue with "
+                  f"--init_from=resume")
+        elif stop == self.DIVERGED:
+            raise SystemExit(f"error: {self.message}. " + last_checkpoint_note(self.out_dir, self.saved_iter)
+                             + f"; {self.advice}")
+        else:
+            self.finished = True
+            saved = f"checkpoint in {self.out_dir}/ckpt.pt" if self.saved_iter is not None else \
+                "no checkpoint written (no iteration was trained)"
+            print(f"done: {self.iter_num} iterations in {(time.time() - self.t_start) / 60:.1f} min, best "
+                  f"{self.metric} {self.best:.4f}; {saved}")
+        return False
+
+
+def nothing_to_do(run, out_dir, iter_num, max_iters, resumed, hint=""):
+    """A resumed run already at max_iters: say so, and leave (True)."""
+    if not resumed or iter_num < max_iters:
+        return False
+    if run.master:
+        print(f"nothing to do: {out_dir}/ckpt.pt is at iteration {iter_num} and --max_iters={max_iters}; "
+              f"raise --max_iters to train on{hint}")
+    end_distributed(run, finished=True)
+    return True
 
 
 def end_distributed(run, finished):

@@ -1,5 +1,5 @@
-"""sft.py --fsdp=True: 2 sharded processes (FSDP2 over gloo) train like 1 process with twice the accumulation,
-save a plain merged checkpoint, and resume exactly."""
+"""sft.py, dpo.py and pretrain.py --fsdp=True: 2 sharded processes (FSDP2 over gloo) train like 1 process with
+twice the accumulation, save a plain merged checkpoint, and resume exactly."""
 import sys
 
 import pytest
@@ -35,11 +35,11 @@ def test_two_sharded_processes_train_like_one_process_with_twice_the_accumulatio
         torch.testing.assert_close(two_ckpt["model"][k], one_ckpt["model"][k], atol=1e-4, rtol=1e-3)
 
 
-def assert_same_val_losses(one_dir, two_dir):
-    """Both runs evaluated at iterations 0, 3 and 6, learned, and agree to 1e-4 at each."""
+def assert_same_val_losses(one_dir, two_dir, learned=True):
+    """Both runs evaluated at iterations 0, 3 and 6, learned (or at least moved), and agree to 1e-4 at each."""
     one = {r["iter"]: r["val_loss"] for r in read_log(one_dir) if "val_loss" in r}
     two = {r["iter"]: r["val_loss"] for r in read_log(two_dir) if "val_loss" in r}
-    assert sorted(one) == sorted(two) == [0, 3, 6] and one[6] < one[0]
+    assert sorted(one) == sorted(two) == [0, 3, 6] and (one[6] < one[0] if learned else abs(one[6] - one[0]) > 1e-3)
     for it in one:
         assert two[it] == pytest.approx(one[it], abs=1e-4), it
 
@@ -80,6 +80,18 @@ def test_sharded_pretraining_matches_one_process_with_twice_the_accumulation(dem
             extra_env=ONE_THREAD)
     assert "(FSDP)" in p.out
     assert_same_val_losses(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "model"])
+def test_sharded_dpo_matches_one_process_with_twice_the_accumulation(demo_data, tiny_sft, tmp_path, reference):
+    # with reference=model and adapters, the reference is the sharded model itself with its adapters off
+    tuning = ["--lora_rank=4", "--learning_rate=1e-2"] if reference == "model" else ["--learning_rate=1e-3"]
+    args = common(demo_data, tiny_sft, "--max_iters=6", "--beta=0.1", f"--reference={reference}", *tuning)
+    args.remove("--eval_iters=2")  # dpo.py evaluates on every held-out pair
+    run("dpo.py", f"--out_dir={tmp_path / 'one'}", *args, "--gradient_accumulation_steps=2")
+    p = run("dpo.py", f"--out_dir={tmp_path / 'two'}", *args, "--fsdp=True", launcher=TORCHRUN, extra_env=ONE_THREAD)
+    assert "2 processes (FSDP)" in p.out
+    assert_same_val_losses(tmp_path / "one", tmp_path / "two", learned=False)  # (six steps teach DPO little)
 
 
 def test_muon_under_fsdp_is_refused_in_one_line(demo_data, tmp_path):

@@ -345,6 +345,7 @@ def test_resume_warns_about_ignored_settings_and_says_when_there_is_nothing_to_d
     assert "warning: --muon=False is ignored" in p.out and "optimizer Muon" in p.out
     p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=3")
     assert "nothing to do" in p.out and "is at iteration 31" in p.out
+    assert "warning" not in p.out  # settings left at their defaults are not the user asking for something else
 
 
 # ---- 13. input directories with an empty file, JSON in the wrong shape

@@ -108,3 +108,37 @@ def test_claim_out_dir_refuses_what_would_lose_work(tmp_path, make, message):
 def test_claim_out_dir_refuses_to_fine_tune_into_the_base(tmp_path):
     with pytest.raises(SystemExit, match="would overwrite the model it starts from"):
         claim_out_dir(str(tmp_path / "a"), fresh=True, overwrite=False, init_from=str(tmp_path / "a" / "."))
+
+
+def test_the_import_graph_is_acyclic_and_the_shared_modules_never_import_a_stage():
+    import ast
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    modules = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(root, "*.py"))}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module.split(".")[0])
+        imports[name] = found & set(modules) - {name}
+    shared = {"configurator", "muon", "lora", "tokenizer", "engine", "model", "demo", "memory", "checkpoint",
+              "training"}
+    assert shared <= set(modules)
+    for name in shared:
+        assert imports[name] <= shared, f"{name} imports the stage script(s) {imports[name] - shared}"
+    done, visiting = set(), []
+
+    def visit(name):  # depth first: meeting a module already on the path is a cycle
+        assert name not in visiting, f"import cycle: {' -> '.join(visiting + [name])}"
+        if name not in done:
+            visiting.append(name)
+            for dep in imports[name]:
+                visit(dep)
+            visiting.pop()
+            done.add(name)
+
+    for name in modules:
+        visit(name)
