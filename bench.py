@@ -155,6 +155,7 @@ def bench_decode():
     import tempfile
 
     from checkpoint import load_model
+    from engine import compiled_step, generate
     from export import export_gguf, export_tokenizer_bin, export_v0, export_v2, choose_group_size
     from model import PRESETS, ModelArgs, Transformer
     from training import resolve_device
@@ -179,17 +180,17 @@ def bench_decode():
         rows = {}
         prompt = torch.tensor([prompt_ids], device=dev)
         for use_cache in (True, False):
-            list(model.generate(prompt, 5, temperature=0, use_cache=use_cache))  # warm up
+            list(generate(model, prompt, 5, temperature=0, use_cache=use_cache))  # warm up
             t0 = time.time()
-            out = list(model.generate(prompt, n, temperature=0, use_cache=use_cache))
+            out = list(generate(model, prompt, n, temperature=0, use_cache=use_cache))
             rows["ours, KV cache" if use_cache else "ours, no cache"] = len(out) / (time.time() - t0)
             if use_cache:
                 eager_tokens = [int(t) for t in out]
         # the fixed-shape decode step, compiled once (the compile itself is not timed)
-        step = torch.compile(model.decode_step)
-        list(model.generate(prompt, 5, temperature=0, step=step))
+        step = compiled_step(model)
+        list(generate(model, prompt, 5, temperature=0, step=step))
         t0 = time.time()
-        out = list(model.generate(prompt, n, temperature=0, step=step))
+        out = list(generate(model, prompt, n, temperature=0, step=step))
         rows["ours, compiled static step"] = len(out) / (time.time() - t0)
         same = [int(t) for t in out] == eager_tokens
         if llama_cpp is not None:
@@ -833,7 +834,7 @@ def gpu_decode(run, meter, shapes):
     eager and with the compiled fixed-shape step (sample.py --compile=True), then through engine.py with
     several concurrent requests (serve.py's batching): generated tokens/s over all requests.
     """
-    from engine import Engine, Request
+    from engine import Engine, Request, compiled_step, generate
     from model import Transformer
     from training import PTDTYPE
     meter.start()
@@ -843,14 +844,14 @@ def gpu_decode(run, meter, shapes):
     n = shapes["decode_tokens"]
     prompt = torch.randint(0, args.vocab_size, (1, 8), device=run.device)
     rows = []
-    step = torch.compile(model.decode_step, backend="inductor" if meter.cuda else "eager")
+    step = compiled_step(model, backend="inductor" if meter.cuda else "eager")
     engine = None
 
     def one_request(kw):
-        list(model.generate(prompt, 8, temperature=0, **kw))  # warm-up (and the compile)
+        list(generate(model, prompt, 8, temperature=0, **kw))  # warm-up (and the compile)
         meter.sync()
         t0 = time.perf_counter()
-        count = sum(1 for _ in model.generate(prompt, n, temperature=0, **kw))
+        count = sum(1 for _ in generate(model, prompt, n, temperature=0, **kw))
         meter.sync()
         return count, time.perf_counter() - t0
 

@@ -1,6 +1,8 @@
 """
-Decoding for many requests at once (serve.py), and the streaming of tokens as text (serve.py,
-sample.py).
+Decoding, in one place: the KV cache, the sampler, generate() for a batch of prompts (sample.py,
+evaluate.py, bench.py), the Engine that decodes many requests at once (serve.py), and the streaming of
+tokens as text. model.py computes the forward pass (with a prompt prefilled into a cache); this file
+decides what comes next and when to stop.
 
 One scheduler thread owns the model and a KV cache of `slots` rows. A submitted request waits in a
 bounded queue; when a row is free its prompt is prefilled into that row (its first token comes out
@@ -15,8 +17,123 @@ import queue
 import threading
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import decoding_attention, sample_next
+
+def decoding_attention():
+    """
+    The attention kernels for decoding, where every step has a new shape (the cache grows by a token, each
+    prompt has its own length): flash, memory-efficient or plain, not cuDNN's, which builds a plan for each
+    new shape, a cost that dominated GPU decoding (docs/gpu.md). Training's fixed shapes keep it.
+    """
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def new_cache(model, batch_size, max_len, device, dtype):
+    """Empty key/value buffers, one (k, v) pair per layer, each (batch_size, max_len, kv heads, head dim)."""
+    a = model.args
+    shape = (batch_size, max_len, a.n_kv_heads or a.n_heads, a.dim // a.n_heads)
+    return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(a.n_layers)]
+
+
+def decode_step(model, token, position, cache):
+    """
+    The logits (B, 1, V) after one new token per row, token (B, 1), all at position (a 0-d tensor),
+    attending over the whole cache with a mask: every call has the same shapes, so torch.compile makes
+    one graph of it (see compiled_step). The plain cached step's shapes grow each token.
+    """
+    B, S = token.shape[0], cache[0][0].shape[1]
+    mask = (torch.arange(S, device=token.device) <= position)[None, None, None, :].expand(B, 1, 1, S)
+    logits, _ = model(token, cache=cache, start_pos=position.expand(B), attn_mask=mask)
+    return logits
+
+
+def compiled_step(model, backend="inductor"):
+    """decode_step for this model, compiled: generate()'s step argument."""
+    return torch.compile(lambda token, position, cache: decode_step(model, token, position, cache), backend=backend)
+
+
+def penalize_repeats(logits, seen, penalty):
+    """
+    logits (B, V) with every token already in seen (B, T) made less likely (CTRL's rule: a positive logit
+    divided by penalty, a negative one multiplied), in place; penalty 1.0 changes nothing.
+    """
+    if penalty != 1.0:
+        picked = torch.gather(logits, 1, seen)
+        logits.scatter_(1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+    return logits
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k/top-p filtered sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    # the largest logit becomes 0 before the division: no temperature, however small, can overflow it to
+    # inf (and softmax to NaN); the rest can only go to -inf, a probability of 0
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token once the tokens more likely than it already cover top_p
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+             stop_tokens=(), use_cache=True, step=None, why=None):
+    """
+    Yields the next token of each row, a (B,) tensor, one step at a time, until max_new_tokens, the
+    context is full, or every row has produced one of stop_tokens (the stop token is yielded).
+    tokens: (B, T) prompt. temperature 0 is greedy. With use_cache the prompt is processed once and
+    each step feeds only the newest token; without it each step recomputes the whole sequence.
+    step: a compiled_step for the steps after the prompt, over a cache of the full context.
+    why: a list that receives each row's reason for stopping once generation ends: "stop" (a stop
+    token), "length" (max_new_tokens) or "context" (the context is full).
+    """
+    B, T = tokens.shape
+    max_len = model.args.max_seq_len
+    if T > max_len:
+        raise ValueError(f"prompt of {T} tokens is longer than the context ({max_len})")
+    steps = min(max_new_tokens, max_len - T)
+    cache = None
+    if use_cache:
+        dtype = model.tok_embeddings.weight.dtype
+        if torch.is_autocast_enabled(tokens.device.type):
+            dtype = torch.get_autocast_dtype(tokens.device.type)
+        # a compiled step cannot write into inference tensors: its cache and inputs are made outside inference mode
+        with torch.inference_mode(step is None):
+            cache = new_cache(model, B, max_len if step is not None else T + steps, tokens.device, dtype)
+    seq = tokens
+    done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
+    for i in range(steps):
+        with decoding_attention():
+            if cache is None:
+                logits, _ = model(seq)
+            elif i == 0:
+                logits, _ = model(seq, cache=cache, start_pos=0)
+            elif step is not None:
+                with torch.inference_mode(False), torch.no_grad():
+                    logits = step(seq[:, -1:].clone(), torch.tensor(seq.shape[1] - 1, device=seq.device), cache)
+            else:
+                logits, _ = model(seq[:, -1:], cache=cache, start_pos=seq.shape[1] - 1)
+        logits = penalize_repeats(logits[:, -1, :].float(), seq, repetition_penalty)  # (B, V)
+        next_token = sample_next(logits, temperature, top_k, top_p)  # (B,)
+        seq = torch.cat((seq, next_token[:, None]), dim=1)
+        yield next_token
+        done |= torch.isin(next_token, stop)
+        if done.all():
+            break
+    if why is not None:
+        why[:] = ["stop" if d else "length" if steps == max_new_tokens else "context" for d in done.tolist()]
 
 
 class TextStreamer:
@@ -54,13 +171,16 @@ class Request:
     any device, and a CPU generator never meets GPU logits.
     """
 
-    def __init__(self, ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=None, stop_tokens=()):
+    def __init__(self, ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=None, stop_tokens=(), top_k=None,
+                 repetition_penalty=1.0):
         self.ids, self.max_new_tokens, self.temperature, self.top_p = list(ids), max_new_tokens, temperature, top_p
+        self.top_k, self.repetition_penalty = top_k, repetition_penalty
         self.stop_tokens = set(stop_tokens)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.out = queue.Queue()
         self.generated, self.position = 0, 0  # tokens generated so far; where the next one goes in the cache
         self.last, self.finish = None, None   # the newest token; why the request ended, once it has
+        self.answer = []                      # the tokens generated, kept where the repetition penalty needs them
         self.cancelled = threading.Event()
 
     def cancel(self):
@@ -79,7 +199,7 @@ class Engine:
         self.model, self.slots, self.max_queue = model.eval(), slots, max_queue
         weight = model.tok_embeddings.weight
         self.context = model.args.max_seq_len
-        self.cache = model.new_cache(slots, self.context, weight.device, weight.dtype)
+        self.cache = new_cache(model, slots, self.context, weight.device, weight.dtype)
         self.waiting, self.active = collections.deque(), []  # active[i] decodes in cache row i
         self.wake = threading.Condition()
         self.closed = False
@@ -174,7 +294,11 @@ class Engine:
         if request.generator is not None:
             logits = logits.cpu()
         try:
-            token = int(sample_next(logits[None], request.temperature, None, request.top_p, request.generator)[0])
+            if request.repetition_penalty != 1.0:  # over the prompt and the answer so far, as generate() does
+                seen = torch.tensor([request.ids + request.answer], device=logits.device)
+                logits = penalize_repeats(logits[None].clone(), seen, request.repetition_penalty)[0]
+            token = int(sample_next(logits[None], request.temperature, request.top_k, request.top_p,
+                                    request.generator)[0])
         except Exception as e:  # this request's own sampling failed: it ends, the others go on
             request.finish = "error"
             print(f"engine: sampling failed ({type(e).__name__}: {e}); its request was ended")
@@ -184,6 +308,8 @@ class Engine:
             return
         request.out.put(("token", token))
         request.last, request.generated = token, request.generated + 1
+        if request.repetition_penalty != 1.0:
+            request.answer.append(token)
         if request.generated >= request.max_new_tokens or request.position + 1 >= self.context:
             request.finish = "length"
 

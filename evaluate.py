@@ -12,7 +12,8 @@ started from, so that what a stage bought is visible task by task.
 Scores per task (demo.score): sentiment accuracy, the share of idiom-chain answers that are real idioms
 with the right first character, name-extraction F1, exact match for the rest. The table is printed
 and written to out_dir/eval.json ({"models": {name: {"checkpoint", "tasks": {task: {"metric", "score", "n"}}}}}).
-sft.py runs this at the end of training.
+sft.py and dpo.py run this at the end of training (after_training). --report=path writes the JSON
+elsewhere.
 """
 import collections
 import json
@@ -28,6 +29,7 @@ from tqdm import tqdm
 import demo
 from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
+from engine import generate
 from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -92,10 +94,10 @@ def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, r
                 chunk = group[i:i + batch_size]
                 prompts = torch.tensor([ids for ids, *_ in chunk], device=device)
                 answers, done = [[] for _ in chunk], [False] * len(chunk)
-                for step in model.generate(prompts, max(b for _, b, *_ in chunk), temperature=0,
-                                           stop_tokens=(tok.eos_id, tok.bos_id)):
+                for step in generate(model, prompts, max(b for _, b, *_ in chunk), temperature=0,
+                                     stop_tokens=tok.stop_ids):
                     for r, token in enumerate(step.tolist()):
-                        if done[r] or token in (tok.eos_id, tok.bos_id) or len(answers[r]) == chunk[r][1]:
+                        if done[r] or token in tok.stop_ids or len(answers[r]) == chunk[r][1]:
                             done[r] = True
                         else:
                             answers[r].append(token)
@@ -185,6 +187,19 @@ def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None):
         json.dump(report, f, indent=1, ensure_ascii=False)
     os.replace(report_path + ".tmp", report_path)
     return results
+
+
+def after_training(name, out_dir, base_dir, base_stage, tok, data_dir, per_task, device):
+    """sft.py's and dpo.py's last step: the model just saved in out_dir (called name) beside the one it started
+    from, written to out_dir/eval.json. Ctrl-C here leaves the trained model as it is."""
+    try:
+        trained, _, _ = load_model(out_dir, device)
+        base_model, base_tok, _ = load_model(base_dir, device)
+        compare({STAGE_NAMES.get(base_stage, "base"): (base_model, base_tok, base_dir), name: (trained, tok, out_dir)},
+                data_dir, per_task, os.path.join(out_dir, "eval.json"))
+    except KeyboardInterrupt:
+        raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
+                         f"`python evaluate.py --out_dir={out_dir}`")
 
 
 def balance_sentiment_labels(pairs, seed=0):

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from muon import MuonAdamW
 
@@ -315,83 +314,6 @@ class Transformer(nn.Module):
                 (trained, frozen - lookup)
         return 6 * trained + 4 * frozen + 12 * a.n_layers * seq_len * a.dim
 
-    def new_cache(self, batch_size, max_len, device, dtype):
-        """Empty key/value buffers for generate(), one (k, v) pair per layer."""
-        a = self.args
-        n_kv = a.n_kv_heads or a.n_heads
-        shape = (batch_size, max_len, n_kv, a.dim // a.n_heads)
-        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                for _ in range(a.n_layers)]
-
-    def decode_step(self, token, position, cache):
-        """
-        The logits (B, 1, V) after one new token per row, token (B, 1), all at position (a 0-d tensor),
-        attending over the whole cache with a mask: every call has the same shapes, so torch.compile
-        makes one graph of it (generate's step argument). The plain cached step's shapes grow each token.
-        """
-        B, S = token.shape[0], cache[0][0].shape[1]
-        mask = (torch.arange(S, device=token.device) <= position)[None, None, None, :].expand(B, 1, 1, S)
-        logits, _ = self(token, cache=cache, start_pos=position.expand(B), attn_mask=mask)
-        return logits
-
-    @torch.inference_mode()
-    def generate(self, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop_tokens=(), use_cache=True, step=None):
-        """
-        Yields the next token of each row, a (B,) tensor, one step at a time, until max_new_tokens,
-        the context is full, or every row has produced one of stop_tokens (the stop token is yielded).
-        tokens: (B, T) prompt. temperature 0 is greedy. With use_cache the prompt is processed once and
-        each step feeds only the newest token; without it each step recomputes the whole sequence.
-        step: a (compiled) decode_step for the steps after the prompt, over a cache of the full context.
-        """
-        B, T = tokens.shape
-        max_len = self.args.max_seq_len
-        if T > max_len:
-            raise ValueError(f"prompt of {T} tokens is longer than the context ({max_len})")
-        steps = min(max_new_tokens, max_len - T)
-        cache = None
-        if use_cache:
-            dtype = self.tok_embeddings.weight.dtype
-            if torch.is_autocast_enabled(tokens.device.type):
-                dtype = torch.get_autocast_dtype(tokens.device.type)
-            # a compiled step cannot write into inference tensors: its cache and inputs are made outside inference mode
-            with torch.inference_mode(step is None):
-                cache = self.new_cache(B, max_len if step is not None else T + steps, tokens.device, dtype)
-        seq = tokens
-        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
-        for i in range(steps):
-            with decoding_attention():
-                if cache is None:
-                    logits, _ = self(seq)
-                elif i == 0:
-                    logits, _ = self(seq, cache=cache, start_pos=0)
-                elif step is not None:
-                    with torch.inference_mode(False), torch.no_grad():
-                        logits = step(seq[:, -1:].clone(), torch.tensor(seq.shape[1] - 1, device=seq.device), cache)
-                else:
-                    logits, _ = self(seq[:, -1:], cache=cache, start_pos=seq.shape[1] - 1)
-            logits = logits[:, -1, :].float()  # (B, V)
-            if repetition_penalty != 1.0:
-                seen = torch.gather(logits, 1, seq)
-                seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
-                logits.scatter_(1, seq, seen)
-            next_token = sample_next(logits, temperature, top_k, top_p)  # (B,)
-            seq = torch.cat((seq, next_token[:, None]), dim=1)
-            yield next_token
-            done |= torch.isin(next_token, stop)
-            if done.all():
-                return
-
-
-def decoding_attention():
-    """
-    The attention kernels for decoding, where every step has a new shape (the cache grows by a token, each
-    prompt has its own length): flash, memory-efficient or plain, not cuDNN's, which builds a plan for each
-    new shape, a cost that dominated GPU decoding (docs/gpu.md). Training's fixed shapes keep it.
-    """
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
 
 # logits of more rows x vocabulary entries than this are never all in memory at once (2**27 fp32 values
 # are 512 MB): the demo's batches stay below it, the GPU configs' 32 x 512 rows x 64k ids are far above
@@ -441,26 +363,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
                 (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
-
-
-def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
-    """One token per row from (B, V) logits: greedy at temperature 0, else top-k/top-p filtered sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    # the largest logit becomes 0 before the division: no temperature, however small, can overflow it to
-    # inf (and softmax to NaN); the rest can only go to -inf, a probability of 0
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p is not None and 0 < top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token once the tokens more likely than it already cover top_p
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
 # Dense 16-bit tensor-core peak FLOP/s (bf16, or fp16 where a card has no bf16) by the name

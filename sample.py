@@ -1,5 +1,6 @@
 """
-Generate text with a checkpoint from pretrain.py or sft.py, streaming tokens as they come.
+Generate text with any checkpoint (pretrain.py's, sft.py's, dpo.py's, or an imported Llama), streaming
+tokens as they come. Decoding itself is engine.py's (the same tokens as evaluate.py and serve.py).
 
     python sample.py --start "床前明月光，"                  # continue a prompt
     python sample.py --start=FILE:prompt.txt --num_samples=3
@@ -13,7 +14,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import check_ranges, configure
-from engine import TextStreamer
+from engine import TextStreamer, compiled_step, generate
 from tokenizer import read_text_file
 from training import PTDTYPE, resolve_device
 
@@ -74,21 +75,19 @@ def cut_message(tok, messages, budget):
 
 def generate_text(model, tok, ids, stream=True, answer=False, **generate_kwargs):
     """
-    Generate after `ids` with model.generate(**generate_kwargs), printing as it goes. answer: the text
-    is a chat answer (decoded on its own) rather than a continuation of ids. Returns (text, tokens,
-    seconds, why it stopped: "stop" at a stop token, "length" at max_new_tokens, "context" when full).
+    Generate after `ids` with engine.generate(**generate_kwargs), stopping at tok.stop_ids and printing as
+    it goes. answer: the text is a chat answer (decoded on its own) rather than a continuation of ids.
+    Returns (text, tokens, seconds, why it stopped: "stop" at a stop token, "length" at max_new_tokens,
+    "context" when the context is full).
     """
-    stop_tokens = generate_kwargs.get("stop_tokens", ())
     x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     streamer = TextStreamer(tok, () if answer else ids)
-    out, n, t0, why = [], 0, time.time(), None
-    for token in model.generate(x, **generate_kwargs):
-        token = token.item()
+    out, n, t0, why = [], 0, time.time(), []
+    for token in generate(model, x, stop_tokens=tok.stop_ids, why=why, **generate_kwargs):
         n += 1
-        if token in stop_tokens:
-            why = "stop"
+        if token.item() in tok.stop_ids:
             break
-        piece = streamer.put(token)
+        piece = streamer.put(token.item())
         out.append(piece)
         if stream and piece:
             print(piece, end="", flush=True)
@@ -97,9 +96,7 @@ def generate_text(model, tok, ids, stream=True, answer=False, **generate_kwargs)
     out.append(piece)
     if stream and piece:
         print(piece, end="", flush=True)
-    if why is None:
-        why = "length" if n >= generate_kwargs["max_new_tokens"] else "context"
-    return "".join(out), n, dt, why
+    return "".join(out), n, dt, why[0] if why else "stop"
 
 
 def report(n, dt, why, context):
@@ -123,7 +120,7 @@ def main():
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
                     repetition_penalty=penalty, use_cache=use_cache)
     if compile and use_cache:  # compiled on first use (a minute); greedy output is the same as without
-        settings["step"] = torch.compile(model.decode_step)
+        settings["step"] = compiled_step(model)
     try:
         if chat:
             chat_loop(model, tok, checkpoint, context, settings)
@@ -150,7 +147,7 @@ def continue_text(model, tok, context, settings):
     for k in range(num_samples):
         print(tok.decode(ids[1:]), end="", flush=True)
         # a document ends where the next begins (BOS), as in run.c; EOS ends SFT answers
-        _, n, dt, why = generate_text(model, tok, ids, stop_tokens=(tok.bos_id, tok.eos_id), **settings)
+        _, n, dt, why = generate_text(model, tok, ids, **settings)
         print()
         report(n, dt, why, context)
         if k + 1 < num_samples:
@@ -201,8 +198,7 @@ def chat_loop(model, tok, checkpoint, context, settings):
         if not prompt:
             print("助手: ", end="", flush=True)
         try:
-            answer, n, dt, why = generate_text(model, tok, ids, answer=True, stop_tokens=(tok.eos_id, tok.bos_id),
-                                               **settings)
+            answer, n, dt, why = generate_text(model, tok, ids, answer=True, **settings)
         except KeyboardInterrupt:  # stop this answer, keep the conversation
             if prompt:
                 raise

@@ -46,9 +46,6 @@ device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 on GPUs that support it, else float32
 # -----------------------------------------------------------------------------
 
-IGNORED = ("frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
-           "response_format", "service_tier", "store", "metadata", "parallel_tool_calls", "top_k",
-           "repetition_penalty", "reasoning_effort", "modalities", "prediction", "audio", "web_search_options")
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")
 # why a request ended without an answer: (HTTP status, message, code)
 FAILURES = {"error": (500, "generation failed on the server", "generation_failed"),
@@ -111,6 +108,10 @@ def sampling(body, context, prompt_tokens, default_max_tokens):
                 temperature=float(field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2,
                                         "a number from 0 to 2")),
                 top_p=float(field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+                # llama-server's and vLLM's extensions, as sample.py has them (0 and 1.0: off)
+                top_k=field(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0") or None,
+                repetition_penalty=float(field(body, "repetition_penalty", (int, float), 1.0, lambda v: 0 < v <= 10,
+                                               "a number in (0, 10]")),
                 seed=field(body, "seed", int, None, lambda v: 0 <= v < 2 ** 63, "an integer from 0 to 2**63 - 1"),
                 stop=[stop] if isinstance(stop, str) else stop,
                 stream=field(body, "stream", bool, False, what="true or false"),
@@ -353,7 +354,8 @@ def make_handler(engine, tok, name, default_max_tokens, body_limit, cors="", idl
         def answer(self, chat, ids, settings, dropped=0):
             limit = min(settings["max_new_tokens"], context - len(ids))
             request = Request(ids, limit, settings["temperature"], settings["top_p"], settings["seed"],
-                              stop_tokens=(tok.eos_id, tok.bos_id))
+                              stop_tokens=tok.stop_ids, top_k=settings["top_k"],
+                              repetition_penalty=settings["repetition_penalty"])
             if not engine.submit(request):
                 if engine.closed:
                     raise ApiError(503, "the server is shutting down", code="shutting_down", kind="server_error")

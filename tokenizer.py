@@ -193,6 +193,9 @@ class Tokenizer:
         self.n_words = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
+        # where decoding stops: EOS ends a chat answer, BOS the document a base model writes (the next
+        # would start with one); every decoder here, and the exported generation configs, stop at both
+        self.stop_ids = (self.eos_id, self.bos_id)
 
     def encode(self, text, bos=False, eos=False):
         ids = self.sp.encode(text)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from conftest import ROOT, TINY_MODEL, read_log, run, tiny
+from engine import generate
 from model import chunked_cross_entropy, peak_flops
 from training import auto_compile, auto_dtype
 
@@ -239,8 +240,8 @@ def test_decoding_keeps_cudnn_attention_out_and_training_keeps_it_in(monkeypatch
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
     model = tiny(dim=32, vocab_size=64, max_seq_len=32)
     prompt = torch.tensor([[1, 5, 6]])
-    list(model.generate(prompt, 4, temperature=0))
-    list(model.generate(prompt, 4, temperature=0, use_cache=False))
+    list(generate(model, prompt, 4, temperature=0))
+    list(generate(model, prompt, 4, temperature=0, use_cache=False))
     engine = Engine(model, slots=2)
     requests = [Request([1, 5, 6], 4), Request([1, 7], 4)]
     for request in requests:

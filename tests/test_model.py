@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny
-from model import PRESETS, ModelArgs, Transformer, apply_rope, rope_tables, sample_next
+from engine import compiled_step, generate, new_cache, sample_next
+from model import PRESETS, ModelArgs, Transformer, apply_rope, rope_tables
 
 
 def test_shapes_with_and_without_targets():
@@ -76,8 +77,8 @@ def test_attention_is_causal():
 def test_greedy_generation_with_the_kv_cache_equals_recomputing_everything(n_kv_heads):
     model = tiny(n_kv_heads=n_kv_heads)
     prompt = torch.randint(3, 97, (2, 9))
-    cached = torch.stack(list(model.generate(prompt, 30, temperature=0)), dim=1)
-    naive = torch.stack(list(model.generate(prompt, 30, temperature=0, use_cache=False)), dim=1)
+    cached = torch.stack(list(generate(model, prompt, 30, temperature=0)), dim=1)
+    naive = torch.stack(list(generate(model, prompt, 30, temperature=0, use_cache=False)), dim=1)
     assert cached.shape == (2, 30) and torch.equal(cached, naive)
 
 
@@ -85,7 +86,7 @@ def test_a_chunk_after_a_cached_prefix_sees_the_prefix_and_itself_causally():
     model = tiny()
     tokens = torch.randint(0, 97, (1, 20))
     full, _ = model(tokens, tokens)
-    cache = model.new_cache(1, 20, "cpu", torch.float32)
+    cache = new_cache(model, 1, 20, "cpu", torch.float32)
     model(tokens[:, :12], cache=cache, start_pos=0)
     # logits of the last position of the chunk 12..19, computed with the first 12 in the cache
     chunk_last, _ = model(tokens[:, 12:], cache=cache, start_pos=12)
@@ -95,9 +96,9 @@ def test_a_chunk_after_a_cached_prefix_sees_the_prefix_and_itself_causally():
 def test_generation_stops_at_a_stop_token_and_at_the_context_end():
     model = tiny()
     prompt = torch.randint(3, 97, (1, 5))
-    first = next(model.generate(prompt, 10, temperature=0)).item()
-    assert len(list(model.generate(prompt, 10, temperature=0, stop_tokens=[first]))) == 1
-    assert len(list(model.generate(prompt, 1000, temperature=0))) == 48 - 5
+    first = next(generate(model, prompt, 10, temperature=0)).item()
+    assert len(list(generate(model, prompt, 10, temperature=0, stop_tokens=[first]))) == 1
+    assert len(list(generate(model, prompt, 1000, temperature=0))) == 48 - 5
 
 
 def test_masked_loss_is_the_mean_over_masked_in_positions():
@@ -150,10 +151,10 @@ def test_the_fixed_shape_decode_step_generates_what_the_cached_step_does_in_one_
     model = tiny(max_seq_len=48)
     prompt = torch.randint(0, 97, (2, 5))
     with torch.no_grad():
-        cached = [t.tolist() for t in model.generate(prompt, 30, temperature=0)]
+        cached = [t.tolist() for t in generate(model, prompt, 30, temperature=0)]
         torch._dynamo.reset()
         counters.clear()
-        step = torch.compile(model.decode_step, backend="eager")  # what dynamo traces; inductor would only be slower here
-        stepped = [t.tolist() for t in model.generate(prompt, 30, temperature=0, step=step)]
+        step = compiled_step(model, backend="eager")  # what dynamo traces; inductor would only be slower here
+        stepped = [t.tolist() for t in generate(model, prompt, 30, temperature=0, step=step)]
     assert stepped == cached
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph for every position

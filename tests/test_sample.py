@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import run
-from engine import TextStreamer
+from engine import TextStreamer, generate
 from sample import fit_history
 from tokenizer import Tokenizer
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
@@ -34,7 +34,7 @@ def test_greedy_sampling_is_deterministic_and_equals_model_generate(tiny_ckpt):
     model = model_from_checkpoint(load_checkpoint(tiny_ckpt)).eval()
     prompt = [tok.bos_id] + tok.encode("床前明月光，")
     new = []
-    for t in model.generate(torch.tensor([prompt]), 20, temperature=0, stop_tokens=(tok.bos_id, tok.eos_id)):
+    for t in generate(model, torch.tensor([prompt]), 20, temperature=0, stop_tokens=tok.stop_ids):
         if t.item() in (tok.bos_id, tok.eos_id):
             break
         new.append(t.item())
@@ -77,7 +77,7 @@ def test_non_interactive_chat_answers_once_and_exits(tiny_sft_ckpt):
     model, tok, _ = load_model(tiny_sft_ckpt)
     ids, _ = tok.encode_chat([{"role": "system", "content": "你是助手"}, {"role": "user", "content": question}])
     answer = []
-    for t in model.generate(torch.tensor([ids]), 10, temperature=0, stop_tokens=(tok.eos_id, tok.bos_id)):
+    for t in generate(model, torch.tensor([ids]), 10, temperature=0, stop_tokens=tok.stop_ids):
         if t.item() in (tok.eos_id, tok.bos_id):
             break
         answer.append(t.item())
@@ -116,7 +116,7 @@ def test_temperature_0_is_plain_greedy_unless_a_penalty_is_asked_for(tiny_ckpt):
 
     def greedy(prompt, penalty):
         ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)])
-        return [int(t) for t in model.generate(ids, 24, temperature=0, repetition_penalty=penalty)]
+        return [int(t) for t in generate(model, ids, 24, temperature=0, repetition_penalty=penalty)]
 
     prompt = next(p for p in ("春眠不觉晓", "北京", "床前明月光，", "这家酒店", "今天", "我们", "中国", "他说")
                   if greedy(p, 1.1) != greedy(p, 1.0))

@@ -22,7 +22,7 @@ import torch
 
 from checkpoint import load_model
 from conftest import ROOT, run
-from engine import Engine, Request
+from engine import Engine, Request, generate
 
 QUESTIONS = ["这条评论是正面还是负面？\n房间很干净，服务也很好。", "“一马当先”是什么意思？", "成语接龙：一马当先",
              "找出这句话中的人名、地名和机构名：江泽民在北京会见了新华社记者。", "你好"]
@@ -30,7 +30,7 @@ QUESTIONS = ["这条评论是正面还是负面？\n房间很干净，服务也�
 
 def greedy_alone(model, tok, ids, n):
     out = []
-    for t in model.generate(torch.tensor([ids]), n, temperature=0, stop_tokens=(tok.eos_id, tok.bos_id)):
+    for t in generate(model, torch.tensor([ids]), n, temperature=0, stop_tokens=tok.stop_ids):
         if t.item() in (tok.eos_id, tok.bos_id):
             break
         out.append(t.item())
@@ -51,7 +51,7 @@ def test_greedy_answers_are_the_same_alone_and_beside_others(tiny_sft):
     prompts = [tok.encode_chat([{"role": "user", "content": q}])[0] for q in QUESTIONS]
     expected = [greedy_alone(model, tok, ids, 24) for ids in prompts]
     engine = Engine(model, slots=3)  # five requests, three rows: two wait, then take freed rows
-    requests = [Request(ids, 24, stop_tokens=(tok.eos_id, tok.bos_id)) for ids in prompts]
+    requests = [Request(ids, 24, stop_tokens=tok.stop_ids) for ids in prompts]
     for r in requests:
         assert engine.submit(r)
     results = [collect(r) for r in requests]
@@ -59,7 +59,7 @@ def test_greedy_answers_are_the_same_alone_and_beside_others(tiny_sft):
     assert all(finish in ("stop", "length") for _, finish in results)
     alone = Engine(model, slots=1)
     for ids, want in zip(prompts, expected):
-        r = Request(ids, 24, stop_tokens=(tok.eos_id, tok.bos_id))
+        r = Request(ids, 24, stop_tokens=tok.stop_ids)
         alone.submit(r)
         assert collect(r)[0] == want
 
@@ -153,6 +153,39 @@ def test_the_openai_client_gets_sample_pys_answers_streamed_and_not(server, tiny
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
         assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_sample_evaluate_and_serve_give_the_same_greedy_answer(server, tiny_sft):
+    from evaluate import evaluate_on_tasks
+    model, tok, _ = load_model(tiny_sft)
+    question, reference = QUESTIONS[1], "一马当先：比喻工作走在群众前面。"
+    budget = len(tok.encode(reference)) + 8  # what evaluate.py lets an answer run to
+    record = []
+    evaluate_on_tasks(model, tok, [{"task": "meaning", "messages": [{"role": "user", "content": question},
+                                                                    {"role": "assistant", "content": reference}]}],
+                      set(), 0, record=record)
+    from_evaluate = record[0][3]
+    from_sample = chat_cli_answer(tiny_sft, question, max_tokens=budget)
+    status, reply = post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
+                                                           "temperature": 0, "max_tokens": budget})
+    assert status == 200 and from_evaluate.strip()
+    assert from_evaluate == from_sample == reply["choices"][0]["message"]["content"]
+
+
+def test_top_k_and_repetition_penalty_are_honoured_as_sample_py_applies_them(server, tiny_sft):
+    question = QUESTIONS[2]
+    ask = lambda **settings: post(server + "/v1/chat/completions", {  # noqa: E731
+        "messages": [{"role": "user", "content": question}], "max_tokens": 32, **settings})
+    greedy = ask(temperature=0)[1]["choices"][0]["message"]["content"]
+    # top_k=1 leaves one candidate: sampling at temperature 1 is then greedy
+    assert all(ask(temperature=1.0, top_k=1)[1]["choices"][0]["message"]["content"] == greedy for _ in range(3))
+    penalized = run("sample.py", f"--out_dir={tiny_sft}", "--chat", "--prompt", question, "--temperature=0",
+                    "--repetition_penalty=1.5", "--max_new_tokens=32").stdout.rstrip("\n")
+    assert penalized != greedy  # the penalty changes this answer, and serve.py changes it the same way
+    assert ask(temperature=0, repetition_penalty=1.5)[1]["choices"][0]["message"]["content"] == penalized
+    for bad in ({"top_k": -1}, {"top_k": 1.5}, {"repetition_penalty": 0}):
+        status, body = ask(**bad)
+        assert status == 400 and body["error"]["param"] == next(iter(bad))
 
 
 def test_usage_counts_are_exact(server, tiny_sft):
@@ -305,7 +338,7 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(server, tmp_path):
 # ---- one request never hurts another; errors and shutdowns end streams properly (issue 26)
 
 def test_no_temperature_in_range_can_overflow_sampling():
-    from model import sample_next
+    from engine import sample_next
     logits = torch.tensor([[3.0, 9.5, -2.0, 9.0]])
     for temperature in (1e-40, 1e-30, 1e-7, 1e-3):  # all inside the API's 0-2: each one the greedy token
         assert sample_next(logits, temperature).tolist() == [1]
@@ -316,7 +349,7 @@ def test_a_request_whose_sampling_fails_ends_alone(tiny_sft):
     model, tok, _ = load_model(tiny_sft)
     ids = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])[0]
     engine = Engine(model, slots=2)
-    healthy = Request(ids, 12, stop_tokens=(tok.eos_id, tok.bos_id))
+    healthy = Request(ids, 12, stop_tokens=tok.stop_ids)
     broken = Request(ids, 12, temperature=1.0)
     broken.generator = "not a generator"  # its sampling raises, in the same decode steps as the healthy one
     engine.submit(healthy)
