@@ -13,6 +13,8 @@ Writes into out_dir (default data/):
     sft_{train,test}_mask.bin         uint8, 1 exactly on assistant answer tokens and their EOS
     sft_{train,test}_index.npy        int64 offsets: conversation i is tokens[index[i]:index[i+1]]
     sft_{train,test}.json             sidecar; sft_test.jsonl holds the raw held-out conversations
+    dpo_{train,test}.bin, ...         DPO pairs, the same four files: sequence 2i is prompt + chosen answer,
+                                      2i + 1 prompt + rejected answer; dpo_test.jsonl the raw held-out pairs
 
 Pretraining inputs (files, or directories searched recursively):
     .jsonl  one JSON object per line with a "text" field         {"text": "床前明月光，疑是地上霜。"}
@@ -24,6 +26,11 @@ SFT inputs (.jsonl or .json, as above), one conversation per object:
     ShareGPT  {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
     messages  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]} or a bare list
               of such messages
+    A conversation longer than --max_len tokens is cut after its last whole answer that fits, or skipped.
+DPO inputs (--dpo_input, .jsonl or .json), one preference pair per object: TRL's prompt/chosen/rejected
+    (strings or messages, or chosen/rejected conversations with the prompt implicit), ShareGPT with
+    chosen/rejected, hh-rlhf-cn's context, or question/response_chosen/response_rejected; answers cut
+    to fit --max_len.
 
 Every document is split into train or val by a hash of its text, so the split never depends on
 file order or worker count, and the demo's SFT test questions come only from val documents.
@@ -56,7 +63,8 @@ tokenizer_train_chars = 100_000_000  # the tokenizer trains on the first this ma
 workers = os.cpu_count() or 1  # processes that parse and tokenize; 1: one process, sentencepiece threads on all cores
 val_fraction = 0.01         # share of documents (and SFT conversations) held out, by hash
 shard_tokens = 200_000_000  # tokens per .bin shard (400 MB)
-sft_max_len = 512           # SFT conversations are cut at a turn boundary to fit this many tokens
+max_len = 512               # SFT conversations are cut at a turn boundary to fit this many tokens, DPO answers too
+sft_max_len: int = None     # the old name of max_len, still read (with a note)
 dpo_input = "demo"          # DPO preference pairs: "demo", or comma-separated files/directories; "" skips DPO data
 # -----------------------------------------------------------------------------
 
@@ -429,7 +437,7 @@ def encode_documents(docs, fraction):
 
 
 def encode_conversations(batch, max_len):
-    """Worker: (split, meta, messages) -> (split, meta, messages, ids, mask, status)."""
+    """Worker: (split, meta, messages) -> (split, raw record, [(ids, mask)] or [] when skipped, status)."""
     results = []
     for split, meta, messages in batch:
         ids, mask = _tok.encode_chat(messages)
@@ -439,15 +447,15 @@ def encode_conversations(batch, max_len):
             if cut:
                 ids, mask, status = ids[:cut], mask[:cut], "truncated at a turn boundary"
             else:
-                ids, status = [], "skipped: first turn longer than sft_max_len"
+                ids, status = [], "skipped: first turn longer than max_len"
         if ids and not any(mask):
             ids, status = [], "skipped: no answer tokens"
-        results.append((split, meta, messages, ids, mask, status))
+        results.append((split, dict(meta, messages=messages), [(ids, mask)] if ids else [], status))
     return results
 
 
 def encode_pairs(batch, max_len):
-    """Worker: (split, meta, prompt, chosen, rejected) -> (split, meta, pair, [(ids, mask)] x 2, status)."""
+    """Worker: (split, meta, prompt, chosen, rejected) -> (split, raw record, [(ids, mask)] x 2 or [], status)."""
     results = []
     for split, meta, prompt, chosen, rejected in batch:
         prompt_ids, _ = _tok.encode_chat(prompt)
@@ -456,12 +464,12 @@ def encode_pairs(batch, max_len):
         if chosen.strip() == rejected.strip():
             status, answers = "skipped: chosen and rejected are the same", []
         elif len(prompt_ids) >= max_len:
-            status, answers = "skipped: prompt alone longer than sft_max_len", []
+            status, answers = "skipped: prompt alone longer than max_len", []
         elif len(prompt_ids) + max(map(len, answers)) > max_len:
-            status = "answers cut to fit sft_max_len"
+            status = "answers cut to fit max_len"
             answers = [ids[:max_len - len(prompt_ids)] for ids in answers]
         sequences = [(prompt_ids + ids, [0] * len(prompt_ids) + [1] * len(ids)) for ids in answers]
-        results.append((split, meta, (prompt, chosen, rejected), sequences, status))
+        results.append((split, dict(meta, prompt=prompt, chosen=chosen, rejected=rejected), sequences, status))
     return results
 
 
@@ -643,71 +651,26 @@ def prepare_pretraining(tok, documents, out_dir, val_fraction, workers, shard_to
     return train.close() + val.close()
 
 
-def prepare_sft(tok, conversations, out_dir, workers, max_len):
-    """The SFT splits' tokens, masks, offsets and sidecars (and the raw test conversations), as .tmp files."""
-    t0 = time.time()
-    outputs = {}
-    for split in ("train", "test"):
-        prefix = os.path.join(out_dir, f"sft_{split}")
-        outputs[split] = {"tokens": open(prefix + ".bin.tmp", "wb"), "mask": open(prefix + "_mask.bin.tmp", "wb"),
-                          "raw": open(prefix + ".jsonl.tmp", "w", encoding="utf-8") if split == "test" else None,
-                          "offsets": [0], "answer_tokens": 0, "prefix": prefix}
-    counts = Counts()
-    batches = ((b, max_len) for b in batched(conversations(), max_chars=256))
-    for results in parallel_map(encode_conversations, batches, workers, (tok.model_path,)):
-        for split, meta, messages, ids, mask, status in results:
-            counts[status] += 1
-            if not ids:
-                continue
-            o = outputs[split]
-            np.array(ids, dtype=np.uint16).tofile(o["tokens"])
-            np.array(mask, dtype=np.uint8).tofile(o["mask"])
-            o["offsets"].append(o["offsets"][-1] + len(ids))
-            o["answer_tokens"] += sum(mask)
-            if o["raw"]:
-                o["raw"].write(json.dumps(dict(meta, messages=messages), ensure_ascii=False) + "\n")
-    tmp_paths = []
-    for split, o in outputs.items():
-        for f in ("tokens", "mask", "raw"):
-            if o[f]:
-                o[f].close()
-        prefix = o["prefix"]
-        with open(prefix + "_index.npy.tmp", "wb") as f:
-            np.save(f, np.array(o["offsets"], dtype=np.int64))
-        with open(prefix + ".json.tmp", "w") as f:
-            json.dump({"tokenizer_sha": tok.sha, "vocab_size": tok.n_words, "dtype": "uint16", "max_len": max_len,
-                       "conversations": len(o["offsets"]) - 1, "tokens": o["offsets"][-1],
-                       "answer_tokens": int(o["answer_tokens"])}, f, indent=1)
-        tmp_paths += [prefix + s for s in (".bin.tmp", "_mask.bin.tmp", "_index.npy.tmp", ".json.tmp")]
-        if o["raw"]:
-            tmp_paths.append(prefix + ".jsonl.tmp")
-    print(counts.summary("SFT conversations").strip())
-    n_train, n_test = len(outputs["train"]["offsets"]) - 1, len(outputs["test"]["offsets"]) - 1
-    if n_train == 0:
-        raise SystemExit("error: the SFT input holds no usable training conversation (see the counts above); "
-                         "nothing was written")
-    print(f"SFT: train {n_train:,} conversations ({outputs['train']['answer_tokens']:,} answer tokens), "
-          f"test {n_test:,}; {time.time() - t0:.1f}s")
-    return tmp_paths
-
-
-def prepare_dpo(tok, pairs, out_dir, workers, max_len):
+def prepare_masked(kind, tok, records, encode, out_dir, workers, max_len):
     """
-    The DPO splits as .tmp files: for pair i, sequence 2i is prompt + chosen answer and 2i + 1 prompt +
-    rejected answer (dpo_{split}.bin, uint16), their answer masks (_mask.bin, 1 on each answer and its
-    EOS), offsets (_index.npy, int64), a sidecar (.json) and the raw held-out pairs (dpo_test.jsonl).
+    Masked sequences (kind "sft": a conversation each; "dpo": for pair i, sequence 2i is prompt + chosen
+    answer and 2i + 1 prompt + rejected answer) as .tmp files per split: {kind}_{split}.bin (uint16
+    tokens), _mask.bin (uint8, 1 on the tokens the loss counts: answers and their EOS), _index.npy (int64
+    offsets), .json (the sidecar) and, for test, .jsonl (the raw held-out records, for evaluate.py).
+    records() yields the encoder's input; encode(batch, max_len) runs in the workers.
     """
     t0 = time.time()
+    label, item = {"sft": ("SFT", "conversation"), "dpo": ("DPO", "pair")}[kind]
     outputs = {}
     for split in ("train", "test"):
-        prefix = os.path.join(out_dir, f"dpo_{split}")
+        prefix = os.path.join(out_dir, f"{kind}_{split}")
         outputs[split] = {"tokens": open(prefix + ".bin.tmp", "wb"), "mask": open(prefix + "_mask.bin.tmp", "wb"),
                           "raw": open(prefix + ".jsonl.tmp", "w", encoding="utf-8") if split == "test" else None,
-                          "offsets": [0], "prefix": prefix}
+                          "offsets": [0], "items": 0, "answer_tokens": 0, "prefix": prefix}
     counts = Counts()
-    batches = ((b, max_len) for b in batched(pairs(), max_chars=256))
-    for results in parallel_map(encode_pairs, batches, workers, (tok.model_path,)):
-        for split, meta, (prompt, chosen, rejected), sequences, status in results:
+    batches = ((b, max_len) for b in batched(records(), max_chars=256))
+    for results in parallel_map(encode, batches, workers, (tok.model_path,)):
+        for split, raw, sequences, status in results:
             counts[status] += 1
             if not sequences:
                 continue
@@ -716,9 +679,10 @@ def prepare_dpo(tok, pairs, out_dir, workers, max_len):
                 np.array(ids, dtype=np.uint16).tofile(o["tokens"])
                 np.array(mask, dtype=np.uint8).tofile(o["mask"])
                 o["offsets"].append(o["offsets"][-1] + len(ids))
+                o["answer_tokens"] += sum(mask)
+            o["items"] += 1
             if o["raw"]:
-                o["raw"].write(json.dumps(dict(meta, prompt=prompt, chosen=chosen, rejected=rejected),
-                                          ensure_ascii=False) + "\n")
+                o["raw"].write(json.dumps(raw, ensure_ascii=False) + "\n")
     tmp_paths = []
     for split, o in outputs.items():
         for f in ("tokens", "mask", "raw"):
@@ -729,37 +693,62 @@ def prepare_dpo(tok, pairs, out_dir, workers, max_len):
             np.save(f, np.array(o["offsets"], dtype=np.int64))
         with open(prefix + ".json.tmp", "w") as f:
             json.dump({"tokenizer_sha": tok.sha, "vocab_size": tok.n_words, "dtype": "uint16", "max_len": max_len,
-                       "pairs": (len(o["offsets"]) - 1) // 2, "tokens": o["offsets"][-1]}, f, indent=1)
+                       f"{item}s": o["items"], "tokens": o["offsets"][-1],
+                       "answer_tokens": int(o["answer_tokens"])}, f, indent=1)
         tmp_paths += [prefix + s for s in (".bin.tmp", "_mask.bin.tmp", "_index.npy.tmp", ".json.tmp")]
         if o["raw"]:
             tmp_paths.append(prefix + ".jsonl.tmp")
-    print(counts.summary("DPO pairs").strip())
-    n_train, n_test = (len(outputs["train"]["offsets"]) - 1) // 2, (len(outputs["test"]["offsets"]) - 1) // 2
-    if n_train == 0:
-        raise SystemExit("error: the DPO input holds no usable training pair (see the counts above); "
-                         "nothing was written")
-    print(f"DPO: train {n_train:,} pairs, test {n_test:,}; {time.time() - t0:.1f}s")
+    print(counts.summary(f"{label} {item}s").strip())
+    train, test = outputs["train"], outputs["test"]
+    if train["items"] == 0:
+        raise SystemExit(f"error: the {label} input holds no usable training {item} (see the counts above); "
+                         f"nothing was written")
+    print(f"{label}: train {train['items']:,} {item}s ({train['answer_tokens']:,} answer tokens), test "
+          f"{test['items']:,}; {time.time() - t0:.1f}s")
     return tmp_paths
+
+
+def file_records(files, val_fraction, label, convert, what):
+    """
+    (split, messages, answers) for every record of the SFT or DPO input files that convert(record) turns
+    into (messages, answer strings); every text repaired (clean_text), records with an empty one skipped,
+    and the split decided by a hash of the messages, so that pairs with one prompt fall on one side.
+    """
+    for record, counts in iter_file_inputs(files, read_json_records, f"reading {label}"):
+        converted = convert(record)
+        if converted is None:
+            counts[f"records that are not a {what} skipped"] += 1
+            continue
+        messages, answers = converted
+        contents = [clean_text(m["content"], counts) for m in messages] + [clean_text(a, counts) for a in answers]
+        if None in contents:
+            counts[f"{what}s with an empty message skipped"] += 1
+            continue
+        for m, content in zip(messages, contents):
+            m["content"] = content
+        counts["kept"] += 1
+        split = "test" if is_val(json.dumps(messages, ensure_ascii=False), val_fraction) else "train"
+        yield split, messages, contents[len(messages):]
+
+
+def file_conversations(files, val_fraction):
+    """(split, meta, messages) for every conversation in the SFT input files."""
+    def convert(record):
+        messages = to_messages(record)
+        return None if messages is None else (messages, [])
+
+    for split, messages, _ in file_records(files, val_fraction, "SFT", convert, "conversation"):
+        yield split, {}, messages
 
 
 def file_pairs(files, val_fraction):
     """(split, meta, prompt, chosen, rejected) for every preference pair in the DPO input files."""
-    for record, counts in iter_file_inputs(files, read_json_records, "reading DPO"):
+    def convert(record):
         pair = to_preference(record)
-        if pair is None:
-            counts["records that are not a preference pair skipped"] += 1
-            continue
-        prompt, chosen, rejected = pair
-        contents = [clean_text(m["content"], counts) for m in prompt] + [clean_text(chosen, counts),
-                                                                        clean_text(rejected, counts)]
-        if None in contents:
-            counts["pairs with an empty message skipped"] += 1
-            continue
-        for m, content in zip(prompt, contents):
-            m["content"] = content
-        counts["kept"] += 1
-        key = json.dumps(prompt, ensure_ascii=False)  # pairs with one prompt fall on one side of the split
-        yield ("test" if is_val(key, val_fraction) else "train"), {}, prompt, contents[-2], contents[-1]
+        return None if pair is None else (pair[0], [pair[1], pair[2]])
+
+    for split, prompt, (chosen, rejected) in file_records(files, val_fraction, "DPO", convert, "preference pair"):
+        yield split, {}, prompt, chosen, rejected
 
 
 def file_documents(files, report=True):
@@ -771,25 +760,11 @@ def file_documents(files, report=True):
             yield doc
 
 
-def file_conversations(files, val_fraction):
-    """(split, meta, messages) for every conversation in the SFT input files."""
-    for record, counts in iter_file_inputs(files, read_json_records, "reading SFT"):
-        messages = to_messages(record)
-        if messages is None:
-            counts["records that are not a conversation skipped"] += 1
-            continue
-        contents = [clean_text(m["content"], counts) for m in messages]
-        if None in contents:
-            counts["conversations with an empty message skipped"] += 1
-            continue
-        for m, content in zip(messages, contents):
-            m["content"] = content
-        counts["kept"] += 1
-        split = "test" if is_val(json.dumps(messages, ensure_ascii=False), val_fraction) else "train"
-        yield split, {}, messages
-
-
 def main():
+    global max_len
+    if sft_max_len is not None:
+        print(f"note: --sft_max_len is now --max_len (it cuts DPO pairs too); using max_len={sft_max_len}")
+        max_len = sft_max_len
     if not input and not sft_input and not dpo_input:
         raise SystemExit("error: nothing to do: --input, --sft_input and --dpo_input are all empty")
     if workers < 1:
@@ -837,9 +812,9 @@ def main():
         if documents is not None:
             tmp_paths += prepare_pretraining(tok, documents, out_dir, val_fraction, workers, shard_tokens)
         if conversations is not None:
-            tmp_paths += prepare_sft(tok, conversations, out_dir, workers, sft_max_len)
+            tmp_paths += prepare_masked("sft", tok, conversations, encode_conversations, out_dir, workers, max_len)
         if pairs is not None:
-            tmp_paths += prepare_dpo(tok, pairs, out_dir, workers, sft_max_len)
+            tmp_paths += prepare_masked("dpo", tok, pairs, encode_pairs, out_dir, workers, max_len)
         written = [kind for kind, source in (("pretraining", documents), ("sft", conversations), ("dpo", pairs))
                    if source is not None]
         publish(out_dir, tmp_paths, written, tokenizer_changed=old_sha not in (None, tok.sha))
