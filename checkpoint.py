@@ -191,8 +191,14 @@ def imported(source, model_args, state, special_ids=None):
 
 # ---------------------------------------------------------------------------- Hugging Face
 
+def hf_permute(w, n_heads):
+    """Our interleaved rotary pairs (0,1), (2,3), ... -> Hugging Face's halves (0, hd/2), (1, hd/2+1), ..."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
 def hf_unpermute(w, n_heads):
-    """Hugging Face's half-split rotary layout -> our interleaved pairs: the inverse of export.hf_rope_permute."""
+    """Hugging Face's half-split rotary layout -> our interleaved pairs: the inverse of hf_permute."""
     out_dim, in_dim = w.shape
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
@@ -228,6 +234,26 @@ HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
             "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
             "post_attention_layernorm": "ffn_norm"}
+
+
+def ours_to_hf(state, args):
+    """Our state dict -> Hugging Face Llama names and layout (the inverse of hf_to_ours): what export.py writes."""
+    ours = {f"{v}.weight": k for k, v in HF_NAMES.items()}
+    out = {}
+    for name, tensor in state.items():
+        if name in ("tok_embeddings.weight", "norm.weight"):
+            out[f"model.{'embed_tokens' if name.startswith('tok') else 'norm'}.weight"] = tensor
+        elif name == "output.weight":
+            if not args.tie_embeddings:
+                out["lm_head.weight"] = tensor
+        elif name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            if rest == "attention.wq.weight":
+                tensor = hf_permute(tensor, args.n_heads)
+            elif rest == "attention.wk.weight":
+                tensor = hf_permute(tensor, args.n_kv_heads or args.n_heads)
+            out[f"model.layers.{i}.{ours[rest]}.weight"] = tensor
+    return out
 
 
 def hf_to_ours(name, tensor, args):
@@ -348,6 +374,27 @@ def read_meta(path):
 
 # ---------------------------------------------------------------------------- llama2.c
 
+LLAMA2C_LAYER_ORDER = ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
+                       "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def llama2c_v0_layout(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, shared):
+    """
+    The tensors of a llama2.c version-0 file after its 28-byte header, in order, as (our name, shape),
+    fp32 each: what run.c reads and export.py writes. "rope" is the (cos, sin) tables, (2, seq_len, hd/2),
+    which run.c skips; an unshared classifier comes last.
+    """
+    hd = dim // n_heads
+    shapes = {"attention_norm": (dim,), "attention.wq": (dim, dim), "attention.wk": (n_kv * hd, dim),
+              "attention.wv": (n_kv * hd, dim), "attention.wo": (dim, dim), "ffn_norm": (dim,),
+              "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden), "feed_forward.w3": (hidden, dim)}
+    layout = [("tok_embeddings.weight", (vocab, dim))]
+    for kind in LLAMA2C_LAYER_ORDER:  # all layers of one kind, then the next kind
+        layout += [(f"layers.{i}.{kind}.weight", shapes[kind]) for i in range(n_layers)]
+    layout += [("norm.weight", (dim,)), ("rope", (2, seq_len, hd // 2))]
+    return layout + ([] if shared else [("output.weight", (vocab, dim))])
+
+
 def read_llama2c(path):
     """A llama2.c version-0 file (run.c's format; export.py writes it too)."""
     size = os.path.getsize(path)
@@ -361,16 +408,7 @@ def read_llama2c(path):
     shared, vocab = vocab > 0, abs(vocab)
     if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
         raise SystemExit(f"error: {path} is not a llama2.c version-0 model (its header makes no sense)")
-    hd = dim // n_heads
-    shapes = [("tok_embeddings.weight", (vocab, dim))]
-    for kind, shape in (("attention_norm", (dim,)), ("attention.wq", (dim, dim)), ("attention.wk", (n_kv * hd, dim)),
-                        ("attention.wv", (n_kv * hd, dim)), ("attention.wo", (dim, dim)), ("ffn_norm", (dim,)),
-                        ("feed_forward.w1", (hidden, dim)), ("feed_forward.w2", (dim, hidden)),
-                        ("feed_forward.w3", (hidden, dim))):
-        shapes += [(f"layers.{i}.{kind}.weight", shape) for i in range(n_layers)]
-    shapes += [("norm.weight", (dim,)), ("rope", (2, seq_len, hd // 2))]  # run.c skips the rope tables
-    if not shared:
-        shapes.append(("output.weight", (vocab, dim)))
+    shapes = llama2c_v0_layout(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, shared)
     expected = 28 + 4 * sum(int(np.prod(s)) for _, s in shapes)
     if size != expected:
         raise SystemExit(f"error: {path} has {size} bytes but its header describes {expected}; the file is "

@@ -29,8 +29,9 @@ import struct
 
 import torch
 
-from checkpoint import load_model, writable
+from checkpoint import llama2c_v0_layout, load_model, ours_to_hf, writable
 from configurator import configure
+from tokenizer import B_INST, B_SYS, E_INST, E_SYS
 
 # -----------------------------------------------------------------------------
 out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model), or an imported Llama
@@ -55,19 +56,14 @@ def export_v0(model, path):
     a = model.args
     hidden_dim = model.layers[0].feed_forward.w1.weight.shape[0]
     shared = a.tie_embeddings
+    header = (a.dim, hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads, a.vocab_size, a.max_seq_len)
+    state = model.state_dict()
+    state["rope"] = torch.stack([model.rope_cos, model.rope_sin])  # (2, max_seq_len, head_dim/2)
     with open(path + ".tmp", "wb") as f:
-        f.write(struct.pack("<7i", a.dim, hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads,
-                            a.vocab_size if shared else -a.vocab_size, a.max_seq_len))
-        tensors = [model.tok_embeddings.weight, *layer_weights(model, "attention_norm"),
-                   *layer_weights(model, "attention.wq"), *layer_weights(model, "attention.wk"),
-                   *layer_weights(model, "attention.wv"), *layer_weights(model, "attention.wo"),
-                   *layer_weights(model, "ffn_norm"), *layer_weights(model, "feed_forward.w1"),
-                   *layer_weights(model, "feed_forward.w2"), *layer_weights(model, "feed_forward.w3"),
-                   model.norm.weight, model.rope_cos, model.rope_sin]  # (max_seq_len, head_dim/2) each
-        if not shared:
-            tensors.append(model.output.weight)
-        for t in tensors:
-            f.write(fp32_bytes(t))
+        f.write(struct.pack("<7i", *header[:5], a.vocab_size if shared else -a.vocab_size, a.max_seq_len))
+        for name, shape in llama2c_v0_layout(*header, shared):
+            assert state[name].shape == shape, (name, state[name].shape, shape)
+            f.write(fp32_bytes(state[name]))
     os.replace(path + ".tmp", path)
 
 
@@ -133,17 +129,13 @@ def export_tokenizer_bin(tok, path):
     os.replace(path + ".tmp", path)
 
 
-def hf_rope_permute(w, n_heads):
-    """Our interleaved rotary pairs (0,1), (2,3), ... -> Hugging Face's halves (0, hd/2), (1, hd/2+1), ..."""
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
+# the chat templates of the Hugging Face/GGUF (Jinja) and ollama (Go) exports, spelled with tokenizer.py's
+# constants so that they render what Tokenizer.encode_chat encodes (tests/test_export.py renders them)
 HF_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
     "{% else %}{% set system = '' %}{% endif %}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
-    "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}{{ m['content'] }} [/INST]"
+    f"{{% for m in messages %}}{{% if m['role'] == 'user' %}}{{{{ bos_token }}}}{B_INST} "
+    f"{{% if loop.first and system %}}{B_SYS}{{{{ system }}}}{E_SYS}{{% endif %}}{{{{ m['content'] }}}} {E_INST}"
     "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 
@@ -152,21 +144,7 @@ def export_hf(model, tok, directory):
     a = model.args
     n_kv = a.n_kv_heads or a.n_heads
     os.makedirs(directory, exist_ok=True)
-    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        state[p + "self_attn.q_proj.weight"] = hf_rope_permute(layer.attention.wq.weight, a.n_heads)
-        state[p + "self_attn.k_proj.weight"] = hf_rope_permute(layer.attention.wk.weight, n_kv)
-        state[p + "self_attn.v_proj.weight"] = layer.attention.wv.weight
-        state[p + "self_attn.o_proj.weight"] = layer.attention.wo.weight
-        state[p + "mlp.gate_proj.weight"] = layer.feed_forward.w1.weight
-        state[p + "mlp.up_proj.weight"] = layer.feed_forward.w3.weight
-        state[p + "mlp.down_proj.weight"] = layer.feed_forward.w2.weight
-        state[p + "input_layernorm.weight"] = layer.attention_norm.weight
-        state[p + "post_attention_layernorm.weight"] = layer.ffn_norm.weight
-    if not a.tie_embeddings:
-        state["lm_head.weight"] = model.output.weight
-    state = {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
+    state = {k: v.detach().cpu().float().contiguous() for k, v in ours_to_hf(model.state_dict(), a).items()}
     try:
         from safetensors.torch import save_file
         save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
@@ -281,18 +259,15 @@ def export_gguf(model, tok, path, qtype, name="llama2.zh"):
     os.replace(path + ".tmp", path)
 
 
-OLLAMA_TEMPLATE = """{{- $system := "" }}
+OLLAMA_TEMPLATE = ("""{{- $system := "" }}
 {{- range .Messages }}{{- if eq .Role "system" }}{{ $system = .Content }}{{- end }}{{- end }}
 {{- $first := true }}
 {{- range .Messages }}
-{{- if eq .Role "user" }}{{ if not $first }}<s>{{ end }}[INST] {{ if and $first $system }}<<SYS>>
-{{ $system }}
-<</SYS>>
-
-{{ end }}{{ .Content }} [/INST]{{ $first = false }}
+{{- if eq .Role "user" }}{{ if not $first }}<s>{{ end }}""" + B_INST + " {{ if and $first $system }}" + B_SYS
+                   + "{{ $system }}" + E_SYS + "{{ end }}{{ .Content }} " + E_INST + """{{ $first = false }}
 {{- else if eq .Role "assistant" }} {{ .Content }}</s>
 {{- end }}
-{{- end }}"""
+{{- end }}""")
 
 
 def write_modelfile(gguf_path, context):
