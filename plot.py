@@ -7,7 +7,8 @@ Draw the loss curves of one or more runs from their out_dir/log.jsonl into a PNG
 
 Left: training loss (lines) and val/test loss (dots) against iterations. Right: the val loss in bits
 per character against tokens seen, which compares runs with different tokenizers and batch sizes
-(pretraining logs have it; an SFT log has the test answer loss against answer tokens trained on).
+(pretraining logs have it; an SFT log has the test answer loss against answer tokens trained on; a DPO
+log has its held-out DPO loss against iterations only).
 Needs matplotlib (pip install matplotlib), which nothing else in the kit needs.
 """
 import json
