@@ -31,8 +31,8 @@ from lora import adapters_disabled
 from memory import preflight
 from tokenizer import Tokenizer
 from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, load_optimizer_state,
-                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, save_run, seed_step,
-                      setup_device, stream_position, to_device, train_step, wrap_fsdp)
+                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
+                      seed_step, setup_device, stream_position, to_device, train_step, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -105,6 +105,9 @@ class Pairs:
                             fix="point --init_from at a model trained with this data's tokenizer")
         self.tokens_path, self.mask_path, self.seed = prefix + ".bin", prefix + "_mask.bin", seed
         index = np.load(prefix + "_index.npy")
+        if len(index) == 1:
+            raise SystemExit(f"error: {prefix}.bin holds no pairs: prepare_data.py put none into the {split} split; "
+                             f"raise its --val_fraction or add pairs")
         lengths = (index[1:] - index[:-1]).reshape(-1, 2)       # (pairs, 2): chosen, rejected
         self.fits = np.flatnonzero(lengths.max(1) - 1 <= block_size)  # a sequence of L tokens makes L - 1 predictions
         self.skipped = len(lengths) - len(self.fits)
@@ -381,8 +384,11 @@ def main():
                 logger.log({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
                             "pairs_per_s": pairs_per_s})
     if stopper.finished and evaluate_tasks and stopper.saved_iter is not None:
-        evaluate.after_training("DPO", out_dir, base_dir, base_stage, tok, data_dir, eval_per_task, run.device)
+        # the training state goes before the evaluation's models come (closures see these names cleared)
+        optimizer = scaler = model = eval_model = ref_model = None
+        evaluate.after_training("DPO", None if sharded else raw_model.eval(), out_dir, base_dir, base_stage, tok,
+                                data_dir, eval_per_task, run)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

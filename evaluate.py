@@ -16,6 +16,7 @@ sft.py and dpo.py run this at the end of training (after_training). --report=pat
 elsewhere.
 """
 import collections
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import demo
 from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
 from engine import generate
+from lora import LoRALinear, adapters_disabled
 from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -161,8 +163,9 @@ def print_comparison(results):
 
 def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None):
     """
-    models: {name: (Transformer, its Tokenizer, checkpoint directory)}: each model reads the questions
-    with its own tokenizer (a base model does not know the pieces an extended tokenizer added). Every
+    models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}: each
+    model reads the questions with its own tokenizer (a base model does not know the pieces an extended
+    tokenizer added); a LoRA model's base is the model itself in adapters_disabled. Every
     model answers the held-out questions; prints the table (with extra, e.g. baselines, as more columns)
     and writes report_path. Returns {name: {task: (score, n)}}, or None when there are no questions.
     """
@@ -172,12 +175,13 @@ def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None):
         return None
     idiom_words = demo.idiom_words() if any(t.get("task") == "chain" for t in tests) else set()
     results, t0 = {}, time.time()
-    for name, (model, tok, _) in models.items():
-        results[name] = evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size)
+    for name, (model, tok, _, *context) in models.items():
+        with context[0]() if context else contextlib.nullcontext():
+            results[name] = evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size)
     print(f"held-out task evaluation ({time.time() - t0:.0f}s, greedy, the same chat template for every model):")
     everything = dict(results, **(extra or {}))
     print_comparison(everything)
-    sources = {name: source for name, (_, _, source) in models.items()}
+    sources = {name: source for name, (_, _, source, *_) in models.items()}
     report = {"data": os.path.join(data_dir, "sft_test.jsonl"), "per_task": per_task, "models": {
         name: {"checkpoint": sources.get(name), "tasks": {
             task: {"metric": demo.METRIC_NAMES.get(task, "exact match"), "score": s, "n": n}
@@ -189,14 +193,26 @@ def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None):
     return results
 
 
-def after_training(name, out_dir, base_dir, base_stage, tok, data_dir, per_task, device):
-    """sft.py's and dpo.py's last step: the model just saved in out_dir (called name) beside the one it started
-    from, written to out_dir/eval.json. Ctrl-C here leaves the trained model as it is."""
+def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, per_task, run):
+    """
+    sft.py's and dpo.py's last step: the model just trained (called name) beside the one it started from,
+    written to out_dir/eval.json. trained: the model in memory, its training state already freed by the
+    caller; None (a sharded run) loads out_dir's checkpoint in the run's dtype. With LoRA adapters and
+    the embeddings left as they were, the base is the same model with its adapters off (as stored for
+    training: an int8 base answers as int8): no second model in memory; else the base is loaded in the run's dtype. Ctrl-C here leaves the trained model as it is.
+    """
+    dtype = PTDTYPE[run.dtype]
     try:
-        trained, _, _ = load_model(out_dir, device)
-        base_model, base_tok, _ = load_model(base_dir, device)
-        compare({STAGE_NAMES.get(base_stage, "base"): (base_model, base_tok, base_dir), name: (trained, tok, out_dir)},
-                data_dir, per_task, os.path.join(out_dir, "eval.json"))
+        if trained is None:
+            trained, _, _ = load_model(out_dir, run.device, dtype)
+        if any(isinstance(m, LoRALinear) for m in trained.modules()) and \
+                not trained.tok_embeddings.weight.requires_grad:
+            base = (trained, tok, base_dir, lambda: adapters_disabled(trained))
+        else:
+            base_model, base_tok, _ = load_model(base_dir, run.device, dtype)
+            base = (base_model, base_tok, base_dir)
+        compare({STAGE_NAMES.get(base_stage, "base"): base, name: (trained, tok, out_dir)}, data_dir, per_task,
+                os.path.join(out_dir, "eval.json"))
     except KeyboardInterrupt:
         raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
                          f"`python evaluate.py --out_dir={out_dir}`")

@@ -25,8 +25,8 @@ from memory import preflight
 from model import peak_flops
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, load_optimizer_state,
-                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, save_run, seed_step,
-                      setup_device, stream_position, to_device, train_step, wrap_fsdp)
+                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
+                      seed_step, setup_device, stream_position, to_device, train_step, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -99,6 +99,9 @@ class Conversations:
         self.tokens_path, self.mask_path = prefix + ".bin", prefix + "_mask.bin"
         self.block_size, self.packed, self.seed = block_size, packed, seed
         index = np.load(prefix + "_index.npy")
+        if len(index) == 1:
+            raise SystemExit(f"error: {prefix}.bin holds no conversations: prepare_data.py put none into the {split} "
+                             f"split; raise its --val_fraction or add conversations")
         starts, ends = index[:-1].copy(), index[1:].copy()
         # a conversation of L tokens gives L - 1 predictions; one longer than block_size is cut after
         # its last whole answer that fits, or skipped
@@ -332,8 +335,11 @@ def main():
                 logger.log({"iter": iter_num, "tokens": answer_tokens[1], "loss": train_loss, "lr": lr,
                             "ms_per_iter": dt * 1000, "answer_tokens_per_s": answers_per_s, "mfu": mfu})
     if stopper.finished and evaluate_tasks and stopper.saved_iter is not None:
-        evaluate.after_training("SFT", out_dir, base_dir, base_stage, tok, data_dir, eval_per_task, run.device)
+        # the training state goes before the evaluation's models come (closures see these names cleared)
+        optimizer = scaler = model = eval_model = None
+        evaluate.after_training("SFT", None if sharded else raw_model.eval(), out_dir, base_dir, base_stage, tok,
+                                data_dir, eval_per_task, run)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
