@@ -618,6 +618,9 @@ def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction
         print(f"added {added} pieces ({tok.n_words} in all, sha {tok.sha}) in {time.time() - t0:.1f}s; on the first "
               f"{len(sample)} documents: {before / max(1, chinese):.2f} tokens per Chinese character before, "
               f"{after / max(1, chinese):.2f} after")
+        if tok.n_words < vocab_size:
+            print(f"warning: {tok.n_words} pieces, {vocab_size - tok.n_words} fewer than --vocab_size={vocab_size}: "
+                  f"the text offered no more Chinese pieces that {extend} lacks; add text, or ask for fewer")
         for w in compatibility_warnings(tok.sp):
             print(f"warning: {extend}: {w}")
         return tok
@@ -705,6 +708,9 @@ def prepare_masked(kind, tok, records, encode, out_dir, workers, max_len):
                          f"nothing was written")
     print(f"{label}: train {train['items']:,} {item}s ({train['answer_tokens']:,} answer tokens), test "
           f"{test['items']:,}; {time.time() - t0:.1f}s")
+    if test["items"] == 0:
+        print(f"warning: no {label} {item} fell into the test split; raise --val_fraction or add data (the "
+              f"training stage needs held-out {item}s)")
     return tmp_paths
 
 

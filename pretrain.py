@@ -24,8 +24,8 @@ from memory import preflight
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
 from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, load_optimizer_state,
-                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, save_run, seed_step,
-                      setup_device, to_device, train_step, wrap_fsdp)
+                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
+                      seed_step, setup_device, to_device, train_step, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -298,4 +298,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -94,6 +94,19 @@ def auto_compile(device_type, capability, has_triton):
     return True, None
 
 
+def run_main(main):
+    """
+    A training script's entry point. Under torchrun every process meets the same refusal (a SystemExit
+    with a message): rank 0 prints it, the others exit with the same status without repeating it.
+    """
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str) and int(os.environ.get("RANK", 0)) != 0:
+            raise SystemExit(1)
+        raise
+
+
 def setup_device(device, dtype, compile, keep_memory=True):
     """
     Resolve "auto" settings and start torch.distributed when launched by torchrun. On CPU, keep_memory
@@ -185,9 +198,11 @@ def full_state(model, optimizer, sharded):
 def load_optimizer_state(model, optimizer, state, sharded):
     """An optimizer state saved by full_state into the optimizer of a model sharded (FSDP) or not."""
     by_name = any(isinstance(k, str) for k in state.get("state", {}))
-    if by_name != sharded:
-        raise SystemExit(f"error: the checkpoint was saved {'with' if by_name else 'without'} --fsdp; resume it "
-                         f"with --fsdp={by_name}")
+    if by_name and not sharded:  # FSDP needs torchrun's processes, however many
+        raise SystemExit("error: the checkpoint was saved by a sharded run (--fsdp=True under torchrun); resume it "
+                         "the same way: torchrun --nproc_per_node=N ... --fsdp=True --init_from=resume (any N)")
+    if sharded and not by_name:
+        raise SystemExit("error: the checkpoint was saved without --fsdp; resume it with --fsdp=False")
     if not sharded:
         optimizer.load_state_dict(state)
         return

@@ -171,7 +171,7 @@ def test_every_input_format_parses_to_the_same_pair(name):
     assert (prompt, chosen, rejected) == (expected, PAIR[1], PAIR[2])
 
 
-def test_bad_pairs_are_counted_not_fatal(tmp_path, demo_data):
+def test_bad_pairs_are_counted_not_fatal(tmp_path, demo_data, tiny_sft):
     records = list(FORMATS.values()) + [
         {"prompt": "同样的回答", "chosen": "好", "rejected": "好"},                   # nothing to prefer
         {"prompt": "很长的问题" * 300, "chosen": "好", "rejected": "坏"},             # the prompt alone overflows
@@ -190,3 +190,8 @@ def test_bad_pairs_are_counted_not_fatal(tmp_path, demo_data):
     assert "1 skipped: prompt alone longer than max_len" in p.out and "1 answers cut to fit max_len" in p.out
     data = Pairs(str(out), "train", 128, Tokenizer(str(out / "tokenizer.model")))
     assert len(data) == 7
+    # --val_fraction=0 holds nothing out: prepare_data.py says so, and dpo.py names that cause
+    assert "warning: no DPO pair fell into the test split; raise --val_fraction" in p.out
+    p = run("dpo.py", f"--data_dir={out}", f"--init_from={tiny_sft}", f"--out_dir={tmp_path / 'dpo'}", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.out
+    assert "dpo_test.bin holds no pairs: prepare_data.py put none into the test split" in p.out

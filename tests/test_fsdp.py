@@ -65,9 +65,18 @@ def test_resuming_a_sharded_checkpoint_unsharded_says_how(demo_data, tiny_ckpt, 
     args = common(demo_data, tiny_ckpt, "--lora_rank=4")
     run("sft.py", f"--out_dir={tmp_path}", *args, "--fsdp=True", "--max_iters=3", launcher=TORCHRUN,
         extra_env=ONE_THREAD)
-    p = run("sft.py", f"--out_dir={tmp_path}", *[a for a in args if not a.startswith("--init_from")],
-            "--init_from=resume", "--max_iters=6", check=False)
-    assert p.returncode != 0 and "resume it with --fsdp=True" in p.out and "Traceback" not in p.out
+    resume = [f"--out_dir={tmp_path}", *[a for a in args if not a.startswith("--init_from")], "--init_from=resume",
+              "--max_iters=6"]
+    for fsdp in ([], ["--fsdp=True"]):  # without torchrun, --fsdp=True cannot help: the answer is torchrun
+        p = run("sft.py", *resume, *fsdp, check=False)
+        assert p.returncode != 0 and "Traceback" not in p.out
+        assert "saved by a sharded run" in p.out and "torchrun --nproc_per_node=N" in p.out and "(any N)" in p.out
+
+
+def test_a_refusal_under_torchrun_is_printed_once(demo_data, tmp_path):
+    p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path / 'x'}", "--fsdp=True", "--device=cpu",
+            launcher=TORCHRUN, extra_env=ONE_THREAD, check=False)
+    assert p.returncode != 0 and p.out.count("Muon orthogonalizes whole weight matrices") == 1, p.out
 
 
 @pytest.mark.parametrize("tuning", [["--muon=False"], ["--lora_rank=4", "--base_dtype=int8"]], ids=["adamw", "lora"])

@@ -348,6 +348,16 @@ def test_resume_warns_about_ignored_settings_and_says_when_there_is_nothing_to_d
     assert "warning" not in p.out  # settings left at their defaults are not the user asking for something else
 
 
+def test_resume_keeps_the_frozen_bases_storage(demo_data, tiny_ckpt, tmp_path):
+    # an int8 base resumed without (or against) --base_dtype=int8 would be another model, and on a GPU more memory
+    common = [f"--data_dir={demo_data}", "--lora_rank=4", "--batch_size=2", "--eval_iters=1", "--evaluate_tasks=False",
+              "--eval_interval=2"]
+    run("sft.py", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path}", *common, "--base_dtype=int8", "--max_iters=2")
+    p = run("sft.py", "--init_from=resume", f"--out_dir={tmp_path}", *common, "--base_dtype=float32", "--max_iters=4")
+    assert "warning: --base_dtype=float32 is ignored: the run being resumed has base_dtype=int8" in p.out
+    assert load_checkpoint(str(tmp_path))["config"]["base_dtype"] == "int8"
+
+
 # ---- 13. input directories with an empty file, JSON in the wrong shape
 
 def test_an_empty_file_is_skipped_and_mis_saved_json_is_recognised(demo_data, tmp_path):

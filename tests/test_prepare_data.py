@@ -181,3 +181,13 @@ def test_demo_sft_test_questions_never_occur_in_training_text(demo_data):
             assert f"\n{idiom}（" not in train_text and not train_text.startswith(f"{idiom}（")
         elif t["task"] == "ner":
             assert question.split("：", 1)[1] not in train_text
+
+
+def test_an_extension_that_comes_out_short_of_vocab_size_says_so(demo_data, tmp_path):
+    poems = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"]
+    (tmp_path / "poems.txt").write_text("\n\n".join(poems * 20), encoding="utf-8")
+    p = run("prepare_data.py", f"--input={tmp_path / 'poems.txt'}", "--sft_input=", "--dpo_input=",
+            f"--extend_tokenizer={demo_data}/tokenizer.model", "--vocab_size=9000", f"--out_dir={tmp_path / 'out'}")
+    n = Tokenizer(str(tmp_path / "out" / "tokenizer.model")).n_words
+    assert 8192 < n < 9000  # a little text has few Chinese pieces the demo tokenizer lacks
+    assert f"warning: {n} pieces, {9000 - n} fewer than --vocab_size=9000" in p.out
