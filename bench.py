@@ -47,6 +47,7 @@ serve_requests = 4           # serve: requests each client sends, one after anot
 memory_model = "llama2-7b"   # memory: llama2-7b, llama2-13b, a preset, or an imported Llama's directory (its config)
 memory_seq = "512,2048"      # memory: sequence lengths (one sequence per GPU per micro-step)
 memory_check = True          # memory: measure real CPU training steps of a few-hundred-MB model against the formula
+memory_vocab = 49953         # memory: the recipe rows' vocabulary (Llama 2's extended with Chinese), embeddings trained
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "auto"               # auto: bfloat16 where supported, float32 on CPU
 compile: bool = None       # torch.compile; None: on for CUDA, off elsewhere
@@ -465,6 +466,14 @@ def bench_memory():
               ("LoRA r8, bf16 base, FSDP 4 GPUs", dict(lora_rank=8, base_dtype="bfloat16", processes=4, fsdp=True)),
               ("LoRA r8, bf16 base, FSDP 4 GPUs, checkpointing",
                dict(lora_rank=8, base_dtype="bfloat16", processes=4, fsdp=True, checkpointing=True)))
+    # the README's recipe: the tokenizer extended with Chinese pieces, so the embedding and the (untied)
+    # classifier grow to memory_vocab rows and are trained in full beside the adapters
+    recipe = dict(lora_rank=8, vocab_rows=memory_vocab, train_embeddings=True)
+    setups += (("recipe: LoRA r8 + embeddings, bf16 base, 1 GPU", dict(recipe, base_dtype="bfloat16")),
+               ("recipe: LoRA r8 + embeddings, int8 base, 1 GPU", dict(recipe, base_dtype="int8")),
+               ("recipe: + checkpointing, int8 base, 1 GPU", dict(recipe, base_dtype="int8", checkpointing=True)),
+               ("recipe: + FSDP 4 GPUs, checkpointing, bf16 base",
+                dict(recipe, base_dtype="bfloat16", processes=4, fsdp=True, checkpointing=True)))
     for seq in (int(x) for x in memory_seq.split(",")):
         for label, kw in setups:
             m = predict_memory(args, seq, compute="bfloat16", **kw)
