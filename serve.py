@@ -469,6 +469,7 @@ def main():
     name = model_name or os.path.basename(os.path.abspath(out_dir))
     handler = make_handler(engine, tok, name, max_tokens, max_body_bytes, cors_origin, idle_timeout)
     Server.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host=::1, --host=::
+    Server.request_queue_size = max(Server.request_queue_size, slots + max_queue)  # a full burst is queued
     try:
         server = Server((host, port), handler)
     except (OSError, OverflowError) as e:

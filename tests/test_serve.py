@@ -645,3 +645,38 @@ def test_a_silent_connection_is_closed_and_frees_its_thread(tiny_sft):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_a_burst_of_connections_waits_in_the_kernels_queue_instead_of_being_dropped():
+    # 100 clients connect at once while the server has not yet accepted any (its accept loop is busy
+    # elsewhere): every handshake must complete into the listening socket's queue. With the standard
+    # library's default queue of 5, 6 got in and the rest kept re-sending their SYNs, seconds apart
+    import select
+    from http.server import BaseHTTPRequestHandler
+    from serve import Server
+    server = Server(("127.0.0.1", 0), BaseHTTPRequestHandler)  # listening, not accepting
+    clients = []
+    try:
+        for _ in range(100):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(server.server_address)
+            clients.append(client)
+        pending = set(clients)
+        for _ in range(15):  # until every handshake is done (a dropped SYN would wait a second or more)
+            pending -= set(select.select([], list(pending), [], 0.2)[1])
+            if not pending:
+                break
+        server.socket.setblocking(False)
+        queued = 0
+        while True:
+            try:
+                server.socket.accept()[0].close()
+            except BlockingIOError:
+                break
+            queued += 1
+        assert queued == 100
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
