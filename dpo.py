@@ -30,9 +30,9 @@ from configurator import check_ranges, configure
 from lora import adapters_disabled
 from memory import preflight
 from tokenizer import Tokenizer
-from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, load_optimizer_state,
-                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
-                      seed_step, setup_device, stream_position, to_device, train_step, wrap_fsdp)
+from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, lora_base_dtype,
+                      make_optimizer, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
+                      seed_step, setup_device, stream_position, to_device, train_step)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -287,13 +287,8 @@ def main():
         del reference_model
     t_ref = time.time() - t_ref
 
-    if sharded:  # before the optimizer sees the parameters
-        wrap_fsdp(model, run)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
-    if resumed:
-        load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
-        checkpoint = None  # its weights and optimizer state now live in model and optimizer
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+    optimizer, scaler = make_optimizer(model, run, sharded, checkpoint, weight_decay, learning_rate, (beta1, beta2))
+    checkpoint = None  # its weights and optimizer state now live in model and optimizer
     raw_model = model  # the plain module: what we save and count
     model, eval_model = compile_and_wrap(model, run, sharded, dynamic=True)  # pairs are padded: lengths vary
 

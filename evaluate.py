@@ -31,7 +31,7 @@ import demo
 from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
 from engine import generate
-from lora import LoRALinear, adapters_disabled
+from lora import adapters_disabled, has_adapters
 from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -205,8 +205,7 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
     try:
         if trained is None:
             trained, _, _ = load_model(out_dir, run.device, dtype)
-        if any(isinstance(m, LoRALinear) for m in trained.modules()) and \
-                not trained.tok_embeddings.weight.requires_grad:
+        if has_adapters(trained) and not trained.tok_embeddings.weight.requires_grad:
             base = (trained, tok, base_dir, lambda: adapters_disabled(trained))
         else:
             base_model, base_tok, _ = load_model(base_dir, run.device, dtype)

@@ -130,10 +130,15 @@ def merged_state_dict(model, state=None):
     return merged
 
 
-def trainable_state_dict(model):
-    """What a LoRA run trained: the adapters, and any weight trained in full beside them (new embedding rows)."""
+def trainable_state_dict(model, state=None):
+    """What a LoRA run trained: the adapters, and any weight trained in full beside them (new embedding rows).
+    state: the model's full state dict where the model itself holds only shards (FSDP)."""
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in trained}
+    return {k: v for k, v in (model.state_dict() if state is None else state).items() if k in trained}
+
+
+def has_adapters(model):
+    return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 @contextlib.contextmanager

@@ -24,9 +24,9 @@ from configurator import check_ranges, configure
 from memory import preflight
 from model import peak_flops
 from tokenizer import Tokenizer, turn_boundary_cut
-from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, load_optimizer_state,
-                      lora_base_dtype, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
-                      seed_step, setup_device, stream_position, to_device, train_step, wrap_fsdp)
+from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, lora_base_dtype,
+                      make_optimizer, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
+                      seed_step, setup_device, stream_position, to_device, train_step)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -234,13 +234,8 @@ def main():
     train_data = Conversations(data_dir, "train", seq_len, tok, packing, seed)
     test_data = Conversations(data_dir, "test", seq_len, tok, packing, seed)
 
-    if sharded:  # before the optimizer sees the parameters
-        wrap_fsdp(model, run)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), run.device_type, muon=False)
-    if resumed:
-        load_optimizer_state(model, optimizer, checkpoint["optimizer"], sharded)
-        checkpoint = None  # its weights and optimizer state now live in model and optimizer
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+    optimizer, scaler = make_optimizer(model, run, sharded, checkpoint, weight_decay, learning_rate, (beta1, beta2))
+    checkpoint = None  # its weights and optimizer state now live in model and optimizer
     raw_model = model  # the plain module: what we save and count
     # the classifier on answer positions only halves an eager CPU step, but its data-dependent shape would
     # make compiled code recompile for every new count of answer tokens: static shapes there and on GPUs

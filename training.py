@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import check_data_tokenizer, check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
-from lora import LoRALinear, add_lora, merged_state_dict
+from lora import add_lora, has_adapters, merged_state_dict, trainable_state_dict
 
 
 class Run(NamedTuple):
@@ -195,6 +195,19 @@ def full_state(model, optimizer, sharded):
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
+def make_optimizer(model, run, sharded, resumed, weight_decay, learning_rate, betas, muon=False):
+    """
+    (optimizer, grad scaler) for a training stage: under FSDP the model is sharded first, so that the
+    optimizer sees each process's shard; a resumed run's checkpoint (else None) gives its optimizer state.
+    """
+    if sharded:
+        wrap_fsdp(model, run)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type, muon, shard=run.ddp)
+    if resumed is not None:
+        load_optimizer_state(model, optimizer, resumed["optimizer"], sharded)
+    return optimizer, torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+
+
 def load_optimizer_state(model, optimizer, state, sharded):
     """An optimizer state saved by full_state into the optimizer of a model sharded (FSDP) or not."""
     by_name = any(isinstance(k, str) for k in state.get("state", {}))
@@ -344,11 +357,10 @@ def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
     state, optimizer_state = full_state(model, optimizer, sharded)
     if not run.master:
         return
-    lora = any(isinstance(m, LoRALinear) for m in model.modules())
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    lora = has_adapters(model)
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
         "model": merged_state_dict(model, state) if lora else state,
-        "lora": {k: v for k, v in state.items() if k in trained} if lora else None,
+        "lora": trainable_state_dict(model, state) if lora else None,
         "optimizer": optimizer_state, "world_size": run.world_size, **fields})
     logger.commit()
 
