@@ -83,17 +83,23 @@ def load_checkpoint(path, flag="--out_dir"):
         raise SystemExit(f"error: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e)[:200]}")
 
 
-def model_from_checkpoint(checkpoint, device="cpu"):
+def model_from_checkpoint(checkpoint, device="cpu", dtype=None):
     """
     The Transformer a checkpoint describes, its tensors assigned as they are (no second copy, no
-    random init: the model is built on the meta device), then moved to device.
+    random init: the model is built on the meta device), then moved to device. The weights move from
+    checkpoint["model"] into the model. dtype: each tensor is converted to it in turn, replacing the
+    checkpoint's, so that a converted model never exists twice (a bf16 Llama in fp32 would otherwise need
+    both copies at once).
     """
     args = ModelArgs(**checkpoint["model_args"])
     with torch.device("meta"):
         model = Transformer(args)
-    state = dict(checkpoint["model"])
+    state = checkpoint.pop("model")
     if args.tie_embeddings:
         state.pop("output.weight", None)  # one matrix: assigned once, tied again below
+    if dtype is not None:
+        for key in list(state):  # one tensor at a time, the original dropped as its conversion replaces it
+            state[key] = state[key].to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (args.tie_embeddings and k == "output.weight")]
     if missing or unexpected:
@@ -177,8 +183,8 @@ def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path="", flag=
     check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{path}/ckpt.pt",
                     fix="pass the tokenizer it was trained with as --tokenizer=path/to/tokenizer.model")
     check_vocabulary(checkpoint, tok, path)
-    model = model_from_checkpoint(checkpoint).eval().to(device=device, dtype=dtype)
-    for key in ("model", "optimizer", "lora"):
+    model = model_from_checkpoint(checkpoint, dtype=dtype).eval().to(device=device, dtype=dtype)  # buffers too
+    for key in ("optimizer", "lora"):
         checkpoint.pop(key, None)  # the weights now live in the model; keep the small metadata only
     return model, tok, checkpoint
 
@@ -295,7 +301,8 @@ def hf_weight_files(path):
 
 
 def read_tensors(path):
-    """(name, tensor) of one weight file, one tensor at a time, in the file's dtype."""
+    """(name, tensor) of one weight file, one tensor at a time, in the file's dtype, mapped from the file (a copy
+    made before the next one is read frees the file's pages again: the model is then never in memory twice)."""
     if path.endswith(".safetensors"):
         try:
             from safetensors import safe_open
@@ -303,8 +310,11 @@ def read_tensors(path):
             raise SystemExit(f"error: reading {path} needs the safetensors package: pip install safetensors")
         try:
             with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+                names = list(f.keys())
+            for name in names:  # each tensor in a mapping of its own: copied out, its pages leave memory with it
+                with safe_open(path, framework="pt") as f:
+                    tensor = f.get_tensor(name)
+                yield name, tensor
         except Exception as e:  # a truncated download, a foreign file
             raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {str(e)[:120]}); "
                              f"the file is truncated or not safetensors: download it again")
@@ -323,10 +333,10 @@ def read_hf(path):
     args = hf_model_args(config, path)
     state = {}
     for file in hf_weight_files(path):
-        for name, tensor in read_tensors(file):
-            key, tensor = hf_to_ours(name, tensor, args)
-            if key:
-                state[key] = tensor
+        for name, mapped in read_tensors(file):
+            key, tensor = hf_to_ours(name, mapped, args)
+            if key:  # a copy of its own (q and k: their unpermuted copy), so that the mapping goes now
+                state[key] = tensor if tensor.data_ptr() != mapped.data_ptr() else tensor.clone()
     special = (config.get("bos_token_id"), config.get("eos_token_id"))
     return imported(path, args, state, special if None not in special and not isinstance(special[1], list) else None)
 

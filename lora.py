@@ -25,9 +25,11 @@ class FrozenLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach()
-        if storage == "int8":
-            scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)   # (out, 1)
-            self.weight = nn.Parameter(torch.round(w.float() / scale).to(torch.int8), requires_grad=False)
+        if storage == "int8":  # one fp32 copy of the layer at a time, worked on in place
+            w = w.to(torch.float32, copy=True)
+            low, high = w.aminmax(dim=1, keepdim=True)
+            scale = (torch.maximum(high, -low) / 127).clamp(min=1e-12)   # (out, 1)
+            self.weight = nn.Parameter(w.div_(scale).round_().to(torch.int8), requires_grad=False)
             self.scale = nn.Parameter(scale, requires_grad=False)
         else:
             self.weight = nn.Parameter(w.to(getattr(torch, storage)), requires_grad=False)
@@ -92,12 +94,14 @@ def add_lora(model, targets, rank, alpha, dropout, base_dtype="float32"):
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0
-    for module in list(model.layers.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                frozen = FrozenLinear(child, base_dtype)
-                setattr(module, name, LoRALinear(frozen, rank, alpha, dropout) if name in targets else frozen)
-                wrapped += name in targets
+    # the parents, not the Linear layers themselves: each original weight is freed as soon as its FrozenLinear
+    # replaces it, so that an int8 base never has all of its source weights and all of its int8 ones at once
+    parents = [m for m in model.layers.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
+    for module in parents:
+        for name in [name for name, child in module.named_children() if isinstance(child, nn.Linear)]:
+            frozen = FrozenLinear(getattr(module, name), base_dtype)
+            setattr(module, name, LoRALinear(frozen, rank, alpha, dropout) if name in targets else frozen)
+            wrapped += name in targets
     if not wrapped:
         raise SystemExit(f"error: lora_targets {sorted(targets)} name no Linear layer "
                          f"(choose from wq, wk, wv, wo, w1, w2, w3)")

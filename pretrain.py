@@ -194,7 +194,8 @@ def main():
         fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     model.checkpoint_activations = checkpoint_activations
-    model.to(run.device)
+    if not sharded:  # FSDP moves each block to the device as it shards it: never the whole model on one device
+        model.to(run.device)
     # Muon orthogonalizes whole weight matrices: not the low-rank adapters (AdamW), never a shard
     use_muon = muon and not lora_rank
     if sharded and use_muon:

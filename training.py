@@ -255,14 +255,24 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
     base = load_checkpoint(base_dir, flag="--init_from")
     check_data_tokenizer(base, base_dir, tok)
     base["model_args"]["dropout"] = config["dropout"]
-    model = model_from_checkpoint(base).float()  # trained in fp32 (autocast computes in bf16/fp16 where set)
+    # trained in fp32 (autocast computes in bf16/fp16 where set), but a LoRA base's frozen block weights go
+    # straight from the file's dtype to base_dtype (an int8 base: quantized from the file's, layer by layer in
+    # add_lora): converted one tensor at a time, so that the model is never in memory twice
+    lora = config["lora_rank"] > 0
+    frozen_dtype = None if not lora or base_dtype == "int8" else getattr(torch, base_dtype)
+    for key, tensor in base["model"].items():
+        frozen = lora and key.startswith("layers.") and not key.endswith("norm.weight")
+        if not frozen or frozen_dtype is not None:
+            base["model"][key] = tensor.to(frozen_dtype if frozen else torch.float32)
+    del tensor
+    model = model_from_checkpoint(base)
     base_stage = base.get("stage")
     del base  # the base's optimizer state is of no use here
     added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
     if verbose and added_rows:
         print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
               f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
-    if config["lora_rank"] > 0:
+    if lora:
         with torch.random.fork_rng():  # the same adapters in every process: FSDP, unlike DDP, broadcasts nothing
             torch.manual_seed(seed)
             add_lora(model, set(config["lora_targets"].split(",")), config["lora_rank"], config["lora_alpha"],
