@@ -61,12 +61,13 @@ def checkpoint_format(path):
     return None
 
 
-def load_checkpoint(path, flag="--out_dir"):
+def load_checkpoint(path, flag="--out_dir", merge=True):
     """
     A checkpoint dict, on the CPU: model (a state dict in our names), model_args, stage, tokenizer_sha,
     and for our own checkpoints everything else they hold (optimizer, config, ...). path is one of our
     directories or an existing model in any format above. flag: the setting that named path, for the
-    message when there is nothing there.
+    message when there is nothing there. A LoRA run's checkpoint holds its adapters and the path of its
+    base: merged into a whole model here (training.merged_lora_model), unless merge=False (to resume it).
     """
     kind = checkpoint_format(path)
     if kind is None:
@@ -78,9 +79,13 @@ def load_checkpoint(path, flag="--out_dir"):
         return {"hf": read_hf, "meta": read_meta, "llama2c": read_llama2c}[kind](path)
     ckpt_path = os.path.join(path, "ckpt.pt")
     try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file is a user-facing problem, not a traceback
         raise SystemExit(f"error: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e)[:200]}")
+    if merge and checkpoint.get("model") is None and checkpoint.get("lora") is not None:
+        from training import merged_lora_model  # (training.py builds on this module)
+        checkpoint["model"] = merged_lora_model(path, checkpoint)
+    return checkpoint
 
 
 def model_from_checkpoint(checkpoint, device="cpu", dtype=None):

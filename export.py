@@ -6,6 +6,7 @@ Export a checkpoint (ours, or an imported Llama) for llama2.c, Hugging Face tran
     python export.py --version=hf --output=hf-model   # a LlamaForCausalLM directory
     python export.py --out_dir=out-sft                # any checkpoint directory
     python export.py --version=gguf --gguf_type=q8_0  # out/model.gguf + out/Modelfile for llama.cpp and ollama
+    python export.py --out_dir=out-llama-zh --version=peft   # a LoRA run's adapters alone, for Hugging Face PEFT
 
 Then, with llama2.c built (make run / make runq):
     ./run out/model.bin -z out/tokenizer.bin -t 0 -i "床前明月光，"
@@ -29,14 +30,16 @@ import struct
 
 import torch
 
-from checkpoint import llama2c_v0_layout, load_model, ours_to_hf, writable
+from checkpoint import (HF_NAMES, checkpoint_format, find_tokenizer, hf_permute, llama2c_v0_layout, load_checkpoint,
+                        load_model, ours_to_hf, writable)
 from configurator import configure
-from tokenizer import B_INST, B_SYS, E_INST, E_SYS
+from tokenizer import B_INST, B_SYS, E_INST, E_SYS, Tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model), or an imported Llama
 output = ""                  # the file (a directory for hf) to write; "": in out_dir, named after the version
-version = "0"                # 0: fp32 for run.c; 2: int8 Q8_0 for runq.c; hf: Hugging Face directory; gguf: llama.cpp
+version = "0"                # 0: fp32 for run.c; 2: int8 Q8_0 for runq.c; hf: Hugging Face directory; gguf: llama.cpp;
+                             # peft: a LoRA run's adapters alone (adapter_config.json + adapter_model.safetensors)
 gguf_type = "f16"            # gguf: the matrices' type, f32, f16 or q8_0 (norms stay f32)
 group_size = 64              # version 2: the largest group size up to this that divides dim and hidden_dim
 tokenizer_bin = True         # also write tokenizer.bin beside the model (llama2.c formats)
@@ -172,6 +175,69 @@ def export_hf(model, tok, directory):
                    "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
                    "model_max_length": a.max_seq_len, "chat_template": HF_CHAT_TEMPLATE},
                   f, indent=1, ensure_ascii=False)
+
+
+OURS_TO_HF = {ours: hf for hf, ours in HF_NAMES.items()}  # attention.wq -> self_attn.q_proj, ...
+
+
+def export_peft(checkpoint, tok, directory):
+    """
+    A LoRA run's adapters on their own, as Hugging Face PEFT writes them (adapter_config.json and
+    adapter_model.safetensors), to load with PeftModel.from_pretrained onto the base's Hugging Face
+    export. The rotary layout of q and k differs there (hf_permute): their B matrices' rows are permuted
+    alike. Embedding and classifier trained in full go in as PEFT's modules_to_save. Returns the notes
+    to print.
+    """
+    from safetensors.torch import save_file
+    config, trained, args = checkpoint["config"], checkpoint["lora"], checkpoint["model_args"]
+    n_kv = args["n_kv_heads"] or args["n_heads"]
+    tensors, full = {}, []
+    for key, value in trained.items():
+        if key in ("tok_embeddings.weight", "output.weight"):
+            full.append(key)
+            continue
+        _, i, group, matrix, kind = key.split(".")  # layers.{i}.attention.wq.lora_a
+        module = f"{group}.{matrix}"
+        if module in ("attention.wq", "attention.wk") and kind == "lora_b":
+            value = hf_permute(value, args["n_heads"] if module == "attention.wq" else n_kv)
+        name = "lora_A" if kind == "lora_a" else "lora_B"
+        tensors[f"base_model.model.model.layers.{i}.{OURS_TO_HF[module]}.{name}.weight"] = value
+    base = checkpoint["base"]
+    base_tokenizer = find_tokenizer(base, required=False)
+    added = tok.n_words - Tokenizer(base_tokenizer).n_words if base_tokenizer else 0  # pieces the run added
+    if added and not full:
+        raise SystemExit(f"error: the run added {added} embedding rows without training them "
+                         f"(--train_embeddings=False): adapters alone cannot carry them; export the merged model "
+                         f"with --version=hf")
+    if full:  # PEFT keeps each module in full under its own name: a tied classifier is written twice
+        embedding = trained["tok_embeddings.weight"]
+        tensors["base_model.model.model.embed_tokens.weight"] = embedding
+        tensors["base_model.model.lm_head.weight"] = trained.get("output.weight", embedding)
+    targets = sorted(OURS_TO_HF[m].split(".")[-1] for m in OURS_TO_HF  # q_proj, ..., down_proj
+                     if m.split(".")[-1] in config["lora_targets"].split(","))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config["lora_rank"], "lora_alpha": config["lora_alpha"],
+        "lora_dropout": config["lora_dropout"], "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": ["embed_tokens", "lm_head"] if full else None, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": base if checkpoint_format(base) == "hf" else None}
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, os.path.join(directory, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config, f, indent=1)
+    shutil.copyfile(tok.model_path, os.path.join(directory, "tokenizer.model"))
+    notes = []
+    if checkpoint_format(base) != "hf":
+        notes.append(f"the base {base} is not a Hugging Face directory: export it first "
+                     f"(python export.py --out_dir={base} --version=hf) and load the adapters onto that")
+    if added:
+        notes.append(f"the tokenizer has {added} pieces more than the base: call base.resize_token_embeddings"
+                     f"({args['vocab_size']}) before PeftModel.from_pretrained")
+    if checkpoint.get("base_dtype", "float32") != "float32":
+        notes.append(f"the run kept its base in {checkpoint['base_dtype']}: on the unrounded base the adapters give "
+                     f"nearly, not exactly, what the merged model (--version=hf) gives")
+    return notes
 
 
 GGUF_NAMES = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
@@ -320,7 +386,7 @@ def output_path(output, out_dir, default_name, is_file=True):
     path = output or os.path.join(out_dir, default_name)
     directory = path if not is_file else os.path.dirname(os.path.abspath(path))
     if not is_file and os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"error: --output={path} is a file; --version=hf writes a directory: name a new one")
+        raise SystemExit(f"error: --output={path} is a file; --version={version} writes a directory: name a new one")
     if is_file and os.path.isdir(path):
         raise SystemExit(f"error: --output={path} is a directory; name the file to write")
     try:
@@ -350,16 +416,35 @@ def readable_by_all(path):
 
 def main():
     configure(globals())
-    if version not in ("0", "2", "hf", "gguf"):
-        raise SystemExit(f"error: --version must be 0, 2, hf or gguf, not {version!r}")
+    if version not in ("0", "2", "hf", "gguf", "peft"):
+        raise SystemExit(f"error: --version must be 0, 2, hf, gguf or peft, not {version!r}")
     if gguf_type not in ("f32", "f16", "q8_0"):
         raise SystemExit(f"error: --gguf_type must be f32, f16 or q8_0, not {gguf_type!r}")
+    if version == "peft":
+        export_adapters()
+        return
     model, tok, _ = load_model(out_dir)
     try:
         write(model, tok)
     except OSError as e:  # a read-only file in the way, a full disk: one line, the file left as it was
         raise SystemExit(f"error: cannot write {e.filename or output or out_dir}: {e.strerror}; choose another "
                          f"--output")
+
+
+def export_adapters():
+    """--version=peft: the adapters of the LoRA run in out_dir, with its messages."""
+    checkpoint = load_checkpoint(out_dir, merge=False)
+    if not checkpoint.get("lora"):
+        raise SystemExit(f"error: {out_dir} holds no LoRA adapters (it was not trained with --lora_rank); "
+                         f"export the whole model with --version=hf")
+    path = output_path(output, out_dir, "peft", is_file=False)
+    try:
+        notes = export_peft(checkpoint, Tokenizer(os.path.join(out_dir, "tokenizer.model")), path)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {e.filename or path}: {e.strerror}; choose another --output")
+    print(f"wrote {path}/ (PEFT LoRA adapters, rank {checkpoint['config']['lora_rank']})")
+    for note in notes:
+        print("note: " + note)
 
 
 def write(model, tok):

@@ -2,8 +2,8 @@
 LoRA for every training stage (sft.py, dpo.py; pretrain.py for continued pretraining): a frozen Linear plus a trainable low-rank update, W x + (alpha / r) * B A x.
 B starts at zero, so training starts exactly from the base model. The frozen weights can be stored
 in bf16/fp16 or int8 (FrozenLinear): they take no gradient and no optimizer state, so their storage
-is all they cost. Checkpoints store merged weights (a plain Transformer that sample.py and export.py
-load unchanged) and the adapters on their own.
+is all they cost. Checkpoints store what was trained and where the base is; loading one merges the
+adapters into the base again (a plain Transformer that sample.py and export.py use unchanged).
 """
 import contextlib
 import math
@@ -139,6 +139,12 @@ def trainable_state_dict(model, state=None):
     state: the model's full state dict where the model itself holds only shards (FSDP)."""
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in (model.state_dict() if state is None else state).items() if k in trained}
+
+
+def base_storage(model):
+    """How the model's frozen Linear weights are stored: "int8", "bfloat16", "float16" or "float32"."""
+    frozen = next(m for m in model.modules() if isinstance(m, FrozenLinear))
+    return "int8" if frozen.scale is not None else str(frozen.weight.dtype).removeprefix("torch.")
 
 
 def has_adapters(model):

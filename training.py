@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_data_tokenizer, check_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
-from lora import add_lora, has_adapters, merged_state_dict, trainable_state_dict
+from checkpoint import (check_data_tokenizer, check_tokenizer, checkpoint_format, load_checkpoint, model_from_checkpoint,
+                        save_checkpoint)
+from lora import add_lora, base_storage, has_adapters, merged_state_dict, trainable_state_dict
+from tokenizer import Tokenizer
 
 
 class Run(NamedTuple):
@@ -181,18 +183,22 @@ def wrap_fsdp(model, run):
     return model
 
 
-def full_state(model, optimizer, sharded):
+def full_state(model, optimizer, sharded, trained_only=False):
     """
-    (model state dict, optimizer state dict), whole. Sharded (FSDP): gathered onto rank 0's CPU, a
-    collective every process must call (the others get empty dicts), the optimizer's keyed by
-    parameter name; load it back with load_full_state.
+    (model state dict, optimizer state dict), whole. trained_only: the parameters that take gradients (a
+    LoRA run's adapters and trained embeddings), not the frozen base. Sharded (FSDP): gathered onto rank
+    0's CPU, a collective every process must call (the others get empty dicts), the optimizer's keyed by
+    parameter name; load it back with load_optimizer_state.
     """
     if not sharded:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+        state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+        state, optimizer_state = get_model_state_dict(model, options=options), \
+            get_optimizer_state_dict(model, optimizer, options=options)
+    return (trainable_state_dict(model, state) if trained_only else state), optimizer_state
 
 
 def make_optimizer(model, run, sharded, resumed, weight_decay, learning_rate, betas, muon=False):
@@ -300,7 +306,7 @@ def resume(out_dir, stage, tok, run, settings, config, fixed):
     back into the script's settings (its globals) and config, so that the code reads one name; a warning
     says so where the command line or a config file asked for another value.
     """
-    checkpoint = load_checkpoint(out_dir)
+    checkpoint = load_checkpoint(out_dir, merge=False)  # a LoRA run's adapters are loaded onto its base again
     if checkpoint.get("stage") != stage:
         run_name, verb = RESUMABLE[stage]
         raise SystemExit(f"error: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint, not "
@@ -359,22 +365,40 @@ def to_device(batch, run):
 
 def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
     """
-    Write out_dir/ckpt.pt: the weights (adapters folded in for a LoRA run, which also keeps what it trained
-    under "lora" to resume with), the optimizer state, the world size and `fields`; then the log catches
-    up (Logger.commit). Sharded (FSDP), the state is gathered first, a collective every process must
-    call; rank 0 writes.
+    Write out_dir/ckpt.pt: the weights, the optimizer state, the world size and `fields`; then the log
+    catches up (Logger.commit). A LoRA run saves what it trained (adapters, embeddings trained in full)
+    under "lora", and how it stored its base (fields name the base: "base"), never the base's weights:
+    load_checkpoint merges them again. Sharded (FSDP), the state is gathered first, a collective every
+    process must call; rank 0 writes.
     """
-    state, optimizer_state = full_state(model, optimizer, sharded)
+    lora = has_adapters(model)
+    state, optimizer_state = full_state(model, optimizer, sharded, trained_only=lora)
     if not run.master:
         return
-    lora = has_adapters(model)
+    if lora:
+        fields.update(lora=state, base_dtype=base_storage(model), base_abspath=os.path.abspath(fields["base"]))
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-        "model": merged_state_dict(model, state) if lora else state,
-        "lora": trainable_state_dict(model, state) if lora else None,
-        "optimizer": optimizer_state, "world_size": run.world_size, **fields})
+        "model": None if lora else state, "optimizer": optimizer_state, "world_size": run.world_size, **fields})
     logger.commit()
 
 
+def merged_lora_model(path, checkpoint):
+    """
+    The weights of a LoRA run's checkpoint at path, merged (lora.merged_state_dict): its base read again
+    and stored as the run stored it (so an int8 or bf16 base's rounding is folded in exactly as trained),
+    its rows grown, what it trained loaded. load_checkpoint calls this for such a checkpoint.
+    """
+    base = checkpoint["base"]
+    if checkpoint_format(base) is None:
+        base = checkpoint.get("base_abspath", base)
+    if checkpoint_format(base) is None:
+        raise SystemExit(f"error: {path}/ckpt.pt holds LoRA adapters, not a whole model: its base, "
+                         f"{checkpoint['base']}, is not there any more; put it back (or run from the directory "
+                         f"the training ran in)")
+    config = checkpoint["config"]
+    model, _, _ = model_to_tune(base, Tokenizer(os.path.join(path, "tokenizer.model")), config, config["seed"],
+                                resumed=checkpoint, base_dtype=checkpoint["base_dtype"])
+    return merged_state_dict(model)
 def open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed):
     """Rank 0's Logger for out_dir (None elsewhere), and the tokenizer copied beside the checkpoint, so that
     sample.py and export.py need nothing else."""

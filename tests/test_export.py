@@ -270,3 +270,41 @@ def test_the_hugging_face_tokenizer_and_chat_template_give_our_ids(tiny_ckpt, tm
         assert ids == tok.encode_chat(messages)[0], messages
     for text in ("床前明月光，疑是地上霜。", "龘𠮷 byte fallback", "code: x = [1, 2]"):
         assert hf(text)["input_ids"] == [tok.bos_id] + tok.encode(text)
+
+
+@pytest.mark.parametrize("embeddings", [False, True], ids=["adapters", "adapters+embeddings"])
+def test_lora_adapters_export_for_peft_and_compute_what_the_merged_model_does(demo_data, tmp_path, embeddings):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from checkpoint import load_model
+    tok = Tokenizer(f"{demo_data}/tokenizer.model")
+    torch.manual_seed(0)  # a Llama-shaped base: untied classifier, grouped-query attention (k has 2 heads of 4)
+    base = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, max_seq_len=64,
+                                 tie_embeddings=False))
+    export.export_hf(base, tok, str(tmp_path / "base"))
+    run("sft.py", f"--data_dir={demo_data}", f"--init_from={tmp_path / 'base'}", f"--out_dir={tmp_path / 'out'}",
+        "--lora_rank=4", f"--train_embeddings={embeddings}", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
+        "--batch_size=4", "--learning_rate=1e-2", "--warmup_iters=1", "--evaluate_tasks=False")
+    p = run("export.py", f"--out_dir={tmp_path / 'out'}", "--version=peft", f"--output={tmp_path / 'peft'}")
+    assert "PEFT LoRA adapters" in p.out and "note:" not in p.out  # an fp32 base, a Hugging Face directory
+    config = json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    assert config["r"] == 4 and config["modules_to_save"] == (["embed_tokens", "lm_head"] if embeddings else None)
+
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"), torch_dtype=torch.float32)
+    with_adapters = PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    merged, _, _ = load_model(str(tmp_path / "out"))
+    tokens = torch.tensor([tok.encode("床前明月光，疑是地上霜。", bos=True)])
+    with torch.no_grad():
+        expected = merged(tokens, tokens)[0]
+        got = with_adapters(tokens).logits
+        plain = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"), torch_dtype=torch.float32)(tokens).logits
+    assert (expected - plain).abs().max() > 1e-2  # the adapters changed the model: the check below can fail
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_exporting_adapters_of_a_run_without_them_is_one_line(tiny_ckpt, tmp_path):
+    p = run("export.py", f"--out_dir={tiny_ckpt}", "--version=peft", f"--output={tmp_path / 'peft'}", check=False)
+    assert p.returncode != 0 and "holds no LoRA adapters" in p.out and "Traceback" not in p.out

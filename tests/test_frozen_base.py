@@ -6,10 +6,23 @@ import pytest
 import torch
 import torch.nn as nn
 
+from checkpoint import load_checkpoint, load_model
 from conftest import read_log, run, tiny
 from lora import FrozenLinear, LoRALinear, add_lora, merged_state_dict, trainable_state_dict
+from training import context_length
 
 SFT_TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--evaluate_tasks=False"]
+
+
+@torch.no_grad()
+def sft_test_loss(out_dir, data_dir, batch_size=4, eval_iters=2):
+    """The test loss sft.py logs (its test batches, its defaults), of the model loading out_dir gives."""
+    import sft
+    model, tok, _ = load_model(str(out_dir))
+    data = sft.Conversations(data_dir, "test", context_length(sft.block_size, model), tok, sft.packing, sft.seed)
+    batches = [{k: torch.from_numpy(v) for k, v in data.batch(i * batch_size, batch_size).items()}
+               for i in range(eval_iters)]
+    return sum(model(**batch)[1].item() for batch in batches) / eval_iters
 
 
 def test_an_int8_layer_stays_within_its_rounding_error():
@@ -103,8 +116,11 @@ def test_lora_on_an_int8_base_learns_like_lora_on_the_fp32_base(demo_data, tiny_
         val = {r["iter"]: r["val_loss"] for r in read_log(out) if "val_loss" in r}
         assert val[30] < val[0] - 0.2, (base_dtype, val)
         final[base_dtype] = val[30]
-        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-        assert all(v.dtype == torch.float32 for k, v in ckpt["model"].items())  # merged: a plain fp32 Transformer
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # what the run trained and where its base is
+        assert ckpt["model"] is None and all(k.endswith(("lora_a", "lora_b")) for k in ckpt["lora"])
+        assert ckpt["base"] == tiny_ckpt and ckpt["base_dtype"] == base_dtype
+        # loading merges the adapters into the base stored as the run stored it: the model that was evaluated
+        assert sft_test_loss(out, demo_data) == pytest.approx(val[30], rel=1e-4), base_dtype
     assert final["int8"] == pytest.approx(final["float32"], rel=0.02)
     assert final["bfloat16"] == pytest.approx(final["float32"], rel=0.02)
 
@@ -151,9 +167,9 @@ def test_continued_pretraining_with_lora_resumes_exactly_and_saves_a_plain_model
     for it in range(6, 11):
         assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
     ckpt = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert ckpt["model"] is None and ckpt["lora"] and all(k.endswith(("lora_a", "lora_b")) for k in ckpt["lora"])
     base = torch.load(os.path.join(tiny_ckpt, "ckpt.pt"), weights_only=True)
-    assert ckpt["model"].keys() == base["model"].keys() and ckpt["lora"]
-    assert all(k.endswith(("lora_a", "lora_b")) for k in ckpt["lora"])
+    assert load_checkpoint(str(tmp_path / "straight"))["model"].keys() == base["model"].keys()  # merged on load
 
 
 def test_lora_from_scratch_is_refused_in_one_line(demo_data, tmp_path):

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from conftest import TINY_MODEL, read_log, run
 from model import ModelArgs, Transformer
 
@@ -28,8 +29,11 @@ def test_two_sharded_processes_train_like_one_process_with_twice_the_accumulatio
             launcher=TORCHRUN, extra_env=ONE_THREAD)
     assert "2 processes (FSDP)" in p.out
     assert_same_val_losses(tmp_path / "one", tmp_path / "two")
-    # the checkpoint is gathered whole: a plain Transformer's weights that sample.py and export.py load
-    one_ckpt, two_ckpt = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+    if tuning:  # a LoRA run gathers and saves what it trained, not the frozen base
+        saved = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+        assert saved["model"] is None and all(k.endswith(("lora_a", "lora_b")) for k in saved["lora"])
+    # loading gives a plain Transformer's weights (a LoRA run's merged into its base), for sample.py and export.py
+    one_ckpt, two_ckpt = (load_checkpoint(str(tmp_path / d)) for d in ("one", "two"))
     assert two_ckpt["model"].keys() == one_ckpt["model"].keys() == tiny_model_keys(one_ckpt)
     for k in one_ckpt["model"]:
         torch.testing.assert_close(two_ckpt["model"][k], one_ckpt["model"][k], atol=1e-4, rtol=1e-3)

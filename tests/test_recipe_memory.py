@@ -53,6 +53,8 @@ def test_the_evaluation_after_training_adds_no_model_copy_to_the_peak(demo_data,
     # the evaluation once did) added two of them; the evaluation's own data (questions, the idiom list, the
     # decoding caches) and the noise between two runs stay under three quarters of one
     assert with_eval - without < 190, (without, with_eval)
+    if tuning:  # a LoRA checkpoint holds what was trained (adapters, AdamW moments), not the 250 MB model (once 3x it)
+        assert os.path.getsize(tmp_path / "b" / "ckpt.pt") < 0.05 * os.path.getsize(f"{base_250mb}/ckpt.pt")
 
 
 # a fresh process: the fixed costs first (torch's code pages for building a model), then the host RAM that
