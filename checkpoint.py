@@ -1,7 +1,8 @@
 """
 Checkpoints: how every stage saves and loads a model. Our own checkpoint directory holds ckpt.pt
 (model weights, model args, optimizer and loop state, the config, the tokenizer's hash, the stage
-that wrote it) and tokenizer.model. Wherever a stage takes a checkpoint directory it also takes an
+that wrote it) and tokenizer.model; a LoRA run's holds what it trained and the path of its base, and
+loading it merges the two again (model_to_tune, the model a stage starts from, lives here too). Wherever a stage takes a checkpoint directory it also takes an
 existing Llama 2 (or any Llama-architecture model) in the formats users have:
 
 - a Hugging Face LlamaForCausalLM directory: config.json with model.safetensors, sharded
@@ -22,6 +23,7 @@ import struct
 import numpy as np
 import torch
 
+from lora import add_lora, merged_state_dict
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -83,7 +85,6 @@ def load_checkpoint(path, flag="--out_dir", merge=True):
     except Exception as e:  # a corrupt or foreign file is a user-facing problem, not a traceback
         raise SystemExit(f"error: cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e)[:200]}")
     if merge and checkpoint.get("model") is None and checkpoint.get("lora") is not None:
-        from training import merged_lora_model  # (training.py builds on this module)
         checkpoint["model"] = merged_lora_model(path, checkpoint)
     return checkpoint
 
@@ -119,6 +120,70 @@ def model_from_checkpoint(checkpoint, device="cpu", dtype=None):
     return model.to(device)
 
 
+def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32", verbose=False):
+    """
+    The model sft.py and dpo.py train: the base at base_dir (ours, or an imported Llama) in fp32 with the
+    run's dropout; its embedding grown for an extended tokenizer (new rows drawn from a generator of
+    their own, so a resumed run draws the same); LoRA adapters when config["lora_rank"] > 0, with the
+    embedding and classifier trained in full where config["train_embeddings"] says (by default: when rows
+    were added), the frozen blocks' weights stored in base_dtype (lora.FrozenLinear); activation
+    checkpointing where config says; and, for a resumed run, the weights it saved. verbose: say what rows
+    were added. Returns (model, the base's stage, rows added).
+    """
+    base = load_checkpoint(base_dir, flag="--init_from")
+    check_data_tokenizer(base, base_dir, tok)
+    base["model_args"]["dropout"] = config["dropout"]
+    # trained in fp32 (autocast computes in bf16/fp16 where set), but a LoRA base's frozen block weights go
+    # straight from the file's dtype to base_dtype (an int8 base: quantized from the file's, layer by layer in
+    # add_lora): converted one tensor at a time, so that the model is never in memory twice
+    lora = config["lora_rank"] > 0
+    frozen_dtype = None if not lora or base_dtype == "int8" else getattr(torch, base_dtype)
+    for key, tensor in base["model"].items():
+        frozen = lora and key.startswith("layers.") and not key.endswith("norm.weight")
+        if not frozen or frozen_dtype is not None:
+            base["model"][key] = tensor.to(frozen_dtype if frozen else torch.float32)
+    del tensor
+    model = model_from_checkpoint(base)
+    base_stage = base.get("stage")
+    del base  # the base's optimizer state is of no use here
+    added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
+    if verbose and added_rows:
+        print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
+              f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
+    if lora:
+        with torch.random.fork_rng():  # the same adapters in every process: FSDP, unlike DDP, broadcasts nothing
+            torch.manual_seed(seed)
+            add_lora(model, set(config["lora_targets"].split(",")), config["lora_rank"], config["lora_alpha"],
+                     config["lora_dropout"], base_dtype)
+        full_embeddings = config["train_embeddings"] if config["train_embeddings"] is not None else added_rows > 0
+        if full_embeddings:  # new tokens need their own embeddings, which a low-rank update cannot give them
+            model.tok_embeddings.weight.requires_grad_(True)
+            model.output.weight.requires_grad_(True)
+        if resumed is not None:
+            model.load_state_dict(resumed["lora"], strict=False)
+    elif resumed is not None:
+        model.load_state_dict(resumed["model"])
+    model.checkpoint_activations = config.get("checkpoint_activations", False)
+    return model, base_stage, added_rows
+
+
+def merged_lora_model(path, checkpoint):
+    """
+    The weights of a LoRA run's checkpoint at path, merged (lora.merged_state_dict): its base read again
+    and stored as the run stored it (so an int8 or bf16 base's rounding is folded in exactly as trained),
+    its rows grown, what it trained loaded (model_to_tune, as when it resumes). load_checkpoint calls this.
+    """
+    base = checkpoint["base"]
+    if checkpoint_format(base) is None:
+        base = checkpoint.get("base_abspath", base)
+    if checkpoint_format(base) is None:
+        raise SystemExit(f"error: {path}/ckpt.pt holds LoRA adapters, not a whole model: its base, "
+                         f"{checkpoint['base']}, is not there any more; put it back (or run from the directory "
+                         f"the training ran in)")
+    config = checkpoint["config"]
+    model, _, _ = model_to_tune(base, Tokenizer(os.path.join(path, "tokenizer.model")), config, config["seed"],
+                                resumed=checkpoint, base_dtype=checkpoint["base_dtype"])
+    return merged_state_dict(model)
 def check_tokenizer(checkpoint_sha, tokenizer_sha, what, fix="use the data directory prepared with its tokenizer"):
     """A model or token file made with another tokenizer would train or decode garbage: refuse it, naming the fix."""
     if checkpoint_sha and tokenizer_sha and checkpoint_sha != tokenizer_sha:

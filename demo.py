@@ -292,3 +292,64 @@ def idiom_words():
         return set(idioms())
     except SystemExit:
         return set()
+
+
+# ---------------------------------------------------------------------------- the built-in benchmark
+
+def benchmark_items(val_fraction, per_task=300, seed=1234):
+    """
+    The built-in multiple-choice benchmark (benchmarks.py scores it), from held-out documents only (those
+    tokenizer.is_val puts in val: never trained on), fixed by seed: {task: [(candidates, correct index,
+    mode)]}. Each candidate is a (context, continuation) pair of texts; mode "continuation": one context,
+    the continuations compete; "context": the contexts compete to predict one continuation.
+    - idiom_completion: an idiom's first three characters, its last against three others';
+    - idiom_meaning: which of four idioms (with their pinyin, as the corpus writes them) the explanation is of;
+    - news_order: a news sentence against three reorderings of its clauses;
+    - review_sentiment: a review, then 这条评论是正面的 / 负面的.
+    """
+    rng = random.Random(seed)
+    # what pretraining reads (prepare_data.py: the documents is_val leaves in train): no item's text occurs in it
+    train_text = "\n".join(d for d in documents(val_fraction) if not is_val(d, val_fraction))
+    all_idioms = idioms()
+    held = sorted(w for w, d in all_idioms.items() if len(w) == 4 and d["explanation"]
+                  and is_val(idiom_paragraph(w, d), val_fraction) and w not in train_text)
+    items = collections.defaultdict(list)
+    for word in rng.sample(held, min(per_task, len(held))):
+        others = [w[-1] for w in held if w[-1] != word[-1] and word[:3] + w[-1] not in all_idioms]
+        lasts = [word[-1]] + rng.sample(sorted(set(others)), 3)
+        order = rng.sample(range(4), 4)
+        items["idiom_completion"].append(([(word[:3], lasts[i]) for i in order], order.index(0), "continuation"))
+    explained = [w for w in held if all_idioms[w]["explanation"] not in train_text]
+    for word in rng.sample(explained, min(per_task, len(explained))):
+        choices = [word] + rng.sample([w for w in held if w != word], 3)
+        order = rng.sample(range(4), 4)
+        explanation = all_idioms[word]["explanation"]
+        items["idiom_meaning"].append(([(f"{choices[i]}（{all_idioms[choices[i]]['pinyin']}）：", explanation)
+                                        for i in order], order.index(0), "context"))
+    sentences = []
+    for p in (news_text(words) for words in news()):
+        if is_val(p, val_fraction):
+            for s in p.replace("！", "。").replace("？", "。").split("。"):
+                clauses = s.split("，")
+                if len(clauses) >= 3 and 20 <= len(s) <= 120 and s not in train_text:
+                    sentences.append(clauses)
+    for clauses in rng.sample(sentences, min(per_task, len(sentences))):
+        original = "，".join(clauses) + "。"
+        shuffled = set()
+        while len(shuffled) < 3:
+            order = rng.sample(range(len(clauses)), len(clauses))
+            text = "，".join(clauses[i] for i in order) + "。"
+            if text != original:
+                shuffled.add(text)
+        candidates = [original] + sorted(shuffled)
+        order = rng.sample(range(4), 4)
+        items["news_order"].append(([("", candidates[i]) for i in order], order.index(0), "continuation"))
+    test = sorted((r, label) for r, label in reviews()
+                  if 8 <= len(r) <= 200 and review_held_out(r, val_fraction) and r not in train_text)
+    by_label = {label: [r for r, lab in test if lab == label] for label in SENTIMENT_LABELS}
+    n = min(per_task // 2, *map(len, by_label.values()))  # balanced: the majority label scores chance
+    for label in SENTIMENT_LABELS:
+        for review in rng.sample(by_label[label], n):
+            items["review_sentiment"].append(([(f"{review}\n这条评论是", f"{lab}的") for lab in SENTIMENT_LABELS],
+                                              SENTIMENT_LABELS.index(label), "continuation"))
+    return dict(items)

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from checkpoint import check_tokenizer
+from checkpoint import check_tokenizer, model_to_tune
 from configurator import check_ranges, configure
 from lora import adapters_disabled
 from memory import preflight
 from tokenizer import Tokenizer
 from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, lora_base_dtype,
-                      make_optimizer, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
+                      make_optimizer, nothing_to_do, open_out_dir, resume, run_main, save_run,
                       seed_step, setup_device, stream_position, to_device, train_step)
 
 # -----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ started from, so that what a stage bought is visible task by task.
     python evaluate.py --base=none --per_task=100
     python evaluate.py --baselines              # also what simple classifiers score on the sentiment task
     python evaluate.py --onpolicy_pairs=data/onpolicy.jsonl   # DPO pairs from the model's own wrong answers
+    python evaluate.py --out_dir=out-sft --ceval=ceval-exam/ --cmmlu=cmmlu/   # C-Eval / CMMLU from local folders
+    python evaluate.py --out_dir=out --benchmark=True   # the built-in Chinese benchmark, log-likelihood scored
 
 Scores per task (demo.score): sentiment accuracy, the share of idiom-chain answers that are real idioms
 with the right first character, name-extraction F1, exact match for the rest. The table is printed
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import benchmarks
 import demo
 from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
@@ -47,6 +50,11 @@ onpolicy_pairs = ""          # instead: answer the demo's training questions and
                              # pair (the true answer chosen, the model's rejected) to this JSONL for prepare_data.py
 onpolicy_tasks = "ner"       # onpolicy_pairs: the tasks asked (all their training questions); sentiment pairs
                              # cost sentiment accuracy on the demo even balanced (docs/experiments.md)
+ceval = ""                   # a local C-Eval folder (dev/, val/, test/): score its val questions instead
+cmmlu = ""                   # a local CMMLU folder (dev/, test/): score its test questions instead
+shots = 5                    # ceval/cmmlu: answered dev questions before each question (0: zero-shot)
+benchmark = False            # the built-in offline benchmark (benchmarks.py) instead, the model beside its base
+chat = "auto"                # ceval/cmmlu: ask in the chat template (True) or as plain text (False); auto: SFT/DPO chat
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "float32"            # float32, or bfloat16 on GPUs (greedy answers can then differ in near ties)
 # -----------------------------------------------------------------------------
@@ -260,13 +268,47 @@ def write_onpolicy_pairs(model, tok, path, tasks, val_fraction, batch_size):
           + (f" ({dropped:,} sentiment ones left out to balance the labels)" if dropped else ""))
 
 
+def run_exams(model, tok, checkpoint, exams, report_path):
+    """--ceval / --cmmlu: the model's accuracy on each local exam folder, printed by category and written to
+    report_path with every question's prediction."""
+    report_dir = os.path.dirname(os.path.abspath(report_path))
+    if not writable(report_dir):
+        raise SystemExit(f"error: cannot write {report_path}; pass --report=somewhere/exams.json")
+    as_chat = checkpoint.get("stage") in ("sft", "dpo") if chat == "auto" else chat in (True, "True", "true")
+    report = {"checkpoint": out_dir, "shots": shots, "chat": as_chat, "chance": benchmarks.CHANCE, "exams": {}}
+    for kind, directory in exams:
+        subjects, malformed = benchmarks.read_exam(directory, kind)
+        n_questions = sum(len(s["questions"]) for s in subjects.values())
+        print(f"{kind}: {len(subjects)} subjects, {n_questions:,} questions from {directory}"
+              + (f" ({malformed} malformed rows skipped)" if malformed else "")
+              + f"; {shots}-shot, {'in the chat template' if as_chat else 'as plain text'}")
+        predictions, t0 = [], time.time()
+        results = benchmarks.run_exam(model, tok, subjects, shots, as_chat, model.args.max_seq_len, predictions)
+        summary = benchmarks.summarize(results, subjects)
+        print(f"{'category':<24}{'accuracy':>10}{'centred':>10}{'n':>8}   ({time.time() - t0:.0f}s)")
+        for name, r in [*summary["categories"].items(), ("overall", summary["overall"])]:
+            print(f"{name:<24}{r['accuracy'] * 100:>9.1f}%{r['centred'] * 100:>9.1f}%{r['n']:>8}")
+        report["exams"][kind] = dict(summary, directory=directory, malformed=malformed, predictions=predictions)
+    with open(report_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    os.replace(report_path + ".tmp", report_path)
+    print(f"wrote {report_path}")
+
+
 def main():
     config = configure(globals())
-    check_ranges(config, at_least_0=("per_task",), at_least_1=("batch_size",))
+    check_ranges(config, at_least_0=("per_task", "shots"), at_least_1=("batch_size",))
+    exams = [(kind, directory) for kind, directory in (("ceval", ceval), ("cmmlu", cmmlu)) if directory]
+    for kind, directory in exams:
+        if not os.path.isdir(directory):
+            raise SystemExit(f"error: --{kind}={directory} is not a folder; pass the local {kind} folder")
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
-    report_path = report or os.path.join(out_dir, "eval.json")
-    if not onpolicy_pairs:  # before minutes of answering: the questions exist, the report can be written
+    report_path = report or os.path.join(out_dir, "exams.json" if exams else "eval.json")
+    if exams:
+        run_exams(model, tok, checkpoint, exams, report_path)
+        return
+    if not onpolicy_pairs and not benchmark:  # before minutes of answering: the questions exist, the report is writable
         if load_tests(data_dir) is None:
             raise SystemExit(f"error: no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on; pass the "
                              f"--data_dir prepare_data.py wrote")
@@ -294,10 +336,36 @@ def main():
         else:
             print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")
     try:
+        if benchmark:
+            run_builtin_benchmark(models, report or os.path.join(out_dir, "benchmark.json"))
+            return
         extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
         compare(models, data_dir, per_task, report_path, batch_size, extra)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: nothing was written")
+
+
+def run_builtin_benchmark(models, report_path):
+    """--benchmark: every model on the built-in benchmark's items, the table of raw and chance-centred scores
+    with the headline (their mean centred score), written to report_path."""
+    items = demo.benchmark_items(val_fraction)
+    t0 = time.time()
+    results = {name: benchmarks.run_benchmark(model, tok, items) for name, (model, tok, *_) in models.items()}
+    print(f"built-in benchmark ({time.time() - t0:.0f}s; accuracy, and centred: 0 at chance, 100 all right):")
+    print(f"{'task':<20}{'chance':>8}" + "".join(f"{name:>22}" for name in results))
+    for task in items:
+        cells = "".join(f"{a * 100:>8.1f}% ({benchmarks.centred(a, c) * 100:>5.1f}) n={n:<3}"
+                        for a, n, c in (r[task] for r in results.values()))
+        print(f"{task:<20}{next(iter(results.values()))[task][2] * 100:>7.0f}%{cells}")
+    print(f"{'headline (centred)':<28}" + "".join(f"{benchmarks.headline(r) * 100:>22.1f}" for r in results.values()))
+    report = {"val_fraction": val_fraction, "models": {
+        name: {"checkpoint": source, "headline": benchmarks.headline(results[name]), "tasks": {
+            task: {"accuracy": a, "centred": benchmarks.centred(a, c), "chance": c, "n": n}
+            for task, (a, n, c) in results[name].items()}}
+        for name, (_, _, source, *_) in models.items()}}
+    with open(report_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    os.replace(report_path + ".tmp", report_path)
 
 
 if __name__ == "__main__":

@@ -222,8 +222,8 @@ def export_peft(checkpoint, tok, directory):
         "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": base if checkpoint_format(base) == "hf" else None}
     os.makedirs(directory, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in tensors.items()}, os.path.join(directory, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file({k: v.float().contiguous() for k, v in tensors.items()},
+              os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(adapter_config, f, indent=1)
     shutil.copyfile(tok.model_path, os.path.join(directory, "tokenizer.model"))

@@ -18,13 +18,13 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import check_tokenizer, model_from_checkpoint
+from checkpoint import check_tokenizer, model_from_checkpoint, model_to_tune
 from configurator import check_ranges, configure
 from memory import preflight
 from model import PRESETS, ModelArgs, Transformer, peak_flops
 from tokenizer import Tokenizer
 from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, lora_base_dtype,
-                      make_optimizer, model_to_tune, nothing_to_do, open_out_dir, resume, run_main, save_run,
+                      make_optimizer, nothing_to_do, open_out_dir, resume, run_main, save_run,
                       seed_step, setup_device, to_device, train_step)
 
 # -----------------------------------------------------------------------------

@@ -21,10 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (check_data_tokenizer, check_tokenizer, checkpoint_format, load_checkpoint, model_from_checkpoint,
-                        save_checkpoint)
-from lora import add_lora, base_storage, has_adapters, merged_state_dict, trainable_state_dict
-from tokenizer import Tokenizer
+from checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
+from lora import base_storage, has_adapters, trainable_state_dict
 
 
 class Run(NamedTuple):
@@ -248,53 +246,6 @@ def lora_base_dtype(setting, run_dtype):
     return run_dtype if setting == "auto" else setting
 
 
-def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32", verbose=False):
-    """
-    The model sft.py and dpo.py train: the base at base_dir (ours, or an imported Llama) in fp32 with the
-    run's dropout; its embedding grown for an extended tokenizer (new rows drawn from a generator of
-    their own, so a resumed run draws the same); LoRA adapters when config["lora_rank"] > 0, with the
-    embedding and classifier trained in full where config["train_embeddings"] says (by default: when rows
-    were added), the frozen blocks' weights stored in base_dtype (lora.FrozenLinear); activation
-    checkpointing where config says; and, for a resumed run, the weights it saved. verbose: say what rows
-    were added. Returns (model, the base's stage, rows added).
-    """
-    base = load_checkpoint(base_dir, flag="--init_from")
-    check_data_tokenizer(base, base_dir, tok)
-    base["model_args"]["dropout"] = config["dropout"]
-    # trained in fp32 (autocast computes in bf16/fp16 where set), but a LoRA base's frozen block weights go
-    # straight from the file's dtype to base_dtype (an int8 base: quantized from the file's, layer by layer in
-    # add_lora): converted one tensor at a time, so that the model is never in memory twice
-    lora = config["lora_rank"] > 0
-    frozen_dtype = None if not lora or base_dtype == "int8" else getattr(torch, base_dtype)
-    for key, tensor in base["model"].items():
-        frozen = lora and key.startswith("layers.") and not key.endswith("norm.weight")
-        if not frozen or frozen_dtype is not None:
-            base["model"][key] = tensor.to(frozen_dtype if frozen else torch.float32)
-    del tensor
-    model = model_from_checkpoint(base)
-    base_stage = base.get("stage")
-    del base  # the base's optimizer state is of no use here
-    added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
-    if verbose and added_rows:
-        print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
-              f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
-    if lora:
-        with torch.random.fork_rng():  # the same adapters in every process: FSDP, unlike DDP, broadcasts nothing
-            torch.manual_seed(seed)
-            add_lora(model, set(config["lora_targets"].split(",")), config["lora_rank"], config["lora_alpha"],
-                     config["lora_dropout"], base_dtype)
-        full_embeddings = config["train_embeddings"] if config["train_embeddings"] is not None else added_rows > 0
-        if full_embeddings:  # new tokens need their own embeddings, which a low-rank update cannot give them
-            model.tok_embeddings.weight.requires_grad_(True)
-            model.output.weight.requires_grad_(True)
-        if resumed is not None:
-            model.load_state_dict(resumed["lora"], strict=False)
-    elif resumed is not None:
-        model.load_state_dict(resumed["model"])
-    model.checkpoint_activations = config.get("checkpoint_activations", False)
-    return model, base_stage, added_rows
-
-
 RESUMABLE = {"pretrain": ("a pretraining run", "continue pretraining"), "sft": ("an SFT run", "fine-tune"),
              "dpo": ("a DPO run", "align")}  # stage: (what resume expects, what --init_from does with it instead)
 
@@ -382,23 +333,6 @@ def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
     logger.commit()
 
 
-def merged_lora_model(path, checkpoint):
-    """
-    The weights of a LoRA run's checkpoint at path, merged (lora.merged_state_dict): its base read again
-    and stored as the run stored it (so an int8 or bf16 base's rounding is folded in exactly as trained),
-    its rows grown, what it trained loaded. load_checkpoint calls this for such a checkpoint.
-    """
-    base = checkpoint["base"]
-    if checkpoint_format(base) is None:
-        base = checkpoint.get("base_abspath", base)
-    if checkpoint_format(base) is None:
-        raise SystemExit(f"error: {path}/ckpt.pt holds LoRA adapters, not a whole model: its base, "
-                         f"{checkpoint['base']}, is not there any more; put it back (or run from the directory "
-                         f"the training ran in)")
-    config = checkpoint["config"]
-    model, _, _ = model_to_tune(base, Tokenizer(os.path.join(path, "tokenizer.model")), config, config["seed"],
-                                resumed=checkpoint, base_dtype=checkpoint["base_dtype"])
-    return merged_state_dict(model)
 def open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed):
     """Rank 0's Logger for out_dir (None elsewhere), and the tokenizer copied beside the checkpoint, so that
     sample.py and export.py need nothing else."""

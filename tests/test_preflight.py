@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, read_log, run
+from conftest import ROOT, TINY_MODEL, run
 
 MEASURE = """
 import json, sys, torch

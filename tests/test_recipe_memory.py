@@ -63,7 +63,7 @@ LOAD_FOR_LORA = """
 import json, sys, torch
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
-from training import model_to_tune
+from checkpoint import model_to_tune
 def status_mib(field):  # VmRSS now, VmHWM its peak: this process's own (ru_maxrss also counts its parent's at exec)
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) // 1024
 with torch.device("meta"):
