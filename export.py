@@ -191,11 +191,11 @@ def export_peft(checkpoint, tok, directory):
     from safetensors.torch import save_file
     config, trained, args = checkpoint["config"], checkpoint["lora"], checkpoint["model_args"]
     n_kv = args["n_kv_heads"] or args["n_heads"]
-    tensors, full = {}, []
+    full = "tok_embeddings.weight" in trained  # the embedding (and an untied classifier) trained in full
+    tensors = {}
     for key, value in trained.items():
-        if key in ("tok_embeddings.weight", "output.weight"):
-            full.append(key)
-            continue
+        if not key.startswith("layers."):
+            continue  # the embedding and classifier: below
         _, i, group, matrix, kind = key.split(".")  # layers.{i}.attention.wq.lora_a
         module = f"{group}.{matrix}"
         if module in ("attention.wq", "attention.wk") and kind == "lora_b":
