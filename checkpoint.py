@@ -146,10 +146,10 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
     model = model_from_checkpoint(base)
     base_stage = base.get("stage")
     del base  # the base's optimizer state is of no use here
-    added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed))
+    added_rows = model.resize_vocab(tok.n_words, torch.Generator().manual_seed(seed), unk_id=tok.sp.unk_id())
     if verbose and added_rows:
         print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
-              f"{tok.n_words - added_rows}, each the mean of the old rows plus noise")
+              f"{tok.n_words - added_rows} (classifier rows as likely as <unk> until trained)")
     if lora:
         with torch.random.fork_rng():  # the same adapters in every process: FSDP, unlike DDP, broadcasts nothing
             torch.manual_seed(seed)

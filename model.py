@@ -187,23 +187,32 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def resize_vocab(self, vocab_size, generator=None):
+    def resize_vocab(self, vocab_size, generator=None, unk_id=0):
         """
-        Grow the embedding (and an untied classifier) to vocab_size rows for an extended tokenizer: the old
-        rows stay as they are, each new row is the mean of the old rows plus noise with their per-dimension
-        spread, so new tokens start as an average token. Returns the number of rows added.
+        Grow the embedding (and an untied classifier) to vocab_size rows for an extended tokenizer; the old
+        rows stay as they are. A new embedding row is the mean of the old rows plus noise with their
+        per-dimension spread: a new token reads as an average token. A new classifier row is a copy of
+        <unk>'s (unk_id), which byte-fallback text never contains, so training pushed its logit down
+        everywhere: each new id starts exactly as likely as <unk>, and together they take a small share of
+        the next-token distribution until they are trained (a mean row took 19x more on the demo model;
+        docs/experiments.md). Tied embeddings have one matrix: its new rows are the classifier's. Returns the
+        number of rows added.
         """
         old = self.tok_embeddings.weight.shape[0]
         if vocab_size <= old:
             return 0
 
-        def grown(weight):
+        def grown(weight, like_unk):
             w = weight.detach().float()
-            new = w.mean(0) + w.std(0) * torch.randn(vocab_size - old, w.shape[1], generator=generator)
+            if like_unk:
+                new = w[unk_id].expand(vocab_size - old, -1)
+            else:
+                new = w.mean(0) + w.std(0) * torch.randn(vocab_size - old, w.shape[1], generator=generator)
             return nn.Parameter(torch.cat([weight.detach(), new.to(weight.dtype)]))
 
-        self.tok_embeddings.weight = grown(self.tok_embeddings.weight)
-        self.output.weight = self.tok_embeddings.weight if self.args.tie_embeddings else grown(self.output.weight)
+        tied = self.args.tie_embeddings
+        self.tok_embeddings.weight = grown(self.tok_embeddings.weight, like_unk=tied)
+        self.output.weight = self.tok_embeddings.weight if tied else grown(self.output.weight, like_unk=True)
         self.tok_embeddings.num_embeddings = self.output.out_features = vocab_size
         self.args.vocab_size = vocab_size
         return vocab_size - old

@@ -158,3 +158,22 @@ def test_the_fixed_shape_decode_step_generates_what_the_cached_step_does_in_one_
         stepped = [t.tolist() for t in generate(model, prompt, 30, temperature=0, step=step)]
     assert stepped == cached
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph for every position
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_new_vocabulary_rows_are_as_likely_as_unk_and_leave_the_old_ids_as_they_were(tied):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=300, max_seq_len=32,
+                                  tie_embeddings=tied)).eval()
+    tokens = torch.randint(3, 300, (2, 16))
+    with torch.no_grad():
+        before = model(tokens, tokens)[0]
+        assert model.resize_vocab(340, torch.Generator().manual_seed(0)) == 40
+        after = model(tokens, tokens)[0]
+    assert after.shape[-1] == 340
+    torch.testing.assert_close(after[..., :300], before)  # the old ids' logits, exactly as they were
+    # every new id exactly as likely as <unk> (id 0): their share is 40 x p(<unk>), small in a trained model
+    torch.testing.assert_close(after[..., 300:], after[..., :1].expand(-1, -1, 40))
+    if not tied:  # the input rows of the new tokens: an average token, each its own
+        new = model.tok_embeddings.weight[300:]
+        assert new.std(0).mean() > 0.5 * model.tok_embeddings.weight[:300].std(0).mean()
