@@ -73,7 +73,7 @@ def read_exam(directory, kind):
     for name in sorted(os.listdir(folder)):
         if not name.endswith(suffix):
             continue
-        subject = name[:-len(suffix)] if suffix else name
+        subject = name[:-len(suffix)]
         questions, bad = read_rows(os.path.join(folder, name))
         shots_path = os.path.join(directory, "dev", pattern.format(subject=subject, split="dev"))
         shots, bad_shots = read_rows(shots_path) if os.path.exists(shots_path) else ([], 0)

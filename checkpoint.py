@@ -2,8 +2,9 @@
 Checkpoints: how every stage saves and loads a model. Our own checkpoint directory holds ckpt.pt
 (model weights, model args, optimizer and loop state, the config, the tokenizer's hash, the stage
 that wrote it) and tokenizer.model; a LoRA run's holds what it trained and the path of its base, and
-loading it merges the two again (model_to_tune, the model a stage starts from, lives here too). Wherever a stage takes a checkpoint directory it also takes an
-existing Llama 2 (or any Llama-architecture model) in the formats users have:
+loading it merges the two again (model_to_tune, the model a stage starts from, lives here too).
+Wherever a stage takes a checkpoint directory it also takes an existing Llama 2 (or any
+Llama-architecture model) in the formats users have:
 
 - a Hugging Face LlamaForCausalLM directory: config.json with model.safetensors, sharded
   model-0000N-of-0000M.safetensors with their index, or pytorch_model*.bin;
@@ -69,7 +70,7 @@ def load_checkpoint(path, flag="--out_dir", merge=True):
     and for our own checkpoints everything else they hold (optimizer, config, ...). path is one of our
     directories or an existing model in any format above. flag: the setting that named path, for the
     message when there is nothing there. A LoRA run's checkpoint holds its adapters and the path of its
-    base: merged into a whole model here (training.merged_lora_model), unless merge=False (to resume it).
+    base: merged into a whole model here (merged_lora_model), unless merge=False (to resume it).
     """
     kind = checkpoint_format(path)
     if kind is None:
@@ -122,9 +123,9 @@ def model_from_checkpoint(checkpoint, device="cpu", dtype=None):
 
 def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32", verbose=False):
     """
-    The model sft.py and dpo.py train: the base at base_dir (ours, or an imported Llama) in fp32 with the
-    run's dropout; its embedding grown for an extended tokenizer (new rows drawn from a generator of
-    their own, so a resumed run draws the same); LoRA adapters when config["lora_rank"] > 0, with the
+    The model pretrain.py (continuing), sft.py and dpo.py train, and a LoRA checkpoint is merged from:
+    the base at base_dir (ours, or an imported Llama) in fp32 with the run's dropout; its embedding grown
+    for an extended tokenizer (new rows drawn from a generator of their own, so a resumed run draws the same); LoRA adapters when config["lora_rank"] > 0, with the
     embedding and classifier trained in full where config["train_embeddings"] says (by default: when rows
     were added), the frozen blocks' weights stored in base_dtype (lora.FrozenLinear); activation
     checkpointing where config says; and, for a resumed run, the weights it saved. verbose: say what rows
@@ -184,6 +185,8 @@ def merged_lora_model(path, checkpoint):
     model, _, _ = model_to_tune(base, Tokenizer(os.path.join(path, "tokenizer.model")), config, config["seed"],
                                 resumed=checkpoint, base_dtype=checkpoint["base_dtype"])
     return merged_state_dict(model)
+
+
 def check_tokenizer(checkpoint_sha, tokenizer_sha, what, fix="use the data directory prepared with its tokenizer"):
     """A model or token file made with another tokenizer would train or decode garbage: refuse it, naming the fix."""
     if checkpoint_sha and tokenizer_sha and checkpoint_sha != tokenizer_sha:
