@@ -126,10 +126,11 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
     The model pretrain.py (continuing), sft.py and dpo.py train, and a LoRA checkpoint is merged from:
     the base at base_dir (ours, or an imported Llama) in fp32 with the run's dropout; its embedding grown
     for an extended tokenizer (new rows drawn from a generator of their own, so a resumed run draws the
-    same); LoRA adapters when config["lora_rank"] > 0, with the embedding and classifier trained in full where config["train_embeddings"] says (by default: when rows
-    were added), the frozen blocks' weights stored in base_dtype (lora.FrozenLinear); activation
-    checkpointing where config says; and, for a resumed run, the weights it saved. verbose: say what rows
-    were added. Returns (model, the base's stage, rows added).
+    same); LoRA adapters when config["lora_rank"] > 0, with the embedding and classifier trained in full
+    where config["train_embeddings"] says (by default: when rows were added), the frozen blocks' weights
+    stored in base_dtype (lora.FrozenLinear); activation checkpointing where config says; and, for a
+    resumed run, the weights it saved. verbose: say what rows were added. Returns (model, the base's
+    stage, rows added).
     """
     base = load_checkpoint(base_dir, flag="--init_from")
     check_data_tokenizer(base, base_dir, tok)
