@@ -18,9 +18,11 @@ one, the file name stands in for both.
 Every score is reported raw and centred on chance, (accuracy - chance) / (1 - chance): 0 at chance, 1
 when every answer is right, so that tasks with different numbers of options average fairly.
 """
+import contextlib
 import csv
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -231,3 +233,33 @@ def run_benchmark(model, tok, items):
 def headline(results):
     """The mean of the tasks' chance-centred scores: one number (nanochat's CORE does the same)."""
     return float(np.mean([centred(accuracy, chance) for accuracy, _, chance in results.values()]))
+
+
+def compare(models, items, report_path, val_fraction):
+    """
+    models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}, as
+    evaluate.compare takes them. Every model on the built-in benchmark's items: prints the table of raw and
+    chance-centred scores with the headline (their mean centred score) and writes it to report_path.
+    Returns {name: {task: (accuracy, n, chance)}}.
+    """
+    t0 = time.time()
+    results = {}
+    for name, (model, tok, _, *context) in models.items():
+        with context[0]() if context else contextlib.nullcontext():
+            results[name] = run_benchmark(model, tok, items)
+    print(f"built-in benchmark ({time.time() - t0:.0f}s; accuracy, and centred: 0 at chance, 100 all right):")
+    print(f"{'task':<20}{'chance':>8}" + "".join(f"{name:>22}" for name in results))
+    for task in items:
+        cells = "".join(f"{a * 100:>8.1f}% ({centred(a, c) * 100:>5.1f}) n={n:<3}"
+                        for a, n, c in (r[task] for r in results.values()))
+        print(f"{task:<20}{next(iter(results.values()))[task][2] * 100:>7.0f}%{cells}")
+    print(f"{'headline (centred)':<28}" + "".join(f"{headline(r) * 100:>22.1f}" for r in results.values()))
+    report = {"val_fraction": val_fraction, "models": {
+        name: {"checkpoint": source, "headline": headline(results[name]), "tasks": {
+            task: {"accuracy": a, "centred": centred(a, c), "chance": c, "n": n}
+            for task, (a, n, c) in results[name].items()}}
+        for name, (_, _, source, *_) in models.items()}}
+    with open(report_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    os.replace(report_path + ".tmp", report_path)
+    return results

@@ -42,7 +42,8 @@ init_from = "out-sft"             # the SFT model to align (a checkpoint directo
 overwrite = False                 # a new run into an out_dir that holds a checkpoint: replace it (else refused)
 eval_interval = 100               # held-out pair metrics and a checkpoint every this many iterations
 log_interval = 25                 # iterations per log line
-evaluate_tasks = True             # after training, the held-out task evaluation (evaluate.py: DPO vs SFT)
+evaluate_tasks = True             # after training, the held-out tasks and the built-in benchmark (DPO beside
+                                  # SFT) for the report card, out_dir/report.md; False: the card from the logs
 eval_per_task = 1000              # held-out questions per task in that evaluation; 0: all
 # data
 block_size: int = None            # longest pair sequence; None: the model's context
@@ -242,10 +243,11 @@ def main():
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
 
     # ---- the model: the SFT checkpoint, or our own to resume
-    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    iter_num, best_val_loss, checkpoint, sessions = 0, float("inf"), None, []
     if resumed:  # LoRA, the row length and the loss as the run was started (globals and config updated)
         checkpoint = resume(out_dir, "dpo", tok, run, globals(), config, FIXED_ON_RESUME)
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
     base_dir = checkpoint["base"] if resumed else init_from
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
                                          base_dtype=lora_base_dtype(base_dtype, run.dtype))
@@ -304,7 +306,7 @@ def main():
               f"{run.world_size} processes" + (" (FSDP)" if sharded else "") + f": {max_iters:,} iterations are "
               f"{max_iters * batch_size * gradient_accumulation_steps * run.world_size / len(train_data):.2f} epochs; "
               f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
 
     reference_logps = lambda batch: on_the_fly_reference(batch, ref_model, raw_model)  # noqa: E731
 
@@ -378,11 +380,11 @@ def main():
                       f"{pairs_per_s:,.0f} pairs/s, ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": dt * 1000,
                             "pairs_per_s": pairs_per_s})
-    if stopper.finished and evaluate_tasks and stopper.saved_iter is not None:
+    if stopper.finished and stopper.saved_iter is not None:
         # the training state goes before the evaluation's models come (closures see these names cleared)
         optimizer = scaler = model = eval_model = ref_model = None
         evaluate.after_training("DPO", None if sharded else raw_model.eval(), out_dir, base_dir, base_stage, tok,
-                                data_dir, eval_per_task, run)
+                                data_dir, eval_per_task, run, evaluate_models=evaluate_tasks)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ started from, so that what a stage bought is visible task by task.
     python evaluate.py --onpolicy_pairs=data/onpolicy.jsonl   # DPO pairs from the model's own wrong answers
     python evaluate.py --out_dir=out-sft --ceval=ceval-exam/ --cmmlu=cmmlu/   # C-Eval / CMMLU from local folders
     python evaluate.py --out_dir=out --benchmark=True   # the built-in Chinese benchmark, log-likelihood scored
+    python evaluate.py --out_dir=out-sft --report_card=True   # the benchmark, then out_dir/report.md (report.py)
 
 Scores per task (demo.score): sentiment accuracy, the share of idiom-chain answers that are real idioms
 with the right first character, name-extraction F1, exact match for the rest. The table is printed
 and written to out_dir/eval.json ({"models": {name: {"checkpoint", "tasks": {task: {"metric", "score", "n"}}}}}).
-sft.py and dpo.py run this at the end of training (after_training). --report=path writes the JSON
-elsewhere.
+sft.py and dpo.py run this at the end of training (after_training), and pretrain.py the benchmark; each then
+writes its report card. --report=path writes the JSON elsewhere.
 """
 import collections
 import contextlib
@@ -35,6 +36,7 @@ from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
 from engine import generate
 from lora import adapters_disabled, has_adapters
+from report import write_card
 from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -54,6 +56,7 @@ ceval = ""                   # a local C-Eval folder (dev/, val/, test/): score 
 cmmlu = ""                   # a local CMMLU folder (dev/, test/): score its test questions instead
 shots = 5                    # ceval/cmmlu: answered dev questions before each question (0: zero-shot)
 benchmark = False            # the built-in offline benchmark (benchmarks.py) instead, the model beside its base
+report_card = False          # instead: the built-in benchmark, then out_dir/report.md (report.py) with eval.json's scores
 chat = "auto"                # ceval/cmmlu: ask in the chat template (True) or as plain text (False); auto: SFT/DPO chat
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "float32"            # float32, or bfloat16 on GPUs (greedy answers can then differ in near ties)
@@ -201,25 +204,36 @@ def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None):
     return results
 
 
-def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, per_task, run):
+def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, per_task, run, tasks=True,
+                   evaluate_models=True):
     """
-    sft.py's and dpo.py's last step: the model just trained (called name) beside the one it started from,
-    written to out_dir/eval.json. trained: the model in memory, its training state already freed by the
-    caller; None (a sharded run) loads out_dir's checkpoint in the run's dtype. With LoRA adapters and
-    the embeddings left as they were, the base is the same model with its adapters off (as stored for
-    training: an int8 base answers as int8): no second model in memory; else the base is loaded in the run's dtype. Ctrl-C here leaves the trained model as it is.
+    pretrain.py's, sft.py's and dpo.py's last step: the model just trained (called name) beside the one it
+    started from (base_dir, if any) on the held-out tasks (tasks: a chat model's; eval.json) and the built-in
+    benchmark (benchmark.json); then the report card (report.md) with three samples. trained: the model in
+    memory, its training state already freed by the caller; None (a sharded run) loads out_dir's
+    checkpoint in the run's dtype. With LoRA adapters and the embeddings left as they were, the base is the
+    same model with its adapters off (as stored for training: an int8 base answers as int8): no second
+    model in memory; else the base is loaded in the run's dtype. evaluate_models=False: the card alone, from
+    the logs (with samples when trained is given). Ctrl-C here leaves the trained model as it is.
     """
     dtype = PTDTYPE[run.dtype]
+    base_name = STAGE_NAMES.get(base_stage, "base")
+    base_name = "base" if base_name == name else base_name  # continued pretraining: "pretrained" twice
     try:
-        if trained is None:
-            trained, _, _ = load_model(out_dir, run.device, dtype)
-        if has_adapters(trained) and not trained.tok_embeddings.weight.requires_grad:
-            base = (trained, tok, base_dir, lambda: adapters_disabled(trained))
-        else:
-            base_model, base_tok, _ = load_model(base_dir, run.device, dtype)
-            base = (base_model, base_tok, base_dir)
-        compare({STAGE_NAMES.get(base_stage, "base"): base, name: (trained, tok, out_dir)}, data_dir, per_task,
-                os.path.join(out_dir, "eval.json"))
+        if evaluate_models:
+            if trained is None:
+                trained, _, _ = load_model(out_dir, run.device, dtype)
+            models = {name: (trained, tok, out_dir)}
+            if base_dir and has_adapters(trained) and not trained.tok_embeddings.weight.requires_grad:
+                models = {base_name: (trained, tok, base_dir, lambda: adapters_disabled(trained)), **models}
+            elif base_dir:
+                base_model, base_tok, _ = load_model(base_dir, run.device, dtype)
+                models = {base_name: (base_model, base_tok, base_dir), **models}
+            if tasks:
+                compare(models, data_dir, per_task, os.path.join(out_dir, "eval.json"))
+            benchmarks.compare(models, demo.benchmark_items(val_fraction), os.path.join(out_dir, "benchmark.json"),
+                               val_fraction)
+        write_card(out_dir, trained, tok)
     except KeyboardInterrupt:
         raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
                          f"`python evaluate.py --out_dir={out_dir}`")
@@ -302,13 +316,16 @@ def main():
     for kind, directory in exams:
         if not os.path.isdir(directory):
             raise SystemExit(f"error: --{kind}={directory} is not a folder; pass the local {kind} folder")
+    if report_card and checkpoint_format(out_dir) != "ours":
+        raise SystemExit(f"error: --report_card needs a run of this kit (out_dir/ckpt.pt) and {out_dir} holds none; "
+                         f"an imported model has no run to report (--benchmark=True scores it)")
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
     report_path = report or os.path.join(out_dir, "exams.json" if exams else "eval.json")
     if exams:
         run_exams(model, tok, checkpoint, exams, report_path)
         return
-    if not onpolicy_pairs and not benchmark:  # before minutes of answering: the questions exist, the report is writable
+    if not onpolicy_pairs and not benchmark and not report_card:  # before minutes of answering: the questions exist, the report is writable
         if load_tests(data_dir) is None:
             raise SystemExit(f"error: no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on; pass the "
                              f"--data_dir prepare_data.py wrote")
@@ -336,36 +353,16 @@ def main():
         else:
             print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")
     try:
-        if benchmark:
-            run_builtin_benchmark(models, report or os.path.join(out_dir, "benchmark.json"))
+        if benchmark or report_card:
+            benchmarks.compare(models, demo.benchmark_items(val_fraction),
+                               report if benchmark and report else os.path.join(out_dir, "benchmark.json"), val_fraction)
+            if report_card:
+                write_card(out_dir, model, tok)
             return
         extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
         compare(models, data_dir, per_task, report_path, batch_size, extra)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: nothing was written")
-
-
-def run_builtin_benchmark(models, report_path):
-    """--benchmark: every model on the built-in benchmark's items, the table of raw and chance-centred scores
-    with the headline (their mean centred score), written to report_path."""
-    items = demo.benchmark_items(val_fraction)
-    t0 = time.time()
-    results = {name: benchmarks.run_benchmark(model, tok, items) for name, (model, tok, *_) in models.items()}
-    print(f"built-in benchmark ({time.time() - t0:.0f}s; accuracy, and centred: 0 at chance, 100 all right):")
-    print(f"{'task':<20}{'chance':>8}" + "".join(f"{name:>22}" for name in results))
-    for task in items:
-        cells = "".join(f"{a * 100:>8.1f}% ({benchmarks.centred(a, c) * 100:>5.1f}) n={n:<3}"
-                        for a, n, c in (r[task] for r in results.values()))
-        print(f"{task:<20}{next(iter(results.values()))[task][2] * 100:>7.0f}%{cells}")
-    print(f"{'headline (centred)':<28}" + "".join(f"{benchmarks.headline(r) * 100:>22.1f}" for r in results.values()))
-    report = {"val_fraction": val_fraction, "models": {
-        name: {"checkpoint": source, "headline": benchmarks.headline(results[name]), "tasks": {
-            task: {"accuracy": a, "centred": benchmarks.centred(a, c), "chance": c, "n": n}
-            for task, (a, n, c) in results[name].items()}}
-        for name, (_, _, source, *_) in models.items()}}
-    with open(report_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
-    os.replace(report_path + ".tmp", report_path)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+import evaluate
 from checkpoint import check_tokenizer, model_from_checkpoint, model_to_tune
 from configurator import check_ranges, configure
 from memory import preflight
@@ -37,6 +38,8 @@ overwrite = False                 # scratch into an out_dir that holds a checkpo
 eval_interval = 250               # measure val loss and save a checkpoint every this many iterations
 eval_iters = 20                   # val batches per evaluation
 log_interval = 25                 # iterations per log line
+evaluate_benchmark = True         # after training, the built-in benchmark (benchmarks.py) and samples for the report
+                                  # card, out_dir/report.md (report.py); False: the card from the logs alone
 # model
 preset = "demo"                   # a size from model.PRESETS: demo, 9m, 24m, 58m, 134m, 256m
 dim: int = None                   # dim, n_layers, n_heads, n_kv_heads override the preset when set
@@ -165,11 +168,12 @@ def main():
     val_data = TokenShards(data_dir, "val", tok.sha)
 
     # ---- the model: from the settings, from the checkpoint we resume, or an existing model to continue
-    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    iter_num, best_val_loss, checkpoint, sessions = 0, float("inf"), None, []
     base_path = None if init_from == "scratch" else init_from  # the model this run continues, if any
     if resumed:  # the shape, the optimizer and LoRA as the run was started (globals and config updated)
         checkpoint = resume(out_dir, "pretrain", tok, run, globals(), config, FIXED_ON_RESUME)
         iter_num, best_val_loss, base_path = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint.get("base")
+        sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
     if resumed and not lora_rank:
         model = model_from_checkpoint(checkpoint)
     elif init_from == "scratch":
@@ -225,7 +229,7 @@ def main():
               + (f", continuing the pretraining of {init_from}" if init_from not in ("scratch", "resume") else ""))
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed):
         return
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
     peak = peak_flops(torch.cuda.get_device_name()) if run.device_type == "cuda" else None
 
     def train_batch(it, micro_step):
@@ -236,7 +240,7 @@ def main():
         return {"tokens": windows[:, :-1], "targets": windows[:, 1:]}  # (B, T) each: y is x shifted by one
 
     @torch.no_grad()
-    def evaluate():
+    def evaluate_loss():
         eval_model.eval()
         losses = []
         for k in range(eval_iters):  # the same val batches at every evaluation
@@ -261,7 +265,7 @@ def main():
                 group["lr"] = lr
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
-                val_loss = evaluate()
+                val_loss = evaluate_loss()
                 if stopper.check_loss(val_loss, "val loss", iter_num):
                     bpc = val_loss / math.log(2) * val_data.tokens_per_char
                     if run.master:
@@ -291,6 +295,12 @@ def main():
                       + f", ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": train_loss, "lr": lr,
                             "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu})
+
+    if stopper.finished and stopper.saved_iter is not None:
+        # the training state goes before the evaluation's models come (closures see these names cleared)
+        optimizer = scaler = model = eval_model = None
+        evaluate.after_training("pretrained", None if sharded else raw_model.eval(), out_dir, base_path, None, tok,
+                                data_dir, 0, run, tasks=False, evaluate_models=evaluate_benchmark)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ overwrite = False                 # a new run into an out_dir that holds a check
 eval_interval = 200               # answer loss on the test split and a checkpoint every this many iterations
 eval_iters = 20                   # test batches per loss evaluation
 log_interval = 25                 # iterations per log line
-evaluate_tasks = True             # after training, the held-out task evaluation (evaluate.py: SFT vs pretrained)
+evaluate_tasks = True             # after training, the held-out tasks and the built-in benchmark (SFT beside
+                                  # pretrained) for the report card, out_dir/report.md; False: the card from the logs
 eval_per_task = 1000              # held-out questions per task in that evaluation; 0: all
 # data
 block_size: int = None            # tokens per row; None: the model's context
@@ -215,10 +216,12 @@ def main():
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
 
     # ---- the model: the pretrained checkpoint, or our own to resume
-    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    iter_num, best_val_loss, checkpoint, sessions, answers_seen = 0, float("inf"), None, [], 0
     if resumed:  # LoRA and the row length as the run was started (globals and config updated)
         checkpoint = resume(out_dir, "sft", tok, run, globals(), config, FIXED_ON_RESUME)
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
+        answers_seen = checkpoint.get("answer_tokens", 0)
     base_dir = checkpoint["base"] if resumed else init_from
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
                                          base_dtype=lora_base_dtype(base_dtype, run.dtype))
@@ -261,8 +264,8 @@ def main():
               f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
         return
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed)
-    answer_tokens = [0, 0]  # answer tokens trained on: since the last log line, and in the whole run
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
+    answer_tokens = [0, answers_seen]  # answer tokens trained on: since the last log line, and in the whole run
 
     def train_batch(it, micro_step):
         batch = train_data.batch(stream_position(it, micro_step, run, gradient_accumulation_steps, batch_size),
@@ -284,7 +287,8 @@ def main():
 
     def checkpoint_now(it, val_loss):
         save_run(out_dir, raw_model, optimizer, sharded, run, logger, iter_num=it, best_val_loss=val_loss,
-                 model_args=vars(model_args), config=config, tokenizer_sha=tok.sha, stage="sft", base=base_dir)
+                 model_args=vars(model_args), config=config, tokenizer_sha=tok.sha, stage="sft", base=base_dir,
+                 answer_tokens=answer_tokens[1] + answer_tokens[0] * run.world_size)
 
     # ---- the loop
     model.train()
@@ -300,7 +304,8 @@ def main():
                 if stopper.check_loss(val_loss, "test answer loss", iter_num):
                     if run.master:
                         print(f"iter {iter_num}: test answer loss {val_loss:.4f}")
-                        logger.log({"iter": iter_num, "tokens": answer_tokens[1], "val_loss": val_loss,
+                        seen = answer_tokens[1] + answer_tokens[0] * run.world_size  # to this iteration
+                        logger.log({"iter": iter_num, "tokens": seen, "val_loss": val_loss,
                                     "time_s": time.time() - stopper.t_start})
                     stopper.evaluated(iter_num, val_loss)
             if iter_num >= max_iters:
@@ -330,11 +335,11 @@ def main():
                       + f", ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "tokens": answer_tokens[1], "loss": train_loss, "lr": lr,
                             "ms_per_iter": dt * 1000, "answer_tokens_per_s": answers_per_s, "mfu": mfu})
-    if stopper.finished and evaluate_tasks and stopper.saved_iter is not None:
+    if stopper.finished and stopper.saved_iter is not None:
         # the training state goes before the evaluation's models come (closures see these names cleared)
         optimizer = scaler = model = eval_model = None
         evaluate.after_training("SFT", None if sharded else raw_model.eval(), out_dir, base_dir, base_stage, tok,
-                                data_dir, eval_per_task, run)
+                                data_dir, eval_per_task, run, evaluate_models=evaluate_tasks)
 
 
 if __name__ == "__main__":

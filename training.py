@@ -7,13 +7,17 @@ learning-rate schedule and the optimizer step; the checkpoint (sharded, LoRA); t
 """
 import contextlib
 import ctypes
+import datetime
 import importlib.util
 import inspect
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from typing import NamedTuple
 
@@ -316,8 +320,9 @@ def to_device(batch, run):
 
 def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
     """
-    Write out_dir/ckpt.pt: the weights, the optimizer state, the world size and `fields`; then the log
-    catches up (Logger.commit). A LoRA run saves what it trained (adapters, embeddings trained in full)
+    Write out_dir/ckpt.pt: the weights, the optimizer state, the world size, the sessions that trained it
+    (Logger.sessions_so_far: commands, commits, wall time, peak memory) and `fields`; then the log catches
+    up (Logger.commit). A LoRA run saves what it trained (adapters, embeddings trained in full)
     under "lora", and how it stored its base (fields name the base: "base"), never the base's weights:
     load_checkpoint merges them again. Sharded (FSDP), the state is gathered first, a collective every
     process must call; rank 0 writes.
@@ -329,18 +334,64 @@ def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
     if lora:
         fields.update(lora=state, base_dtype=base_storage(model), base_abspath=os.path.abspath(fields["base"]))
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
-        "model": None if lora else state, "optimizer": optimizer_state, "world_size": run.world_size, **fields})
+        "model": None if lora else state, "optimizer": optimizer_state, "world_size": run.world_size,
+        "sessions": logger.sessions_so_far(run, fields.get("iter_num")), **fields})
     logger.commit()
 
 
-def open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed):
+def open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions=()):
     """Rank 0's Logger for out_dir (None elsewhere), and the tokenizer copied beside the checkpoint, so that
-    sample.py and export.py need nothing else."""
+    sample.py and export.py need nothing else. sessions: those of the run being resumed (its checkpoint's)."""
     if not run.master:
         return None
     if os.path.abspath(data_dir) != os.path.abspath(out_dir):
         shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
-    return Logger(out_dir, max_iters, resumed)
+    return Logger(out_dir, max_iters, resumed, run, sessions)
+
+
+def command_line(run):
+    """This process's command as the user typed it, near enough to paste again: torchrun's own options other
+    than the process count are not visible from inside."""
+    if run.ddp:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", run.world_size))
+        nodes = run.world_size // per_node
+        launcher = "torchrun " + (f"--nnodes={nodes} " if nodes > 1 else "") + f"--nproc_per_node={per_node}"
+    else:
+        launcher = "python"
+    return launcher + " " + shlex.join(sys.argv)
+
+
+def git_commit():
+    """The kit's git commit ("+changes" when tracked files were edited), or None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        changed = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
+def peak_memory_gb(run):
+    """(device, host): the peak of the GPU memory this process allocated (None off CUDA), and the high-water
+    mark of its resident memory (None where the system does not say)."""
+    device = torch.cuda.max_memory_allocated() / 1e9 if run.device_type == "cuda" else None
+    try:
+        with open("/proc/self/status") as f:
+            host_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return device, host_kb * 1024 / 1e9
+    except (OSError, StopIteration):
+        pass
+    try:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, kilobytes elsewhere
+        return device, rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+    except ImportError:  # Windows
+        return device, None
 
 
 def keep_freed_memory():
@@ -611,9 +662,10 @@ class Logger:
     One line per log interval to the terminal and the same record as JSONL in out_dir/log.jsonl.
     A fresh run over an earlier checkpoint (--overwrite=True) keeps its records in memory until
     commit(), called with its first checkpoint: until then the earlier run's log stays as it was.
+    It also keeps this session's facts for the checkpoint and the report card (sessions_so_far).
     """
 
-    def __init__(self, out_dir, max_iters, resume):
+    def __init__(self, out_dir, max_iters, resume, run=None, sessions=()):
         self.path = os.path.join(out_dir, "log.jsonl")
         self.max_iters = max_iters
         os.makedirs(out_dir, exist_ok=True)
@@ -624,6 +676,22 @@ class Logger:
             os.remove(self.path)  # the log of a run that never saved a checkpoint
         self.t_start, self.it_start = time.time(), None
         self.steps_seen, self.timing_mark = 0, None  # first_timing's count, and (iteration, time) it started at
+        self.sessions = list(sessions)
+        self.session = {"command": command_line(run) if run else None, "git_commit": git_commit(),
+                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "device": (torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device)
+                        if run else None, "dtype": run.dtype if run else None,
+                        "world_size": run.world_size if run else None,
+                        "first_iter": sessions[-1]["last_iter"] if sessions else 0}
+        self.session_start = time.time()
+
+    def sessions_so_far(self, run, iter_num):
+        """The earlier sessions of this run (a resumed run's) and this one up to now: its command, commit,
+        device, wall time, the iterations it trained and its peak memory."""
+        device_gb, host_gb = peak_memory_gb(run)
+        self.session.update(last_iter=iter_num, wall_s=time.time() - self.session_start,
+                            peak_device_gb=device_gb, peak_host_gb=host_gb)
+        return self.sessions + [dict(self.session)]
 
     def log(self, record):
         if self.pending is not None:
