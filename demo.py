@@ -294,6 +294,25 @@ def idiom_words():
         return set()
 
 
+_idiom_words = None  # chain_shaped's idiom list, read once
+
+
+def chain_shaped(question, answer, reference):
+    """
+    A shaped reward for the idiom chain (grpo.py --tasks=chain --verifier=demo:chain_shaped), where plain
+    sampling never finds a valid answer: partial credit for the steps a small model can reach. 0.25 for
+    four characters, 0.25 more for starting with the question idiom's last character, 1 for a real idiom
+    that does (demo.score's full credit).
+    """
+    global _idiom_words
+    if _idiom_words is None:
+        _idiom_words = idiom_words()
+    first, answer = question.split("：", 1)[1].strip(), answer.strip()
+    if score("chain", question, reference, answer, _idiom_words):
+        return 1.0
+    return 0.25 * (len(answer) == 4) + 0.25 * (answer[:1] == first[-1:])
+
+
 # ---------------------------------------------------------------------------- the built-in benchmark
 
 def benchmark_items(val_fraction, per_task=300, seed=1234):

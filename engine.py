@@ -229,29 +229,36 @@ class Engine:
                     # with a timeout: a signal (Ctrl-C, SIGTERM) that the OS hands to another thread is run
                     # by the main thread only when it wakes, and an untimed wait might never wake
                     self.wake.wait(timeout=0.5)
-                admitted = []
-                while self.waiting and len(self.active) + len(admitted) < self.slots:
-                    admitted.append(self.waiting.popleft())
-            for request in admitted:
-                if request.cancelled.is_set():
-                    request.out.put(("end", "cancelled"))
-                    continue
-                self.active.append(request)
-                try:
-                    self._prefill(request, len(self.active) - 1)
-                except Exception as e:  # this request's own prompt failed: it ends, the others go on
-                    request.finish = "error"
-                    print(f"engine: a prompt failed ({type(e).__name__}: {e}); its request was ended")
+            self.step()
+
+    @torch.inference_mode()
+    def step(self):
+        """One turn of the scheduler: waiting requests into free rows (each prefilled), then one token for
+        every active request; finished requests end and free their rows."""
+        with self.wake:
+            admitted = []
+            while self.waiting and len(self.active) + len(admitted) < self.slots:
+                admitted.append(self.waiting.popleft())
+        for request in admitted:
+            if request.cancelled.is_set():
+                request.out.put(("end", "cancelled"))
+                continue
+            self.active.append(request)
             try:
+                self._prefill(request, len(self.active) - 1)
+            except Exception as e:  # this request's own prompt failed: it ends, the others go on
+                request.finish = "error"
+                print(f"engine: a prompt failed ({type(e).__name__}: {e}); its request was ended")
+        try:
+            self._drop_finished()
+            if self.active:
+                self._decode()
                 self._drop_finished()
-                if self.active:
-                    self._decode()
-                    self._drop_finished()
-            except Exception as e:  # a failed forward pass must not take the server down: fail its requests
-                for request in self.active:
-                    request.out.put(("end", "error"))
-                self.active = []
-                print(f"engine: a step failed ({type(e).__name__}: {e}); its requests were ended")
+        except Exception as e:  # a failed forward pass must not take the server down: fail its requests
+            for request in self.active:
+                request.out.put(("end", "error"))
+            self.active = []
+            print(f"engine: a step failed ({type(e).__name__}: {e}); its requests were ended")
 
     def close(self):
         """End every waiting and active request with "shutdown" and take no more (serve.py on Ctrl-C/SIGTERM)."""
@@ -332,3 +339,26 @@ class Engine:
                     v[row, :moved.position] = v[last, :moved.position]
                 self.active[row] = moved
             self.active.pop()
+
+
+def complete(model, requests, slots):
+    """
+    Run requests to their end in this thread on an engine of `slots` rows (evaluate.py's pass@k, grpo.py's
+    rollouts): the same scheduler and sampling as serve.py's, so a seeded request gives the answer the
+    server would. Returns each request's (generated tokens, finish reason). The model is left in eval mode.
+    """
+    engine = Engine(model, max(1, min(slots, len(requests))), max_queue=len(requests), background=False)
+    for request in requests:
+        engine.submit(request)
+    while any(engine.busy()):
+        engine.step()
+    results = []
+    for request in requests:
+        tokens = []
+        while True:
+            kind, value = request.out.get_nowait()
+            if kind == "end":
+                results.append((tokens, value))
+                break
+            tokens.append(value)
+    return results

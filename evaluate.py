@@ -34,7 +34,7 @@ import benchmarks
 import demo
 from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
-from engine import generate
+from engine import Request, complete, generate
 from lora import adapters_disabled, has_adapters
 from report import write_card
 from training import PTDTYPE, resolve_device
@@ -57,12 +57,15 @@ cmmlu = ""                   # a local CMMLU folder (dev/, test/): score its tes
 shots = 5                    # ceval/cmmlu: answered dev questions before each question (0: zero-shot)
 benchmark = False            # the built-in offline benchmark (benchmarks.py) instead, the model beside its base
 report_card = False          # instead: the built-in benchmark, then out_dir/report.md (report.py) with eval.json's scores
+pass_k = 0                   # > 0: also k sampled answers to each held-out question of the checkable tasks: pass@1
+                             # (the mean score of the samples) and pass@k (the best of the k), per model
+pass_temperature = 1.0       # pass_k: the sampling temperature
 chat = "auto"                # ceval/cmmlu: ask in the chat template (True) or as plain text (False); auto: SFT/DPO chat
 device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "float32"            # float32, or bfloat16 on GPUs (greedy answers can then differ in near ties)
 # -----------------------------------------------------------------------------
 
-STAGE_NAMES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO", "imported": "imported"}
+STAGE_NAMES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO", "grpo": "GRPO", "imported": "imported"}
 
 
 def load_tests(data_dir):
@@ -74,10 +77,11 @@ def load_tests(data_dir):
         return [json.loads(line) for line in f]
 
 
-def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, record=None):
+def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, record=None, score=None):
     """
     Greedy answers to the held-out questions; returns {task: (mean score, n)}, and appends
-    (task, question, reference, answer) to record if it is a list. Questions whose prompts have the
+    (task, question, reference, answer) to record if it is a list. score(task, question, reference, answer)
+    replaces demo.score (grpo.py's verifiers). Questions whose prompts have the
     same number of tokens are answered together in one batch: no padding, so each answer is the one
     the model gives to that question alone (tests/test_evaluate.py holds it to that).
     """
@@ -117,7 +121,8 @@ def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, r
                     if all(done):
                         break
                 for (_, _, question, reference), out in zip(chunk, answers):
-                    scores.append(demo.score(task, question, reference, tok.decode(out), idiom_words))
+                    scores.append(score(task, question, reference, tok.decode(out)) if score else
+                                  demo.score(task, question, reference, tok.decode(out), idiom_words))
                     if record is not None:
                         record.append((task, question, reference, tok.decode(out)))
                 bar.update(len(chunk))
@@ -126,6 +131,36 @@ def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, r
             print(f"  {task}: {too_long} question(s) longer than the context skipped")
         if scores:
             results[task] = (float(np.mean(scores)), len(scores))
+    return results
+
+
+CHECKABLE = ("sentiment", "ner", "chain", "pinyin")  # the tasks whose answers a program checks (demo.score)
+
+
+def pass_at_k(model, tok, tests, idiom_words, per_task, k, temperature, seed=0):
+    """
+    k answers sampled at temperature to each held-out question of the checkable tasks (the first per_task of
+    each), by the batched engine with a seed per answer. Returns {task: (pass@1, pass@k, n)}: pass@1 the mean
+    score of all the samples, pass@k the mean over questions of the best of its k (for right/wrong tasks,
+    whether any was right; for name F1, the best F1): what reinforcement learning on the task could reach
+    by making the best answer the likeliest.
+    """
+    by_task = {}
+    for t in tests:
+        task = t.get("task", "exact")
+        if task in CHECKABLE and len(t["messages"]) == 2 and len(by_task.setdefault(task, [])) < (per_task or 10**9):
+            ids, _ = tok.encode_chat(t["messages"][:1])
+            budget = min(len(tok.encode(t["messages"][1]["content"])) + 8, model.args.max_seq_len - len(ids) - 1)
+            if budget > 0:
+                by_task[task].append((ids, budget, t["messages"][0]["content"], t["messages"][1]["content"]))
+    results = {}
+    for task, items in sorted(by_task.items()):
+        requests = [Request(ids, budget, temperature, seed=seed * 1_000_003 + i * k + j, stop_tokens=tok.stop_ids)
+                    for i, (ids, budget, _, _) in enumerate(items) for j in range(k)]
+        answers = complete(model, requests, slots=64)
+        scores = np.array([[demo.score(task, items[i][2], items[i][3], tok.decode(answers[i * k + j][0]), idiom_words)
+                            for j in range(k)] for i in range(len(items))])                    # (questions, k)
+        results[task] = (float(scores.mean()), float(scores.max(1).mean()), len(items))
     return results
 
 
@@ -172,32 +207,46 @@ def print_comparison(results):
         print(f"{label:<28}{cells}")
 
 
-def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None):
+def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None, pass_k=0, pass_temperature=1.0):
     """
     models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}: each
     model reads the questions with its own tokenizer (a base model does not know the pieces an extended
     tokenizer added); a LoRA model's base is the model itself in adapters_disabled. Every
     model answers the held-out questions; prints the table (with extra, e.g. baselines, as more columns)
-    and writes report_path. Returns {name: {task: (score, n)}}, or None when there are no questions.
+    and writes report_path. pass_k > 0: also pass@1 and pass@k of the checkable tasks (pass_at_k), a
+    second table and "pass_at_k" in the report. Returns {name: {task: (score, n)}}, or None when there are
+    no questions.
     """
     tests = load_tests(data_dir)
     if tests is None:
         print(f"no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on")
         return None
     idiom_words = demo.idiom_words() if any(t.get("task") == "chain" for t in tests) else set()
-    results, t0 = {}, time.time()
+    results, sampled, t0 = {}, {}, time.time()
     for name, (model, tok, _, *context) in models.items():
         with context[0]() if context else contextlib.nullcontext():
             results[name] = evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size)
+            if pass_k:
+                sampled[name] = pass_at_k(model, tok, tests, idiom_words, per_task, pass_k, pass_temperature)
     print(f"held-out task evaluation ({time.time() - t0:.0f}s, greedy, the same chat template for every model):")
     everything = dict(results, **(extra or {}))
     print_comparison(everything)
+    if pass_k:
+        print(f"sampled at temperature {pass_temperature}, {pass_k} answers per question: pass@1 / pass@{pass_k} "
+              f"(the best of {pass_k})")
+        print(f"{'task':<28}" + "".join(f"{name:>24}" for name in sampled))
+        for task in sorted({t for r in sampled.values() for t in r}):
+            print(f"{task:<28}" + "".join(f"{r[task][0] * 100:>9.1f}% / {r[task][1] * 100:5.1f}% n={r[task][2]:<3}"
+                                          if task in r else f"{'-':>24}" for r in sampled.values()))
     sources = {name: source for name, (_, _, source, *_) in models.items()}
     report = {"data": os.path.join(data_dir, "sft_test.jsonl"), "per_task": per_task, "models": {
         name: {"checkpoint": sources.get(name), "tasks": {
             task: {"metric": demo.METRIC_NAMES.get(task, "exact match"), "score": s, "n": n}
             for task, (s, n) in r.items()}}
         for name, r in everything.items()}}
+    for name, r in sampled.items():
+        report["models"][name]["pass_at_k"] = {"k": pass_k, "temperature": pass_temperature, "tasks": {
+            task: {"pass1": p1, "passk": pk, "n": n} for task, (p1, pk, n) in r.items()}}
     with open(report_path + ".tmp", "w") as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
     os.replace(report_path + ".tmp", report_path)
@@ -288,7 +337,7 @@ def run_exams(model, tok, checkpoint, exams, report_path):
     report_dir = os.path.dirname(os.path.abspath(report_path))
     if not writable(report_dir):
         raise SystemExit(f"error: cannot write {report_path}; pass --report=somewhere/exams.json")
-    as_chat = checkpoint.get("stage") in ("sft", "dpo") if chat == "auto" else chat in (True, "True", "true")
+    as_chat = checkpoint.get("stage") in ("sft", "dpo", "grpo") if chat == "auto" else chat in (True, "True", "true")
     report = {"checkpoint": out_dir, "shots": shots, "chat": as_chat, "chance": benchmarks.CHANCE, "exams": {}}
     for kind, directory in exams:
         subjects, malformed = benchmarks.read_exam(directory, kind)
@@ -311,7 +360,7 @@ def run_exams(model, tok, checkpoint, exams, report_path):
 
 def main():
     config = configure(globals())
-    check_ranges(config, at_least_0=("per_task", "shots"), at_least_1=("batch_size",))
+    check_ranges(config, at_least_0=("per_task", "shots", "pass_k", "pass_temperature"), at_least_1=("batch_size",))
     exams = [(kind, directory) for kind, directory in (("ceval", ceval), ("cmmlu", cmmlu)) if directory]
     for kind, directory in exams:
         if not os.path.isdir(directory):
@@ -360,7 +409,7 @@ def main():
                 write_card(out_dir, model, tok)
             return
         extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
-        compare(models, data_dir, per_task, report_path, batch_size, extra)
+        compare(models, data_dir, per_task, report_path, batch_size, extra, pass_k, pass_temperature)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: nothing was written")
 

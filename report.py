@@ -21,12 +21,16 @@ from model import ModelArgs, Transformer
 from plot import plot_runs, read_log
 from training import git_commit
 
-RUNS = {"pretrain": "A pretraining run", "sft": "An SFT run", "dpo": "A DPO run"}
-LOSS_NAMES = {"pretrain": "val loss", "sft": "test answer loss", "dpo": "held-out DPO loss"}
-SPEEDS = {"tokens_per_s": "tokens/s", "answer_tokens_per_s": "answer tokens/s", "pairs_per_s": "pairs/s"}
-DATA_FILES = {"pretrain": ("train_", "val_"), "sft": ("sft_train", "sft_test"), "dpo": ("dpo_train", "dpo_test")}
+RUNS = {"pretrain": "A pretraining run", "sft": "An SFT run", "dpo": "A DPO run", "grpo": "A GRPO run"}
+LOSS_NAMES = {"pretrain": "val loss", "sft": "test answer loss", "dpo": "held-out DPO loss",
+              "grpo": "held-out error (1 - mean greedy pass@1)"}
+SPEEDS = {"tokens_per_s": "tokens/s", "answer_tokens_per_s": "answer tokens/s", "pairs_per_s": "pairs/s",
+          "answers_per_s": "sampled answers/s"}
+DATA_FILES = {"pretrain": ("train_", "val_"), "sft": ("sft_train", "sft_test"), "dpo": ("dpo_train", "dpo_test"),
+              "grpo": ("sft_train", "sft_test")}
 TEXT_PROMPTS = ("床前明月光，", "新华社北京电", "这家酒店的房间")  # continued by a model that does not chat
 CHAT_PROMPTS = ("“一马当先”是什么意思？", "用一句话介绍北京。", "写一个以“心”开头的成语。")  # without held-out questions
+CHAT_STAGES = ("sft", "dpo", "grpo")
 SAMPLING = {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 64, "seed": 1337}
 
 
@@ -55,7 +59,7 @@ def write_card(out_dir, model=None, tok=None):
         "evaluation": read_json(os.path.join(out_dir, "eval.json")),
         "benchmark": read_json(os.path.join(out_dir, "benchmark.json")),
         "loss_curve": draw_loss(out_dir, records, stage),
-        "samples": samples(model, tok, stage in ("sft", "dpo"), data_dir) if model is not None else [],
+        "samples": samples(model, tok, stage in CHAT_STAGES, data_dir) if model is not None else [],
         "sampling": SAMPLING,
         "settings": config,
     }
@@ -236,7 +240,8 @@ def markdown(card):
     seen = f", {t['tokens_seen']:,} {'answer tokens' if stage == 'sft' else 'tokens'} seen" \
         if t["tokens_seen"] is not None else ""
     rows.append(("trained", f"{t['iterations']:,} iterations{seen}"))
-    rows.append(("wall time", f"{duration(t['wall_s'])} in {len(card['sessions'])} session(s)"))
+    rows.append(("wall time", f"{duration(t['wall_s'])} in {len(card['sessions'])} session(s)" if card["sessions"]
+                 else "not recorded (the checkpoint predates session records)"))
     if t["speed"]:
         rows.append(("speed", f"{t['speed']['median']:,.0f} {t['speed']['unit']} (median of the logged intervals)"
                      + (f"; MFU {t['mfu_median'] * 100:.1f}%" if t["mfu_median"] else "")))
@@ -251,8 +256,12 @@ def markdown(card):
     curve = card["loss_curve"]
     lines += [f"![loss curves]({curve['file']})" if curve["file"] else f"No loss curve: {curve['why']}.", ""]
 
-    lines += ["## Sessions", "", "| # | command | commit | device | iterations | wall time | peak memory (GPU / host) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Sessions", ""]
+    if card["sessions"]:
+        lines += ["| # | command | commit | device | iterations | wall time | peak memory (GPU / host) |",
+                  "|---|---|---|---|---|---|---|"]
+    else:
+        lines.append("None recorded: the checkpoint was written before the kit recorded its sessions.")
     for i, s in enumerate(card["sessions"], 1):
         lines.append(f"| {i} | `{s.get('command')}` | {s.get('git_commit') or '-'} | {s.get('device')}, "
                      f"{s.get('dtype')}, {s.get('world_size')} process(es) | {s.get('first_iter')}-{s.get('last_iter')} "

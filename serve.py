@@ -463,7 +463,7 @@ def main():
         raise SystemExit(f"error: --port={port} is not a port: use 0 to 65535 (0: any free one)")
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt], tokenizer)
-    if checkpoint.get("stage") not in ("sft", "dpo", "imported"):
+    if checkpoint.get("stage") not in ("sft", "dpo", "grpo", "imported"):
         print(f"warning: {out_dir} is a {checkpoint.get('stage')} checkpoint that never saw chat data", file=sys.stderr)
     engine = Engine(model, slots, max_queue, background=False)  # run below, in the main thread
     name = model_name or os.path.basename(os.path.abspath(out_dir))

@@ -250,8 +250,9 @@ def lora_base_dtype(setting, run_dtype):
     return run_dtype if setting == "auto" else setting
 
 
+# stage: (what resume expects, what --init_from does with it instead)
 RESUMABLE = {"pretrain": ("a pretraining run", "continue pretraining"), "sft": ("an SFT run", "fine-tune"),
-             "dpo": ("a DPO run", "align")}  # stage: (what resume expects, what --init_from does with it instead)
+             "dpo": ("a DPO run", "align"), "grpo": ("a GRPO run", "train")}
 
 
 def resume(out_dir, stage, tok, run, settings, config, fixed):
@@ -275,8 +276,8 @@ def resume(out_dir, stage, tok, run, settings, config, fixed):
             if run.master and key in given:
                 print(f"warning: --{key}={config[key]} is ignored: the run being resumed has {key}={saved[key]}")
             settings[key] = config[key] = saved[key]
-    if run.master and saved.get("world_size", run.world_size) * saved["gradient_accumulation_steps"] \
-            != run.world_size * config["gradient_accumulation_steps"]:
+    if run.master and saved.get("world_size", run.world_size) * saved.get("gradient_accumulation_steps", 1) \
+            != run.world_size * config.get("gradient_accumulation_steps", 1):  # (grpo.py has no accumulation)
         print("warning: resuming with a different world_size x gradient_accumulation_steps: "
               "the batches will differ from the original run's")
     return checkpoint

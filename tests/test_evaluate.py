@@ -118,3 +118,19 @@ def test_onpolicy_sentiment_pairs_choose_each_label_equally_often():
     assert [p["i"] for p in kept] == sorted(p["i"] for p in kept)  # in their order
     # errors that all lean one way teach nothing but the lean: none of them is kept
     assert balance_sentiment_labels(pairs[:5] + pairs[7:]) == (pairs[7:], 5)
+
+
+def test_pass_at_k_is_the_mean_of_the_samples_and_the_mean_best_of_k(demo_data, monkeypatch):
+    import evaluate as evaluate_module
+    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
+    tests = [{"task": "sentiment", "messages": [{"role": "user", "content": f"评论{i}"},
+                                                {"role": "assistant", "content": "正面"}]} for i in range(2)]
+    answers = {0: ["正面", "负面", "负面"], 1: ["负面", "负面", "负面"]}  # 1 of 3 right, then none
+    seeded = []
+
+    def fake_complete(model, requests, slots):
+        seeded.extend(r.generator is not None for r in requests)
+        return [(tok.encode(answers[i // 3][i % 3]), "stop") for i in range(len(requests))]
+    monkeypatch.setattr(evaluate_module, "complete", fake_complete)
+    result = evaluate_module.pass_at_k(tiny(vocab_size=tok.n_words, max_seq_len=64), tok, tests, set(), 0, 3, 1.0)
+    assert result == {"sentiment": (pytest.approx(1 / 6), 0.5, 2)} and len(seeded) == 6 and all(seeded)

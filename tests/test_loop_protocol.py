@@ -24,6 +24,10 @@ def stage_args(stage, demo_data, tiny_ckpt, tiny_sft):
     if stage == "sft.py":
         return [f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", "--eval_iters=2", "--evaluate_tasks=False",
                 *SMALL_STEPS]
+    if stage == "grpo.py":  # a reward the tiny model's answers spread over, so that every step has a signal
+        return [f"--data_dir={demo_data}", f"--init_from={tiny_sft}", "--tasks=sentiment", "--group_size=4",
+                "--max_new_tokens=6", "--eval_per_task=4", "--verifier=tests.grpo_checks:shorter",
+                "--evaluate_tasks=False", *SMALL_STEPS]
     return [f"--data_dir={demo_data}", f"--init_from={tiny_sft}", "--beta=0.1", "--evaluate_tasks=False",
             *SMALL_STEPS]
 
@@ -36,7 +40,7 @@ def losses(out_dir):
     return {r["iter"]: r["loss"] for r in read_log(out_dir) if "loss" in r}
 
 
-STAGES = ["pretrain.py", "sft.py", "dpo.py"]
+STAGES = ["pretrain.py", "sft.py", "dpo.py", "grpo.py"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -89,7 +93,8 @@ def test_a_diverging_loss_stops_the_run_with_its_message(stage, demo_data, tiny_
     assert not (tmp_path / "ckpt.pt").exists()
 
 
-@pytest.mark.parametrize("stage, other", [("sft.py", "pretrain"), ("dpo.py", "sft"), ("pretrain.py", "sft")])
+@pytest.mark.parametrize("stage, other", [("sft.py", "pretrain"), ("dpo.py", "sft"), ("pretrain.py", "sft"),
+                                          ("grpo.py", "sft")])
 def test_resuming_another_stages_checkpoint_is_refused_in_one_line(stage, other, demo_data, tiny_ckpt, tiny_sft,
                                                                    tmp_path):
     ckpt_dir = tiny_ckpt if other == "pretrain" else tiny_sft

@@ -1,0 +1,403 @@
+"""
+Reinforcement learning with verifiable rewards (GRPO): the model answers each training question several
+times, a program checks every answer (a verifier), and the answers that scored above their group's mean
+become more likely, those below less, against a frozen reference (the model it starts from) so that it
+moves no further than the rewards ask. No human labels, no reward model: the demo's own checkers.
+
+    python grpo.py                                     # the demo: out-sft -> out-grpo/, then the evaluation
+    python grpo.py --init_from=out-dpo --tasks=sentiment
+    python grpo.py --questions=numerals.jsonl --verifier=my_checks:numerals   # your own task and checker
+
+Each iteration: batch_size training questions, group_size answers to each, sampled by engine.py's batched
+decoding engine (serve.py's) at `temperature`; each answer's reward in [0, 1] comes from the verifier, a
+function (question, answer, reference) -> float: demo.score for the demo tasks (sentiment label, name F1,
+idiom chain, exact pinyin), or `--verifier=module:function`. The objective, per answer token:
+
+    advantage = reward - the mean reward of its group
+    loss      = -min(ratio * advantage, clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantage) + kl_coef * KL
+
+ratio = p_policy / p_sampling (1 when a rollout batch is used once, ppo_epochs=1; then the loss is plain
+policy gradient), KL the k3 estimate exp(r) - r - 1 with r = log p_reference - log p_policy (never negative,
+zero with zero gradient where the two agree). The advantage is not divided by the group's standard
+deviation, and the loss is summed over tokens and divided by a constant (the batch's answers x
+max_new_tokens), not by each answer's length: Dr. GRPO (Liu et al. 2025) shows that both normalisations
+bias the update (towards questions nearly always or never solved, and towards long wrong answers). A group
+whose answers all score alike has no advantage: it is skipped, and counted. Every eval_interval: greedy
+held-out pass@1 per task (the engine at temperature 0, scored by the same verifier); at the end,
+evaluate.py's held-out tasks and the built-in benchmark beside the model it started from, and the report
+card. Ctrl-C (or SIGTERM) saves at the end of the current iteration; --init_from=resume continues exactly.
+"""
+import importlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import demo
+import evaluate
+from checkpoint import model_to_tune
+from configurator import check_ranges, configure
+from engine import Request, complete
+from lora import adapters_disabled
+from tokenizer import Tokenizer
+from training import (Stopper, claim_out_dir, compile_and_wrap, cosine_lr, lora_base_dtype, make_optimizer,
+                      nothing_to_do, open_out_dir, resume, run_main, save_run, seed_step, setup_device, train_step)
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out-grpo"              # GRPO checkpoint (ckpt.pt), log.jsonl, eval.json and report.md go here
+data_dir = "data"                 # tokenizer.model, and sft_test.jsonl: the held-out questions
+init_from = "out-sft"             # the chat model to train (SFT, DPO, or an imported Llama), or "resume"
+overwrite = False                 # a new run into an out_dir that holds a checkpoint: replace it (else refused)
+eval_interval = 50                # held-out pass@1 and a checkpoint every this many iterations
+eval_per_task = 200               # held-out questions per task at each of those evaluations, and in the final one
+log_interval = 5                  # iterations per log line
+evaluate_tasks = True             # after training, the held-out tasks and the built-in benchmark (GRPO beside
+                                  # the model it started from) for the report card, out_dir/report.md
+# the task
+tasks = "ner"                     # the demo tasks trained on (their training questions; docs/experiments.md#grpo)
+questions = ""                    # instead: a JSONL of {"question", "reference", "task"} to train on ...
+test_questions = ""               # ... and one to evaluate on ("": data_dir/sft_test.jsonl's questions of `tasks`)
+verifier = ""                     # "module:function" (question, answer, reference) -> reward in [0, 1]; "": demo.score
+# rollouts
+batch_size = 16                   # questions per iteration, per process
+group_size = 8                    # answers sampled for each question
+temperature = 1.0                 # of the rollouts (the evaluation is greedy)
+top_p = 1.0                       # of the rollouts; below 1 the sampler is no longer the policy the ratio assumes
+max_new_tokens = 48               # longest answer; longer ones are cut (and scored as they are)
+# objective
+kl_coef = 0.05                    # weight of the KL penalty to the reference
+clip_eps = 0.2                    # PPO's clip on the ratio to the sampling policy (matters with ppo_epochs > 1)
+ppo_epochs = 1                    # optimizer steps on each rollout batch
+# optimization
+max_iters = 150                   # rollout batches in the whole run
+learning_rate = 1e-4              # peak, after warmup
+min_lr = 2e-5                     # at the end of the cosine decay
+warmup_iters = 5
+lr_decay_iters: int = None        # None: max_iters
+weight_decay = 0.0                # decoupled AdamW weight decay
+beta1 = 0.9                       # AdamW: decay of the first moment
+beta2 = 0.95                      # and of the second moment
+grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
+# LoRA
+lora_rank = 0                     # 0: tune every weight; > 0: freeze the model and train rank-r adapters
+lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A x
+lora_dropout = 0.0                # dropout on the adapters' input
+lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
+train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
+base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as dtype
+# system
+device = "auto"                   # auto: cuda, then mps, then cpu
+dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+compile: bool = None              # torch.compile of the training step; None: on for CUDA where Triton runs
+seed = 1337                       # the questions' order and every rollout: a run is a function of it
+# -----------------------------------------------------------------------------
+
+# settings a resumed run takes from its checkpoint, whatever the command line says
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "base_dtype",
+                   "tasks", "questions", "verifier", "group_size", "temperature", "top_p", "max_new_tokens",
+                   "kl_coef", "clip_eps", "ppo_epochs")
+
+
+def load_verifier(spec, idiom_words):
+    """(task, question, reference, answer) -> reward: demo.score per task, or the user's function
+    (question, answer, reference) for all."""
+    if not spec:
+        return lambda task, question, reference, answer: demo.score(task, question, reference, answer, idiom_words)
+    module_name, _, function_name = spec.partition(":")
+    if not function_name:
+        raise SystemExit(f"error: --verifier={spec} is not module:function (e.g. my_checks:numerals)")
+    sys.path.insert(0, os.getcwd())  # a module beside where the user runs grpo.py
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"error: --verifier={spec}: {e}")
+    return lambda task, question, reference, answer: float(function(question, answer, reference))
+
+
+def read_questions(path):
+    """A JSONL of {"question", "reference"[, "task"]}: [(task, question, reference)]."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no file {path}; pass a JSONL of {{\"question\", \"reference\", \"task\"}} lines")
+    found = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                    found.append((item.get("task", "custom"), item["question"], item["reference"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise SystemExit(f"error: {path} line {n} is not a JSON object with question and reference")
+    return found
+
+
+def training_questions(task_names, val_fraction=0.01):
+    """The demo's training questions of the given tasks (never a held-out one): [(task, question, reference)]."""
+    return [(task, messages[0]["content"], messages[1]["content"])
+            for split, task, messages in demo.sft_examples(val_fraction) if split == "train" and task in task_names]
+
+
+def as_tests(items):
+    """[(task, question, reference)] as evaluate.py's held-out conversations."""
+    return [{"task": task, "messages": [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": reference}]}
+            for task, question, reference in items]
+
+
+def rollout_seed(seed, it, rank, question, answer):
+    """Each answer's own sampling seed: a function of the run's seed and where the answer stands."""
+    return int(np.random.SeedSequence([seed, it, rank, question, answer]).generate_state(1)[0])
+
+
+def rollouts(model, tok, prompts, group_size, max_new_tokens, temperature, top_p, seeds):
+    """
+    group_size answers to each prompt (token ids), sampled by the engine with one seeded request per answer
+    (so the same seeds give the same answers, as serve.py would give them); all answers are decoded together.
+    Returns, per prompt, a list of (answer tokens, why it ended: "stop" at a stop token, "length", or "error"
+    where the model's probabilities could not be sampled: NaN or infinite logits).
+    """
+    requests = [Request(ids, min(max_new_tokens, model.args.max_seq_len - len(ids) - 1), temperature, top_p,
+                        seed=seeds[p][g], stop_tokens=tok.stop_ids)
+                for p, ids in enumerate(prompts) for g in range(group_size)]
+    done = complete(model, requests, slots=len(requests))
+    return [done[p * group_size:(p + 1) * group_size] for p in range(len(prompts))]
+
+
+def group_advantages(rewards):
+    """rewards (groups, G) -> (advantages (groups, G): reward minus its group's mean, which groups carry signal)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    signal = rewards.max(1).values > rewards.min(1).values
+    return rewards - rewards.mean(1, keepdim=True), signal
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps, kl_coef, norm):
+    """
+    The clipped policy-gradient loss with a KL penalty, summed over answer tokens and divided by norm.
+    logps, old_logps (the sampling policy's), ref_logps: (N, T) per-token log-probs; advantages (N,); mask
+    (N, T) 1 on answer tokens. Returns (loss, the mean per-token KL).
+    """
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages[:, None]
+    policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    log_r = ref_logps - logps
+    kl = torch.exp(log_r) - log_r - 1
+    loss = ((policy_loss + kl_coef * kl) * mask).sum() / norm
+    return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+def answer_batch(prompts, groups, advantages, keep, eos_id):
+    """
+    The rows to train on: prompt + answer (+ EOS where the answer ended itself) for every answer of a kept
+    group, as numpy arrays: tokens, targets (-1 on padding), loss_mask (1 on the answer's tokens), advantages.
+    """
+    rows = []
+    for p, answers in enumerate(groups):
+        if keep[p]:
+            for g, (tokens, finish) in enumerate(answers):
+                rows.append((prompts[p], tokens + ([eos_id] if finish == "stop" else []), float(advantages[p, g])))
+    T = max(len(prompt) + len(answer) for prompt, answer, _ in rows) - 1
+    x = np.zeros((len(rows), T), dtype=np.int64)
+    y = np.full((len(rows), T), -1, dtype=np.int64)
+    m = np.zeros((len(rows), T), dtype=np.float32)
+    for r, (prompt, answer, _) in enumerate(rows):
+        seq = prompt + answer
+        x[r, :len(seq) - 1], y[r, :len(seq) - 1] = seq[:-1], seq[1:]
+        m[r, len(prompt) - 1:len(seq) - 1] = 1  # the positions that predict the answer's tokens
+    return {"tokens": x, "targets": y, "loss_mask": m, "advantages": np.array([a for *_, a in rows], np.float32)}
+
+
+def token_logps(model, batch):
+    """The per-token log-probs of the targets, (N, T), 0 off the answer."""
+    return model(batch["tokens"], batch["targets"], loss_mask=batch["loss_mask"], per_token=True)[1]
+
+
+@torch.no_grad()
+def reference_logps(batch, ref_model, policy):
+    """The reference's per-token log-probs: ref_model's, or (LoRA) the policy's with its adapters off."""
+    if ref_model is not None:
+        return token_logps(ref_model, batch)
+    with adapters_disabled(policy):
+        return token_logps(policy, batch)
+
+
+def main():
+    config = configure(globals())
+    check_ranges(config, at_least_1=("batch_size", "group_size", "eval_interval", "log_interval", "max_new_tokens",
+                                     "ppo_epochs", "eval_per_task"),
+                 at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
+                             "lora_rank", "lora_dropout", "kl_coef", "clip_eps", "temperature"),
+                 positive=("learning_rate", "top_p"))
+    if group_size < 2:
+        raise SystemExit("error: --group_size must be at least 2: the advantage compares answers to one question")
+    lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
+    task_names = [t for t in tasks.split(",") if t]
+    unchecked = set(task_names) - set(evaluate.CHECKABLE)
+    if not questions and not verifier and unchecked:
+        raise SystemExit(f"error: --tasks: {sorted(unchecked)[0]} has no verifier; the demo's checkable tasks are "
+                         f"{', '.join(evaluate.CHECKABLE)} (or pass --verifier=module:function)")
+    score = load_verifier(verifier, demo.idiom_words() if "chain" in task_names else set())
+    resumed = init_from == "resume"
+    claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite, init_from=None if resumed else init_from)
+    run = setup_device(device, dtype, compile)
+    tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+
+    # ---- the model: the chat model to train, or our own to resume
+    iter_num, best_error, checkpoint, sessions = 0, float("inf"), None, []
+    if resumed:  # LoRA and the objective as the run was started (globals and config updated)
+        checkpoint = resume(out_dir, "grpo", tok, run, globals(), config, FIXED_ON_RESUME)
+        iter_num, best_error = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        sessions = checkpoint.get("sessions", [])
+    base_dir = checkpoint["base"] if resumed else init_from
+    model, base_stage, _ = model_to_tune(base_dir, tok, dict(config, dropout=0.0), seed, resumed=checkpoint,
+                                         verbose=run.master, base_dtype=lora_base_dtype(base_dtype, run.dtype))
+    model.to(run.device)
+    ref_model = None  # the reference: with LoRA the same model with its adapters off, else a frozen copy
+    if not lora_rank:
+        ref_model, _, _ = model_to_tune(base_dir, tok, dict(config, lora_rank=0, dropout=0.0), seed)
+        ref_model.to(run.device).eval().requires_grad_(False)
+
+    # ---- the questions and their checker
+    train_items = read_questions(questions) if questions else training_questions(task_names)
+    test_items = as_tests(read_questions(test_questions)) if test_questions else \
+        [t for t in evaluate.load_tests(data_dir) or [] if t.get("task") in task_names]
+    if not train_items or not test_items:
+        raise SystemExit(f"error: no {'training' if not train_items else 'held-out'} questions for --tasks={tasks}")
+    asked = [item for item in train_items  # a question that leaves no room for a whole answer is not asked
+             if len(tok.encode_chat([{"role": "user", "content": item[1]}])[0]) + max_new_tokens < model.args.max_seq_len]
+    if not asked:
+        raise SystemExit(f"error: no training question leaves room for --max_new_tokens={max_new_tokens} in the "
+                         f"model's context ({model.args.max_seq_len} tokens); lower --max_new_tokens")
+    train_items = asked
+
+    optimizer, scaler = make_optimizer(model, run, False, checkpoint, weight_decay, learning_rate, (beta1, beta2))
+    checkpoint = None  # its weights and optimizer state now live in model and optimizer
+    raw_model = model
+    model, _ = compile_and_wrap(model, run, False, dynamic=True)  # rows are padded: lengths vary
+    decay_iters = lr_decay_iters or max_iters
+    if run.master:
+        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M "
+              f"trained; reference: {'the model with its adapters off' if ref_model is None else 'a frozen copy'}")
+        print(f"questions: {len(train_items):,} to train on, {len(test_items):,} held out; {batch_size} questions x "
+              f"{group_size} answers x {run.world_size} processes per iteration, temperature {temperature}; "
+              f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
+    if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
+        return
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
+    order_rng = lambda epoch: np.random.default_rng([seed, epoch]).permutation(len(train_items))  # noqa: E731
+    orders = {}
+
+    def questions_of(it):
+        """This process's questions at iteration it: a stretch of the shuffled stream, each epoch a new shuffle."""
+        picked = []
+        for k in range(batch_size):
+            epoch, i = divmod((it * run.world_size + run.rank) * batch_size + k, len(train_items))
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = order_rng(epoch)
+            picked.append(train_items[orders[epoch][i]])
+        return picked
+
+    def checkpoint_now(it, error):
+        save_run(out_dir, raw_model, optimizer, False, run, logger, iter_num=it, best_val_loss=error,
+                 model_args=vars(raw_model.args), config=config, tokenizer_sha=tok.sha, stage="grpo", base=base_dir)
+
+    # ---- the loop
+    stats = {"reward": [], "kl": [], "length": [], "skipped": [], "groups": [], "loss": []}
+    t_last = time.time()
+    with Stopper(run, out_dir, checkpoint_now, False, "held-out error (1 - mean greedy pass@1)", best_error) as stopper:
+        while stopper.go(iter_num):
+            lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
+                passed = {task: p for task, (p, _) in evaluate.evaluate_on_tasks(
+                    raw_model, tok, test_items, set(), eval_per_task, score=score).items()}
+                error = 1 - float(np.mean(list(passed.values())))
+                if stopper.check_loss(error, "held-out error", iter_num):
+                    print(f"iter {iter_num}: held-out greedy pass@1 " +
+                          ", ".join(f"{task} {p * 100:.1f}%" for task, p in passed.items()))
+                    logger.log({"iter": iter_num, "val_loss": error, **{f"pass1_{t}": p for t, p in passed.items()},
+                                "time_s": time.time() - stopper.t_start})
+                    stopper.evaluated(iter_num, error)
+                raw_model.train()
+            if iter_num >= max_iters:
+                break
+
+            # rollouts: group_size answers to each question, rewarded by the verifier
+            items = questions_of(iter_num)
+            prompts = [tok.encode_chat([{"role": "user", "content": question}])[0] for _, question, _ in items]
+            seeds = [[rollout_seed(seed, iter_num, run.rank, q, g) for g in range(group_size)]
+                     for q in range(len(items))]
+            groups = rollouts(raw_model, tok, prompts, group_size, max_new_tokens, temperature, top_p, seeds)
+            raw_model.train()
+            if any(finish == "error" for answers in groups for _, finish in answers):
+                stopper.check_loss(float("nan"), "the policy's next-token distribution", iter_num)
+                continue  # diverged: the loop stops at its top, the last checkpoint kept
+            rewards = [[score(task, question, reference, tok.decode(tokens)) for tokens, _ in answers]
+                       for (task, question, reference), answers in zip(items, groups)]
+            advantages, keep = group_advantages(rewards)
+            kept = torch.tensor([int(keep.sum())], device=run.device)
+            if run.ddp:  # every process steps, or none: DDP's gradient all-reduce needs them all
+                dist.all_reduce(kept)
+            stats["reward"].append(float(np.mean(rewards)))
+            stats["length"].append(float(np.mean([len(t) for answers in groups for t, _ in answers])))
+            stats["skipped"].append(int((~keep).sum()))
+            stats["groups"].append(len(items))
+            if kept.item():
+                no_signal = not keep.any()  # here, but other processes have some: one group that weighs nothing
+                keep[0] |= no_signal
+                batch = {k: torch.from_numpy(v).to(run.device)
+                         for k, v in answer_batch(prompts, groups, advantages, keep, tok.eos_id).items()}
+                if no_signal:
+                    batch["loss_mask"].zero_()
+                norm = len(items) * group_size * max_new_tokens  # Dr. GRPO: a constant, not each answer's length
+                with torch.no_grad(), run.autocast:
+                    batch["ref_logps"] = reference_logps(batch, ref_model, raw_model).float()
+                    batch["old_logps"] = token_logps(raw_model, batch).float() if ppo_epochs > 1 else None
+                kls = []
+
+                def loss_fn(model_, b):
+                    logps = token_logps(model_, b).float()
+                    old = b["old_logps"] if b["old_logps"] is not None else logps.detach()
+                    loss, kl = grpo_loss(logps, old, b["ref_logps"], b["advantages"], b["loss_mask"], clip_eps,
+                                         kl_coef, norm)
+                    kls.append(kl.item())
+                    return loss
+
+                for epoch in range(ppo_epochs):
+                    seed_step(seed, run.rank, iter_num * ppo_epochs + epoch)
+                    loss = train_step(model, optimizer, scaler, lambda micro_step: batch, 1, run, grad_clip,
+                                      loss_fn=loss_fn)
+                    stats["loss"].append(loss.item())
+                stats["kl"].append(kls[0])
+            iter_num += 1
+
+            if run.master and iter_num % log_interval == 0:
+                dt = (time.time() - t_last) / log_interval
+                t_last = time.time()
+                reward = float(np.mean(stats["reward"]))
+                train_loss = float(np.mean(stats["loss"])) if stats["loss"] else 0.0  # 0: no group had a signal
+                stopper.check_loss(train_loss, "training GRPO loss", iter_num)
+                skipped = sum(stats["skipped"]) / max(1, sum(stats["groups"]))
+                kl = float(np.mean(stats["kl"])) if stats["kl"] else 0.0
+                length = float(np.mean(stats["length"]))
+                print(f"iter {iter_num}: loss {train_loss:.4f}, reward {reward:.3f}, all-equal groups {skipped * 100:.0f}%, KL {kl:.4f}, "
+                      f"answer length {length:.1f} tokens, lr {lr:.2e}, {dt:.2f} s/iter, ETA {logger.eta(iter_num)}")
+                logger.log({"iter": iter_num, "loss": train_loss, "reward": reward, "skipped_groups": skipped, "kl": kl,
+                            "answer_tokens": length, "lr": lr, "ms_per_iter": dt * 1000,
+                            "answers_per_s": batch_size * group_size * run.world_size / dt})
+                stats = {k: [] for k in stats}
+    if stopper.finished and stopper.saved_iter is not None:
+        optimizer = scaler = model = ref_model = None
+        evaluate.after_training("GRPO", raw_model.eval(), out_dir, base_dir, base_stage, tok, data_dir, eval_per_task,
+                                run, evaluate_models=evaluate_tasks)
+
+
+if __name__ == "__main__":
+    run_main(main)
