@@ -56,7 +56,7 @@ ceval = ""                   # a local C-Eval folder (dev/, val/, test/): score 
 cmmlu = ""                   # a local CMMLU folder (dev/, test/): score its test questions instead
 shots = 5                    # ceval/cmmlu: answered dev questions before each question (0: zero-shot)
 benchmark = False            # the built-in offline benchmark (benchmarks.py) instead, the model beside its base
-report_card = False          # instead: the built-in benchmark, then out_dir/report.md (report.py) with eval.json's scores
+report_card = False          # instead: the built-in benchmark, then out_dir/report.md (report.py), eval.json's scores in it
 pass_k = 0                   # > 0: also k sampled answers to each held-out question of the checkable tasks: pass@1
                              # (the mean score of the samples) and pass@k (the best of the k), per model
 pass_temperature = 1.0       # pass_k: the sampling temperature
@@ -374,7 +374,8 @@ def main():
     if exams:
         run_exams(model, tok, checkpoint, exams, report_path)
         return
-    if not onpolicy_pairs and not benchmark and not report_card:  # before minutes of answering: the questions exist, the report is writable
+    if not onpolicy_pairs and not benchmark and not report_card:
+        # before minutes of answering: the questions exist, the report is writable
         if load_tests(data_dir) is None:
             raise SystemExit(f"error: no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on; pass the "
                              f"--data_dir prepare_data.py wrote")
@@ -404,7 +405,8 @@ def main():
     try:
         if benchmark or report_card:
             benchmarks.compare(models, demo.benchmark_items(val_fraction),
-                               report if benchmark and report else os.path.join(out_dir, "benchmark.json"), val_fraction)
+                               report if benchmark and report else os.path.join(out_dir, "benchmark.json"),
+                               val_fraction)
             if report_card:
                 write_card(out_dir, model, tok)
             return

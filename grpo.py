@@ -267,7 +267,8 @@ def main():
     if not train_items or not test_items:
         raise SystemExit(f"error: no {'training' if not train_items else 'held-out'} questions for --tasks={tasks}")
     asked = [item for item in train_items  # a question that leaves no room for a whole answer is not asked
-             if len(tok.encode_chat([{"role": "user", "content": item[1]}])[0]) + max_new_tokens < model.args.max_seq_len]
+             if len(tok.encode_chat([{"role": "user", "content": item[1]}])[0]) + max_new_tokens
+             < model.args.max_seq_len]
     if not asked:
         raise SystemExit(f"error: no training question leaves room for --max_new_tokens={max_new_tokens} in the "
                          f"model's context ({model.args.max_seq_len} tokens); lower --max_new_tokens")
@@ -288,8 +289,7 @@ def main():
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
         return
     logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
-    order_rng = lambda epoch: np.random.default_rng([seed, epoch]).permutation(len(train_items))  # noqa: E731
-    orders = {}
+    orders = {}  # the latest epoch's order of the training questions
 
     def questions_of(it):
         """This process's questions at iteration it: a stretch of the shuffled stream, each epoch a new shuffle."""
@@ -298,7 +298,7 @@ def main():
             epoch, i = divmod((it * run.world_size + run.rank) * batch_size + k, len(train_items))
             if epoch not in orders:
                 orders.clear()
-                orders[epoch] = order_rng(epoch)
+                orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(train_items))
             picked.append(train_items[orders[epoch][i]])
         return picked
 
@@ -387,9 +387,10 @@ def main():
                 skipped = sum(stats["skipped"]) / max(1, sum(stats["groups"]))
                 kl = float(np.mean(stats["kl"])) if stats["kl"] else 0.0
                 length = float(np.mean(stats["length"]))
-                print(f"iter {iter_num}: loss {train_loss:.4f}, reward {reward:.3f}, all-equal groups {skipped * 100:.0f}%, KL {kl:.4f}, "
-                      f"answer length {length:.1f} tokens, lr {lr:.2e}, {dt:.2f} s/iter, ETA {logger.eta(iter_num)}")
-                logger.log({"iter": iter_num, "loss": train_loss, "reward": reward, "skipped_groups": skipped, "kl": kl,
+                print(f"iter {iter_num}: loss {train_loss:.4f}, reward {reward:.3f}, all-equal groups "
+                      f"{skipped * 100:.0f}%, KL {kl:.4f}, answer length {length:.1f} tokens, lr {lr:.2e}, {dt:.2f} s/iter, ETA {logger.eta(iter_num)}")
+                logger.log({"iter": iter_num, "loss": train_loss, "reward": reward, "skipped_groups": skipped,
+                            "kl": kl,
                             "answer_tokens": length, "lr": lr, "ms_per_iter": dt * 1000,
                             "answers_per_s": batch_size * group_size * run.world_size / dt})
                 stats = {k: [] for k in stats}

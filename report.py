@@ -86,7 +86,8 @@ def describe_model(model_args, config, base_dtype):
     args = ModelArgs(**model_args)
     with torch.device("meta"):
         params = Transformer(args).num_params()
-    lora = {"rank": config["lora_rank"], "targets": config.get("lora_targets"), "base_dtype": base_dtype or config.get("base_dtype"),
+    lora = {"rank": config["lora_rank"], "targets": config.get("lora_targets"),
+            "base_dtype": base_dtype or config.get("base_dtype"),
             "train_embeddings": config.get("train_embeddings")} if config.get("lora_rank") else None
     return {"parameters": params, "args": model_args, "lora": lora}
 
@@ -227,7 +228,8 @@ def markdown(card):
              f"{RUNS.get(stage, stage)}. Card written {card['written']} by llama2.zh at commit "
              f"{card['written_by_commit'] or '(not a git checkout)'}.", "", "| | |", "|---|---|"]
     shape = (f"{model['parameters'] / 1e6:.2f}M parameters: dim {args['dim']}, {args['n_layers']} layers, "
-             f"{args['n_heads']} heads ({args.get('n_kv_heads') or args['n_heads']} kv), context {args['max_seq_len']}, "
+             f"{args['n_heads']} heads ({args.get('n_kv_heads') or args['n_heads']} kv), "
+             f"context {args['max_seq_len']}, "
              f"vocab {args['vocab_size']:,}" + (", tied embeddings" if args.get("tie_embeddings") else ""))
     if model["lora"]:
         lora = model["lora"]
@@ -264,7 +266,8 @@ def markdown(card):
         lines.append("None recorded: the checkpoint was written before the kit recorded its sessions.")
     for i, s in enumerate(card["sessions"], 1):
         lines.append(f"| {i} | `{s.get('command')}` | {s.get('git_commit') or '-'} | {s.get('device')}, "
-                     f"{s.get('dtype')}, {s.get('world_size')} process(es) | {s.get('first_iter')}-{s.get('last_iter')} "
+                     f"{s.get('dtype')}, {s.get('world_size')} process(es) | "
+                     f"{s.get('first_iter')}-{s.get('last_iter')} "
                      f"| {duration(s.get('wall_s'))} | {gb(s.get('peak_device_gb'))} / {gb(s.get('peak_host_gb'))} |")
     lines.append("")
 
@@ -310,7 +313,8 @@ def markdown(card):
         lines += [f"Temperature {s['temperature']}, top-p {s['top_p']}, repetition penalty {s['repetition_penalty']}, "
                   f"seed {s['seed']}, at most {s['max_new_tokens']} new tokens.", ""]
         for i, sample in enumerate(card["samples"], 1):
-            lines += [f"**{i}. prompt**", "", quote(sample["prompt"]), "", "**the model**", "", quote(sample["output"]), ""]
+            lines += [f"**{i}. prompt**", "", quote(sample["prompt"]), "",
+                      "**the model**", "", quote(sample["output"]), ""]
             if sample["reference"] is not None:
                 lines += ["**the reference answer**", "", quote(sample["reference"]), ""]
     else:

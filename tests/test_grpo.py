@@ -86,7 +86,8 @@ def test_the_reference_never_changes_while_the_policy_trains():
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(3):
             logps = grpo.token_logps(policy, batch)
-            loss, _ = grpo.grpo_loss(logps, logps.detach(), before, batch["advantages"], batch["loss_mask"], 0.2, 0.1, 4)
+            loss, _ = grpo.grpo_loss(logps, logps.detach(), before, batch["advantages"], batch["loss_mask"],
+                                     0.2, 0.1, 4)
             (loss - logps.sum()).backward()  # push the policy away for sure
             optimizer.step()
             optimizer.zero_grad()
