@@ -148,9 +148,11 @@ def as_tests(items):
             for task, question, reference in items]
 
 
-def rollout_seed(seed, it, rank, question, answer):
-    """Each answer's own sampling seed: a function of the run's seed and where the answer stands."""
-    return int(np.random.SeedSequence([seed, it, rank, question, answer]).generate_state(1)[0])
+def rollout_seed(seed, it, question, answer):
+    """Each answer's own sampling seed: a function of the run's seed, the iteration, its question's place
+    among all processes' questions of that iteration and its place in the group (the 0 names the rollouts'
+    stream of seeds), so that N processes sample what one process with N times the batch would."""
+    return int(np.random.SeedSequence([seed, it, 0, question, answer]).generate_state(1)[0])
 
 
 def rollouts(model, tok, prompts, group_size, max_new_tokens, temperature, top_p, seeds):
@@ -292,14 +294,17 @@ def main():
     orders = {}  # the latest epoch's order of the training questions
 
     def questions_of(it):
-        """This process's questions at iteration it: a stretch of the shuffled stream, each epoch a new shuffle."""
+        """This process's questions at iteration it, each with its place among all processes' questions of the
+        iteration: its own stretch of the shuffled stream (so N processes ask what one with N times the batch
+        would), each epoch a new shuffle."""
         picked = []
         for k in range(batch_size):
-            epoch, i = divmod((it * run.world_size + run.rank) * batch_size + k, len(train_items))
+            position = (it * run.world_size + run.rank) * batch_size + k
+            epoch, i = divmod(position, len(train_items))
             if epoch not in orders:
                 orders.clear()
                 orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(train_items))
-            picked.append(train_items[orders[epoch][i]])
+            picked.append((run.rank * batch_size + k, train_items[orders[epoch][i]]))
         return picked
 
     def checkpoint_now(it, error):
@@ -330,26 +335,28 @@ def main():
                 break
 
             # rollouts: group_size answers to each question, rewarded by the verifier
-            items = questions_of(iter_num)
+            places, items = zip(*questions_of(iter_num))
             prompts = [tok.encode_chat([{"role": "user", "content": question}])[0] for _, question, _ in items]
-            seeds = [[rollout_seed(seed, iter_num, run.rank, q, g) for g in range(group_size)]
-                     for q in range(len(items))]
+            seeds = [[rollout_seed(seed, iter_num, place, g) for g in range(group_size)] for place in places]
             groups = rollouts(raw_model, tok, prompts, group_size, max_new_tokens, temperature, top_p, seeds)
             raw_model.train()
-            if any(finish == "error" for answers in groups for _, finish in answers):
-                stopper.check_loss(float("nan"), "the policy's next-token distribution", iter_num)
-                continue  # diverged: the loop stops at its top, the last checkpoint kept
+            failed = any(finish == "error" for answers in groups for _, finish in answers)  # NaN or inf logits
             rewards = [[score(task, question, reference, tok.decode(tokens)) for tokens, _ in answers]
                        for (task, question, reference), answers in zip(items, groups)]
             advantages, keep = group_advantages(rewards)
-            kept = torch.tensor([int(keep.sum())], device=run.device)
-            if run.ddp:  # every process steps, or none: DDP's gradient all-reduce needs them all
-                dist.all_reduce(kept)
+            # (groups with a signal, processes whose sampling failed), summed over the processes: every process
+            # steps or none (DDP's gradient all-reduce needs them all), and all stop together
+            agreed = torch.tensor([int(keep.sum()), int(failed)], device=run.device)
+            if run.ddp:
+                dist.all_reduce(agreed)
+            if agreed[1].item():
+                stopper.check_loss(float("nan"), "the policy's next-token distribution", iter_num)
+                continue  # diverged: the loop stops at its top, the last checkpoint kept
             stats["reward"].append(float(np.mean(rewards)))
             stats["length"].append(float(np.mean([len(t) for answers in groups for t, _ in answers])))
             stats["skipped"].append(int((~keep).sum()))
             stats["groups"].append(len(items))
-            if kept.item():
+            if agreed[0].item():
                 no_signal = not keep.any()  # here, but other processes have some: one group that weighs nothing
                 keep[0] |= no_signal
                 batch = {k: torch.from_numpy(v).to(run.device)
@@ -388,10 +395,10 @@ def main():
                 kl = float(np.mean(stats["kl"])) if stats["kl"] else 0.0
                 length = float(np.mean(stats["length"]))
                 print(f"iter {iter_num}: loss {train_loss:.4f}, reward {reward:.3f}, all-equal groups "
-                      f"{skipped * 100:.0f}%, KL {kl:.4f}, answer length {length:.1f} tokens, lr {lr:.2e}, {dt:.2f} s/iter, ETA {logger.eta(iter_num)}")
+                      f"{skipped * 100:.0f}%, KL {kl:.4f}, answer length {length:.1f} tokens, lr {lr:.2e}, "
+                      f"{dt:.2f} s/iter, ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "loss": train_loss, "reward": reward, "skipped_groups": skipped,
-                            "kl": kl,
-                            "answer_tokens": length, "lr": lr, "ms_per_iter": dt * 1000,
+                            "kl": kl, "answer_tokens": length, "lr": lr, "ms_per_iter": dt * 1000,
                             "answers_per_s": batch_size * group_size * run.world_size / dt})
                 stats = {k: [] for k in stats}
     if stopper.finished and stopper.saved_iter is not None:

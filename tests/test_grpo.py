@@ -2,13 +2,14 @@
 rollouts against the engine serve.py runs, and tiny runs with a verifier of the test's own."""
 import json
 import math
+import os
 import threading
 
 import pytest
 import torch
 
 import grpo
-from conftest import read_log, run, tiny
+from conftest import ROOT, read_log, run, tiny
 from engine import Engine, Request
 from lora import add_lora
 
@@ -99,7 +100,7 @@ def test_rollouts_are_reproducible_and_what_the_served_engine_gives_for_the_same
     from checkpoint import load_model
     model, tok, _ = load_model(tiny_sft)
     prompts = [tok.encode_chat([{"role": "user", "content": q}])[0] for q in ("你好", "“一马当先”是什么意思？")]
-    seeds = [[grpo.rollout_seed(7, 0, 0, q, g) for g in range(3)] for q in range(2)]
+    seeds = [[grpo.rollout_seed(7, 0, q, g) for g in range(3)] for q in range(2)]
     first = grpo.rollouts(model, tok, prompts, 3, 10, 1.0, 1.0, seeds)
     assert first == grpo.rollouts(model, tok, prompts, 3, 10, 1.0, 1.0, seeds)
     assert len({tuple(tokens) for tokens, _ in first[1]}) > 1  # the answers of a group differ
@@ -116,6 +117,7 @@ def test_rollouts_are_reproducible_and_what_the_served_engine_gives_for_the_same
     assert threading.active_count() >= 1
 
 
+QUESTIONS = os.path.join(ROOT, "tests", "grpo_questions.jsonl")  # short questions a tiny model's context fits
 GRPO_TINY = ["--batch_size=4", "--group_size=4", "--max_new_tokens=6", "--eval_per_task=4", "--log_interval=1",
              "--warmup_iters=0", "--evaluate_tasks=False", "--device=cpu"]
 
@@ -173,3 +175,19 @@ def test_the_shaped_idiom_chain_reward_gives_partial_credit_and_full_credit_only
     assert demo.chain_shaped(question, "天天向上", "先睹为快") == 0.25
     assert demo.chain_shaped(question, "先来后到吗", "先睹为快") == 0.25
     assert demo.chain_shaped(question, "", "先睹为快") == 0.0
+
+
+def test_two_processes_train_what_one_process_with_twice_the_questions_trains(demo_data, tiny_sft, tmp_path):
+    from test_fsdp import TORCHRUN
+    common = [f"--data_dir={demo_data}", f"--init_from={tiny_sft}", "--group_size=4", "--max_new_tokens=6",
+              "--eval_per_task=2", "--log_interval=1", "--warmup_iters=0", "--evaluate_tasks=False", "--device=cpu",
+              f"--questions={QUESTIONS}", f"--test_questions={QUESTIONS}", "--verifier=tests.grpo_checks:shorter",
+              "--max_iters=3", "--eval_interval=3"]
+    run("grpo.py", f"--out_dir={tmp_path / 'one'}", *common, "--batch_size=4")
+    run("grpo.py", f"--out_dir={tmp_path / 'two'}", *common, "--batch_size=2", launcher=TORCHRUN)
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    start = torch.load(f"{tiny_sft}/ckpt.pt", weights_only=True)["model"]
+    assert not torch.equal(one["layers.0.attention.wq.weight"], start["layers.0.attention.wq.weight"])  # it trained
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5), key

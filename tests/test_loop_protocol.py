@@ -25,9 +25,10 @@ def stage_args(stage, demo_data, tiny_ckpt, tiny_sft):
         return [f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", "--eval_iters=2", "--evaluate_tasks=False",
                 *SMALL_STEPS]
     if stage == "grpo.py":  # a reward the tiny model's answers spread over, so that every step has a signal
-        return [f"--data_dir={demo_data}", f"--init_from={tiny_sft}", "--tasks=sentiment", "--group_size=4",
-                "--max_new_tokens=6", "--eval_per_task=4", "--verifier=tests.grpo_checks:shorter",
-                "--evaluate_tasks=False", *SMALL_STEPS]
+        questions = os.path.join(ROOT, "tests", "grpo_questions.jsonl")
+        return [f"--data_dir={demo_data}", f"--init_from={tiny_sft}", f"--questions={questions}",
+                f"--test_questions={questions}", "--group_size=4", "--max_new_tokens=6", "--eval_per_task=4",
+                "--verifier=tests.grpo_checks:shorter", "--evaluate_tasks=False", *SMALL_STEPS]
     return [f"--data_dir={demo_data}", f"--init_from={tiny_sft}", "--beta=0.1", "--evaluate_tasks=False",
             *SMALL_STEPS]
 
