@@ -44,7 +44,8 @@ out_dir = "out-sft"          # the checkpoint to evaluate (ckpt.pt, tokenizer.mo
 report = ""                  # where to write the JSON report; "": out_dir/eval.json
 data_dir = "data"            # where the held-out questions are: data_dir/sft_test.jsonl
 base = "auto"                # compare with: auto (the model the checkpoint was tuned from), none, or a directory
-per_task = 1000              # held-out questions per task (the demo has 833 reviews and 200 of each other task); 0: all
+per_task = 1000              # held-out questions per task (the demo has 833 reviews and 200 of each other task), and
+                             # at most this many of each built-in benchmark task (it has 300 at most); 0: all
 batch_size = 32              # questions answered together (same-length prompts only, so answers never change)
 baselines = False            # also score the sentiment task's majority label and Naive Bayes classifiers
 val_fraction = 0.01          # baselines, onpolicy_pairs: the --val_fraction prepare_data.py split the demo with
@@ -258,7 +259,8 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
     """
     pretrain.py's, sft.py's and dpo.py's last step: the model just trained (called name) beside the one it
     started from (base_dir, if any) on the held-out tasks (tasks: a chat model's; eval.json) and the built-in
-    benchmark (benchmark.json); then the report card (report.md) with three samples. trained: the model in
+    benchmark (benchmark.json; at most per_task items of each of its tasks); then the report card (report.md)
+    with three samples. trained: the model in
     memory, its training state already freed by the caller; None (a sharded run) loads out_dir's
     checkpoint in the run's dtype. With LoRA adapters and the embeddings left as they were, the base is the
     same model with its adapters off (as stored for training: an int8 base answers as int8): no second
@@ -280,8 +282,8 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
                 models = {base_name: (base_model, base_tok, base_dir), **models}
             if tasks:
                 compare(models, data_dir, per_task, os.path.join(out_dir, "eval.json"))
-            benchmarks.compare(models, demo.benchmark_items(val_fraction), os.path.join(out_dir, "benchmark.json"),
-                               val_fraction)
+            items = demo.benchmark_items(val_fraction, per_task=min(300, per_task or 300))  # per_task bounds it too
+            benchmarks.compare(models, items, os.path.join(out_dir, "benchmark.json"), val_fraction)
         write_card(out_dir, trained, tok)
     except KeyboardInterrupt:
         raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
@@ -404,7 +406,7 @@ def main():
             print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")
     try:
         if benchmark or report_card:
-            benchmarks.compare(models, demo.benchmark_items(val_fraction),
+            benchmarks.compare(models, demo.benchmark_items(val_fraction, per_task=min(300, per_task or 300)),
                                report if benchmark and report else os.path.join(out_dir, "benchmark.json"),
                                val_fraction)
             if report_card:
