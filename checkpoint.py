@@ -16,6 +16,7 @@ checkpoint's own dtype, so loading needs about one copy of the weights in memory
 config we cannot compute exactly (rope scaling, biases, another activation or architecture) is
 refused naming the field: nothing is ever loaded approximately.
 """
+import dataclasses
 import glob
 import json
 import os
@@ -121,7 +122,7 @@ def model_from_checkpoint(checkpoint, device="cpu", dtype=None):
     return model.to(device)
 
 
-def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32", verbose=False):
+def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32", verbose=False, on_rank0=False):
     """
     The model pretrain.py (continuing), sft.py and dpo.py train, and a LoRA checkpoint is merged from:
     the base at base_dir (ours, or an imported Llama) in fp32 with the run's dropout; its embedding grown
@@ -129,9 +130,30 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
     same); LoRA adapters when config["lora_rank"] > 0, with the embedding and classifier trained in full
     where config["train_embeddings"] says (by default: when rows were added), the frozen blocks' weights
     stored in base_dtype (lora.FrozenLinear); activation checkpointing where config says; and, for a
-    resumed run, the weights it saved. verbose: say what rows were added. Returns (model, the base's
-    stage, rows added).
+    resumed run, the weights it saved. verbose: say what rows were added. on_rank0 (FSDP under torchrun):
+    only rank 0 reads the base; the other processes build the same model on the meta device, without
+    weights, and get them from rank 0 as training.wrap_fsdp shards it, so that a machine holds one copy of
+    the base while loading, not one per process. Returns (model, the base's stage, rows added).
     """
+    if on_rank0:
+        import torch.distributed as dist
+        shape, refusal = [None], None
+        if dist.get_rank() == 0:
+            try:
+                model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed, base_dtype,
+                                                              verbose)
+                shape = [(dataclasses.asdict(model.args), base_stage, added_rows)]
+            except SystemExit as e:  # the others wait for the shape: they get the refusal and stop with it
+                shape, refusal = [e.code], e
+        dist.broadcast_object_list(shape, src=0)
+        if refusal is not None or not isinstance(shape[0], tuple):
+            raise refusal or SystemExit(shape[0])
+        if dist.get_rank() != 0:
+            model_args, base_stage, added_rows = shape[0]
+            with torch.device("meta"):
+                model = Transformer(ModelArgs(**model_args))
+                parts_to_train(model, config, seed, base_dtype, added_rows)
+        return model, base_stage, added_rows
     base = load_checkpoint(base_dir, flag="--init_from")
     check_data_tokenizer(base, base_dir, tok)
     base["model_args"]["dropout"] = config["dropout"]
@@ -152,8 +174,17 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
     if verbose and added_rows:
         print(f"the tokenizer has {tok.n_words} pieces: added {added_rows} embedding rows to the model's "
               f"{tok.n_words - added_rows} (classifier rows as likely as <unk> until trained)")
-    if lora:
-        with torch.random.fork_rng():  # the same adapters in every process: FSDP, unlike DDP, broadcasts nothing
+    parts_to_train(model, config, seed, base_dtype, added_rows)
+    if resumed is not None:
+        model.load_state_dict(resumed["lora"], strict=False) if lora else model.load_state_dict(resumed["model"])
+    return model, base_stage, added_rows
+
+
+def parts_to_train(model, config, seed, base_dtype, added_rows):
+    """model_to_tune's adapters, embeddings trained in full and activation checkpointing, on a model with
+    weights or on the meta device alike."""
+    if config["lora_rank"] > 0:
+        with torch.random.fork_rng():  # the same adapters whatever the process count, and on every resume
             torch.manual_seed(seed)
             add_lora(model, set(config["lora_targets"].split(",")), config["lora_rank"], config["lora_alpha"],
                      config["lora_dropout"], base_dtype)
@@ -161,12 +192,7 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
         if full_embeddings:  # new tokens need their own embeddings, which a low-rank update cannot give them
             model.tok_embeddings.weight.requires_grad_(True)
             model.output.weight.requires_grad_(True)
-        if resumed is not None:
-            model.load_state_dict(resumed["lora"], strict=False)
-    elif resumed is not None:
-        model.load_state_dict(resumed["model"])
     model.checkpoint_activations = config.get("checkpoint_activations", False)
-    return model, base_stage, added_rows
 
 
 def merged_lora_model(path, checkpoint):

@@ -249,21 +249,24 @@ def main():
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
     base_dir = checkpoint["base"] if resumed else init_from
+    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
+    # sharded, only rank 0 reads the base, unless every process computes its pairs' reference log-probs first
+    on_rank0 = sharded and reference != "precomputed"
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
-                                         base_dtype=lora_base_dtype(base_dtype, run.dtype))
+                                         base_dtype=lora_base_dtype(base_dtype, run.dtype), on_rank0=on_rank0)
     model_args = model.args
     seq_len = context_length(block_size, model)
     # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters
     # off; without, a copy, made before any step (and, resuming, from the base again)
     separate_reference = reference == "model" and not lora_rank
-    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     batch_size, gradient_accumulation_steps = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations, rows_per_item=2,
         extra_bytes=model.num_params() * 4 if separate_reference else 0, fsdp=sharded, memory_gb=device_memory_gb,
         auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
-    model.to(run.device)
+    if not on_rank0:  # (else FSDP moves each block to the device as it shards it)
+        model.to(run.device)
     ref_model = None
     if separate_reference:
         ref_model, _, _ = model_to_tune(base_dir, tok, dict(config, lora_rank=0), seed)

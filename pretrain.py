@@ -174,10 +174,11 @@ def main():
         checkpoint = resume(out_dir, "pretrain", tok, run, globals(), config, FIXED_ON_RESUME)
         iter_num, best_val_loss, base_path = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint.get("base")
         sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
+    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     if resumed and not lora_rank:
         model = model_from_checkpoint(checkpoint)
     elif init_from == "scratch":
-        with torch.random.fork_rng():  # the same initial weights in every process: FSDP, unlike DDP, broadcasts none
+        with torch.random.fork_rng():  # the same initial weights whatever the number of processes
             torch.manual_seed(seed)
             model = Transformer(model_args_from_settings(tok.n_words))
     else:  # continued pretraining of one of our checkpoints or of an imported Llama, in full or with adapters
@@ -186,12 +187,11 @@ def main():
                 if config[key] is not None:
                     print(f"warning: --{key} is ignored: the model comes from {init_from}")
         model = model_to_tune(base_path, tok, config, seed, resumed=checkpoint, verbose=run.master and not resumed,
-                              base_dtype=lora_base_dtype(base_dtype, run.dtype))[0]
+                              base_dtype=lora_base_dtype(base_dtype, run.dtype), on_rank0=sharded)[0]
     model_args = model.args
     seq_len = context_length(block_size, model)
     train_data.check_fits(seq_len)
     val_data.check_fits(seq_len)
-    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     batch_size, gradient_accumulation_steps = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,

@@ -223,11 +223,11 @@ def main():
         sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
         answers_seen = checkpoint.get("answer_tokens", 0)
     base_dir = checkpoint["base"] if resumed else init_from
+    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
-                                         base_dtype=lora_base_dtype(base_dtype, run.dtype))
+                                         base_dtype=lora_base_dtype(base_dtype, run.dtype), on_rank0=sharded)
     model_args = model.args
     seq_len = context_length(block_size, model)
-    sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     batch_size, gradient_accumulation_steps = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,

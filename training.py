@@ -174,14 +174,24 @@ def wrap_fsdp(model, run):
     each holds 1/world_size of the weights, gradients and optimizer state and gathers one block's
     weights at a time. Weights are gathered and computed in the run's dtype, gradients reduced in fp32.
     The device mesh is explicit: on a machine with GPUs, a gloo (CPU) run would otherwise pick CUDA.
+    Rank 0's weights are then sent to every process, tensor by tensor, each keeping its shard: the others
+    may hold the model on the meta device only (checkpoint.model_to_tune(on_rank0=True)), and whatever they
+    hold, every process starts from exactly rank 0's model.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(run.device_type, (run.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=PTDTYPE[run.dtype], reduce_dtype=torch.float32)
+    on_meta = model.tok_embeddings.weight.is_meta
+    whole = model.state_dict() if run.master else {}  # rank 0's tensors, alive until sent
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if on_meta:  # memory for this process's shards, filled below; the rotary tables are computed, not sent
+        model.to_empty(device=run.device)
+        model.init_rope(run.device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

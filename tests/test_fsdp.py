@@ -83,6 +83,13 @@ def test_a_refusal_under_torchrun_is_printed_once(demo_data, tmp_path):
     assert p.returncode != 0 and p.out.count("Muon orthogonalizes whole weight matrices") == 1, p.out
 
 
+def test_a_base_refused_by_rank_0_stops_every_process_in_one_line(demo_data, tmp_path):
+    # under FSDP only rank 0 reads the base: the others wait for it, and must stop with its refusal, not a traceback
+    p = run("sft.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path / 'x'}", f"--init_from={tmp_path / 'none'}",
+            "--fsdp=True", "--lora_rank=4", "--device=cpu", launcher=TORCHRUN, extra_env=ONE_THREAD, check=False)
+    assert p.returncode != 0 and p.out.count("error: no checkpoint at") == 1 and "[rank1]" not in p.out, p.out
+
+
 @pytest.mark.parametrize("tuning", [["--muon=False"], ["--lora_rank=4", "--base_dtype=int8"]], ids=["adamw", "lora"])
 def test_sharded_pretraining_matches_one_process_with_twice_the_accumulation(demo_data, tiny_ckpt, tmp_path, tuning):
     args = [f"--data_dir={demo_data}", *TINY_MODEL, "--max_iters=6", "--eval_interval=3", "--device=cpu", *tuning]

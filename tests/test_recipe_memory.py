@@ -13,6 +13,8 @@ import torch
 
 from checkpoint import save_checkpoint
 from conftest import ROOT, run
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -68,7 +70,7 @@ def status_mib(field):  # VmRSS now, VmHWM its peak: this process's own (ru_maxr
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) // 1024
 with torch.device("meta"):
     Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300))
-base_dir, base_dtype = sys.argv[1:]
+base_dir, base_dtype = sys.argv[1:3]
 tok = Tokenizer(base_dir + "/tokenizer.model")
 config = dict(dropout=0.0, lora_rank=4, lora_targets="wq,wk,wv,wo,w1,w2,w3", lora_alpha=8, lora_dropout=0.0,
               train_embeddings=None)
@@ -107,3 +109,40 @@ def test_loading_a_bf16_llama_for_lora_holds_about_one_copy_of_it(hf_base_bf16, 
     # over one copy: the embedding and classifier in fp32 and one layer's conversion at a time
     assert result["peak"] < 1.3 * size_mib, (result, size_mib)
     assert ("torch.int8" if base_dtype == "int8" else "torch.bfloat16") in result["dtypes"]
+
+
+# under torchrun: each process's host RAM added by loading the base for LoRA and sharding it (wrap_fsdp), in MiB;
+# then whether the shards hold exactly what one process loading the base alone would hold
+LOAD_SHARDED = LOAD_FOR_LORA.split("before = ")[0] + """
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from training import setup_device, wrap_fsdp
+on_rank0 = sys.argv[3] == "rank0"
+run = setup_device("cpu", "float32", False)
+before = status_mib("VmRSS")
+model = model_to_tune(base_dir, tok, config, 0, base_dtype=base_dtype, on_rank0=on_rank0)[0]
+wrap_fsdp(model, run)
+peak = status_mib("VmHWM") - before
+whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if run.master:
+    alone = model_to_tune(base_dir, tok, config, 0, base_dtype=base_dtype)[0].state_dict()
+    same = whole.keys() == alone.keys() and all(torch.equal(whole[k], alone[k]) for k in alone)
+    print(json.dumps({"rank": 0, "peak": peak, "same": same}), flush=True)
+torch.distributed.barrier()
+if not run.master:
+    print(json.dumps({"rank": run.rank, "peak": peak}), flush=True)
+"""
+
+
+def test_under_fsdp_only_rank_0_reads_the_base(hf_base_bf16, tmp_path):
+    base_dir, size_mib = hf_base_bf16
+    script = tmp_path / "load_sharded.py"
+    script.write_text(LOAD_SHARDED)
+    p = run(str(script), base_dir, "bfloat16", "rank0", launcher=[*TORCHRUN, "--nproc_per_node=2"],
+            extra_env={"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    peaks = {r["rank"]: r for r in map(json.loads, (line for line in p.out.splitlines() if line.startswith("{")))}
+    assert peaks[0]["same"], "the shards differ from the base loaded by one process"
+    # rank 0 reads the base (about one copy, as in the test above); the other process never holds it whole: only
+    # its half of the model and one tensor in flight (on a GPU both would be GPU memory). When every process read
+    # its own copy, this one's peak was above one copy. On CPU, rank 0's half of the shards is host memory too
+    assert peaks[1]["peak"] < 0.85 * size_mib, (peaks, size_mib)
+    assert peaks[0]["peak"] < 1.9 * size_mib, (peaks, size_mib)
