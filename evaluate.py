@@ -254,6 +254,11 @@ def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None, 
     return results
 
 
+def benchmark_items(val_fraction, per_task):
+    """The built-in benchmark's items: per_task bounds each task as it bounds the held-out tasks (0: all 300)."""
+    return demo.benchmark_items(val_fraction, per_task=min(300, per_task or 300))
+
+
 def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, per_task, run, tasks=True,
                    evaluate_models=True):
     """
@@ -282,8 +287,8 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
                 models = {base_name: (base_model, base_tok, base_dir), **models}
             if tasks:
                 compare(models, data_dir, per_task, os.path.join(out_dir, "eval.json"))
-            items = demo.benchmark_items(val_fraction, per_task=min(300, per_task or 300))  # per_task bounds it too
-            benchmarks.compare(models, items, os.path.join(out_dir, "benchmark.json"), val_fraction)
+            benchmarks.compare(models, benchmark_items(val_fraction, per_task), os.path.join(out_dir, "benchmark.json"),
+                               val_fraction)
         write_card(out_dir, trained, tok)
     except KeyboardInterrupt:
         raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
@@ -406,7 +411,7 @@ def main():
             print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")
     try:
         if benchmark or report_card:
-            benchmarks.compare(models, demo.benchmark_items(val_fraction, per_task=min(300, per_task or 300)),
+            benchmarks.compare(models, benchmark_items(val_fraction, per_task),
                                report if benchmark and report else os.path.join(out_dir, "benchmark.json"),
                                val_fraction)
             if report_card:
