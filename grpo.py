@@ -66,7 +66,8 @@ verifier = ""                     # "module:function" (question, answer, referen
 # rollouts
 batch_size = 16                   # questions per iteration, per process
 group_size = 8                    # answers sampled for each question
-temperature = 1.0                 # of the rollouts (the evaluation is greedy)
+temperature = 0.7                 # of the rollouts: below 1 the samples are nearer the greedy answer the evaluation
+                                  # scores (docs/experiments.md#grpo); the loss uses the policy itself (T=1)
 top_p = 1.0                       # of the rollouts; below 1 the sampler is no longer the policy the ratio assumes
 max_new_tokens = 48               # longest answer; longer ones are cut (and scored as they are)
 # objective
