@@ -146,8 +146,10 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
             except SystemExit as e:  # the others wait for the shape: they get the refusal and stop with it
                 shape, refusal = [e.code], e
         dist.broadcast_object_list(shape, src=0)
-        if refusal is not None or not isinstance(shape[0], tuple):
-            raise refusal or SystemExit(shape[0])
+        if refusal is not None:
+            raise refusal
+        if not isinstance(shape[0], tuple):  # rank 0's refusal: the same exit (run_main prints it once, on rank 0)
+            raise SystemExit(shape[0])
         if dist.get_rank() != 0:
             model_args, base_stage, added_rows = shape[0]
             with torch.device("meta"):

@@ -59,9 +59,9 @@ def test_the_evaluation_after_training_adds_no_model_copy_to_the_peak(demo_data,
         assert os.path.getsize(tmp_path / "b" / "ckpt.pt") < 0.05 * os.path.getsize(f"{base_250mb}/ckpt.pt")
 
 
-# a fresh process: the fixed costs first (torch's code pages for building a model), then the host RAM that
-# model_to_tune adds at its peak, in MiB
-LOAD_FOR_LORA = """
+# a fresh process (or one of torchrun's): the fixed costs first (torch's code pages for building a model), then
+# the host RAM that model_to_tune adds at its peak, in MiB
+LOADING = """
 import json, sys, torch
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -74,6 +74,8 @@ base_dir, base_dtype = sys.argv[1:3]
 tok = Tokenizer(base_dir + "/tokenizer.model")
 config = dict(dropout=0.0, lora_rank=4, lora_targets="wq,wk,wv,wo,w1,w2,w3", lora_alpha=8, lora_dropout=0.0,
               train_embeddings=None)
+"""
+LOAD_FOR_LORA = LOADING + """
 before = status_mib("VmRSS")
 model = model_to_tune(base_dir, tok, config, 0, base_dtype=base_dtype)[0]
 print(json.dumps({"peak": status_mib("VmHWM") - before, "dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
@@ -113,7 +115,7 @@ def test_loading_a_bf16_llama_for_lora_holds_about_one_copy_of_it(hf_base_bf16, 
 
 # under torchrun: each process's host RAM added by loading the base for LoRA and sharding it (wrap_fsdp), in MiB;
 # then whether the shards hold exactly what one process loading the base alone would hold
-LOAD_SHARDED = LOAD_FOR_LORA.split("before = ")[0] + """
+LOAD_SHARDED = LOADING + """
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from training import setup_device, wrap_fsdp
 on_rank0 = sys.argv[3] == "rank0"
