@@ -105,7 +105,7 @@ def bench_prep():
 def bench_train():
     from model import PRESETS, ModelArgs, Transformer, peak_flops
     from tokenizer import Tokenizer
-    from training import keep_freed_memory, setup_device
+    from device import keep_freed_memory, setup_device
     run = setup_device(device, dtype, compile, keep_memory=False)  # on CPU: measured both ways below
     vocab = vocab_size or Tokenizer(os.path.join(data_dir, "tokenizer.model")).n_words
     name = torch.cuda.get_device_name() if run.device_type == "cuda" else "cpu"
@@ -159,7 +159,7 @@ def bench_decode():
     from engine import compiled_step, generate
     from export import export_gguf, export_tokenizer_bin, export_v0, export_v2, choose_group_size
     from model import PRESETS, ModelArgs, Transformer
-    from training import resolve_device
+    from device import resolve_device
     dev, _ = resolve_device(device, "float32")
     demo_model, tok, _ = load_model(out_dir, dev)
     prompt_ids = [tok.bos_id] + tok.encode("床前明月光，")
@@ -845,7 +845,7 @@ def gpu_decode(run, meter, shapes):
     """
     from engine import Engine, Request, compiled_step, generate
     from model import Transformer
-    from training import PTDTYPE
+    from device import PTDTYPE
     meter.start()
     torch.manual_seed(0)
     args = shape_args(shapes["decode_preset"], shapes["train_vocab"])
@@ -918,7 +918,7 @@ def gpu_distributed(run, shapes, processes):
 def bench_gpu_dist():
     """One process of gpu_distributed (under torchrun): pretraining steps of a preset under DDP or FSDP2."""
     from model import Transformer
-    from training import setup_device, wrap_ddp, wrap_fsdp
+    from device import setup_device, wrap_ddp, wrap_fsdp
     shapes = GPU_SHAPES_TINY if tiny else GPU_SHAPES
     run = setup_device(device, dtype, False, keep_memory=False)
     meter = GpuMeter(run)
@@ -1024,7 +1024,7 @@ def bench_gpu():
     import datetime
     import importlib.metadata
     from model import peak_flops
-    from training import setup_device
+    from device import setup_device
     run = setup_device(device, dtype, compile, keep_memory=False)
     cuda = run.device_type == "cuda"
     if not cuda and not tiny:

@@ -25,6 +25,7 @@ import struct
 import numpy as np
 import torch
 
+from device import process_rank, shared_by_rank0
 from lora import add_lora, merged_state_dict
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -132,26 +133,21 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
     stored in base_dtype (lora.FrozenLinear); activation checkpointing where config says; and, for a
     resumed run, the weights it saved. verbose: say what rows were added. on_rank0 (FSDP under torchrun):
     only rank 0 reads the base; the other processes build the same model on the meta device, without
-    weights, and get them from rank 0 as training.wrap_fsdp shards it, so that a machine holds one copy of
+    weights, and get them from rank 0 as device.wrap_fsdp shards it, so that a machine holds one copy of
     the base while loading, not one per process. Returns (model, the base's stage, rows added).
     """
     if on_rank0:
-        import torch.distributed as dist
-        shape, refusal = [None], None
-        if dist.get_rank() == 0:
+        shape = refusal = None
+        if process_rank() == 0:
             try:
                 model, base_stage, added_rows = model_to_tune(base_dir, tok, config, seed, resumed, base_dtype,
                                                               verbose)
-                shape = [(dataclasses.asdict(model.args), base_stage, added_rows)]
+                shape = (dataclasses.asdict(model.args), base_stage, added_rows)
             except SystemExit as e:  # the others wait for the shape: they get the refusal and stop with it
-                shape, refusal = [e.code], e
-        dist.broadcast_object_list(shape, src=0)
-        if refusal is not None:
-            raise refusal
-        if not isinstance(shape[0], tuple):  # rank 0's refusal: the same exit (run_main prints it once, on rank 0)
-            raise SystemExit(shape[0])
-        if dist.get_rank() != 0:
-            model_args, base_stage, added_rows = shape[0]
+                refusal = e
+        shape = shared_by_rank0(shape, refusal)
+        if process_rank() != 0:
+            model_args, base_stage, added_rows = shape
             with torch.device("meta"):
                 model = Transformer(ModelArgs(**model_args))
                 parts_to_train(model, config, seed, base_dtype, added_rows)

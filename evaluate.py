@@ -34,10 +34,10 @@ import benchmarks
 import demo
 from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
+from device import PTDTYPE, resolve_device
 from engine import Request, complete, generate
 from lora import adapters_disabled, has_adapters
 from report import write_card
-from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out-sft"          # the checkpoint to evaluate (ckpt.pt, tokenizer.model); eval.json is written here

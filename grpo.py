@@ -41,11 +41,12 @@ import demo
 import evaluate
 from checkpoint import model_to_tune
 from configurator import check_ranges, configure
+from device import run_main, setup_device
 from engine import Request, complete
 from lora import adapters_disabled
 from tokenizer import Tokenizer
 from training import (Stopper, claim_out_dir, compile_and_wrap, cosine_lr, lora_base_dtype, make_optimizer,
-                      nothing_to_do, open_out_dir, resume, run_main, save_run, seed_step, setup_device, train_step)
+                      nothing_to_do, open_out_dir, resume, save_run, seed_step, train_step)
 
 # -----------------------------------------------------------------------------
 # I/O

@@ -16,10 +16,10 @@ import statistics
 
 import torch
 
+from device import git_commit
 from engine import generate
 from model import ModelArgs, Transformer
 from plot import plot_runs, read_log
-from training import git_commit
 
 RUNS = {"pretrain": "A pretraining run", "sft": "An SFT run", "dpo": "A DPO run", "grpo": "A GRPO run"}
 LOSS_NAMES = {"pretrain": "val loss", "sft": "test answer loss", "dpo": "held-out DPO loss",

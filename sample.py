@@ -14,9 +14,9 @@ import torch
 
 from checkpoint import load_model
 from configurator import check_ranges, configure
+from device import PTDTYPE, resolve_device
 from engine import TextStreamer, compiled_step, generate
 from tokenizer import read_text_file
-from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model)

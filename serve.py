@@ -26,9 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from checkpoint import load_model
 from configurator import check_ranges, configure
+from device import PTDTYPE, resolve_device
 from engine import Engine, Request, TextStreamer
 from tokenizer import split_turns
-from training import PTDTYPE, resolve_device
 
 # -----------------------------------------------------------------------------
 out_dir = "out-sft"          # the checkpoint to serve (a directory of ours, or an imported Llama)

@@ -21,12 +21,13 @@ import torch
 import evaluate
 from checkpoint import check_tokenizer, model_to_tune
 from configurator import check_ranges, configure
+from device import run_main, setup_device
 from memory import preflight
 from model import peak_flops
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, lora_base_dtype,
-                      make_optimizer, nothing_to_do, open_out_dir, resume, run_main, save_run,
-                      seed_step, setup_device, stream_position, to_device, train_step)
+                      make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
+                      stream_position, to_device, train_step)
 
 # -----------------------------------------------------------------------------
 # I/O

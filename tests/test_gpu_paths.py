@@ -19,7 +19,7 @@ import model as model_module
 from conftest import ROOT, TINY_MODEL, read_log, run, tiny
 from engine import generate
 from model import chunked_cross_entropy, peak_flops
-from training import auto_compile, auto_dtype
+from device import auto_compile, auto_dtype
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ import json, sys, torch
 sys.path.insert(0, {root!r})
 from memory import preflight
 from model import ModelArgs, Transformer
-from training import setup_device
+from device import setup_device
 torch.set_num_threads(2)
 def rss(field):
     for line in open("/proc/self/status"):

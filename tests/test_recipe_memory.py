@@ -117,7 +117,7 @@ def test_loading_a_bf16_llama_for_lora_holds_about_one_copy_of_it(hf_base_bf16, 
 # then whether the shards hold exactly what one process loading the base alone would hold
 LOAD_SHARDED = LOADING + """
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from training import setup_device, wrap_fsdp
+from device import setup_device, wrap_fsdp
 on_rank0 = sys.argv[3] == "rank0"
 run = setup_device("cpu", "float32", False)
 before = status_mib("VmRSS")

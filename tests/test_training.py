@@ -6,7 +6,8 @@ import signal
 import pytest
 import torch
 
-from training import Logger, Stopper, claim_out_dir, cosine_lr, resolve_device, setup_device
+from device import resolve_device, setup_device
+from training import Logger, Stopper, claim_out_dir, cosine_lr
 
 
 def test_cosine_lr_warms_up_decays_and_stays_at_the_minimum():
@@ -125,10 +126,13 @@ def test_the_import_graph_is_acyclic_and_the_shared_modules_never_import_a_stage
                 found.add(node.module.split(".")[0])
         imports[name] = found & set(modules) - {name}
     shared = {"configurator", "muon", "lora", "tokenizer", "engine", "model", "demo", "memory", "checkpoint",
-              "training"}
+              "device", "training"}
     assert shared <= set(modules)
     for name in shared:
         assert imports[name] <= shared, f"{name} imports the stage script(s) {imports[name] - shared}"
+    # the loop protocol is for the scripts that train: a decoder, an evaluator or a report asks device.py
+    assert {name for name in modules if "training" in imports[name]} <= {"pretrain", "sft", "dpo", "grpo"}
+    assert not imports["device"] and not imports["engine"] - {"model"}  # the floor of the house
     done, visiting = set(), []
 
     def visit(name):  # depth first: meeting a module already on the path is a cycle
