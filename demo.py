@@ -315,9 +315,9 @@ def chain_shaped(question, answer, reference):
 
 # ---------------------------------------------------------------------------- the built-in benchmark
 
-def benchmark_items(val_fraction, per_task=300, seed=1234):
+def benchmark_items(val_fraction, per_task=0, seed=1234):
     """
-    The built-in multiple-choice benchmark (benchmarks.py scores it), from held-out documents only (those
+    The built-in multiple-choice benchmark (exams.py scores it), from held-out documents only (those
     tokenizer.is_val puts in val: never trained on), fixed by seed: {task: [(candidates, correct index,
     mode)]}. Each candidate is a (context, continuation) pair of texts; mode "continuation": one context,
     the continuations compete; "context": the contexts compete to predict one continuation.
@@ -325,7 +325,9 @@ def benchmark_items(val_fraction, per_task=300, seed=1234):
     - idiom_meaning: which of four idioms (with their pinyin, as the corpus writes them) the explanation is of;
     - news_order: a news sentence against three reorderings of its clauses;
     - review_sentiment: a review, then 这条评论是正面的 / 负面的.
+    per_task bounds each task as --per_task bounds the held-out tasks (0: the most, 300).
     """
+    per_task = min(300, per_task or 300)
     rng = random.Random(seed)
     # what pretraining reads (prepare_data.py: the documents is_val leaves in train): no item's text occurs in it
     train_text = "\n".join(d for d in documents(val_fraction) if not is_val(d, val_fraction))

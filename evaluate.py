@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import benchmarks
 import demo
+import exams
 from checkpoint import checkpoint_format, load_model, writable
 from configurator import check_ranges, configure
 from device import PTDTYPE, resolve_device
@@ -56,7 +56,7 @@ onpolicy_tasks = "ner"       # onpolicy_pairs: the tasks asked (all their traini
 ceval = ""                   # a local C-Eval folder (dev/, val/, test/): score its val questions instead
 cmmlu = ""                   # a local CMMLU folder (dev/, test/): score its test questions instead
 shots = 5                    # ceval/cmmlu: answered dev questions before each question (0: zero-shot)
-benchmark = False            # the built-in offline benchmark (benchmarks.py) instead, the model beside its base
+benchmark = False            # the built-in offline benchmark (exams.py) instead, the model beside its base
 report_card = False          # instead: the built-in benchmark, then out_dir/report.md (report.py), eval.json's scores in it
 pass_k = 0                   # > 0: also k sampled answers to each held-out question of the checkable tasks: pass@1
                              # (the mean score of the samples) and pass@k (the best of the k), per model
@@ -208,7 +208,7 @@ def print_comparison(results):
         print(f"{label:<28}{cells}")
 
 
-def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None, pass_k=0, pass_temperature=1.0):
+def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, extra=None, pass_k=0, pass_temperature=1.0):
     """
     models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}: each
     model reads the questions with its own tokenizer (a base model does not know the pieces an extended
@@ -254,11 +254,6 @@ def compare(models, data_dir, per_task, report_path, batch_size=32, extra=None, 
     return results
 
 
-def benchmark_items(val_fraction, per_task):
-    """The built-in benchmark's items: per_task bounds each task as it bounds the held-out tasks (0: all 300)."""
-    return demo.benchmark_items(val_fraction, per_task=min(300, per_task or 300))
-
-
 def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, per_task, run, tasks=True,
                    evaluate_models=True):
     """
@@ -286,9 +281,9 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
                 base_model, base_tok, _ = load_model(base_dir, run.device, dtype)
                 models = {base_name: (base_model, base_tok, base_dir), **models}
             if tasks:
-                compare(models, data_dir, per_task, os.path.join(out_dir, "eval.json"))
-            benchmarks.compare(models, benchmark_items(val_fraction, per_task), os.path.join(out_dir, "benchmark.json"),
-                               val_fraction)
+                compare_on_tasks(models, data_dir, per_task, os.path.join(out_dir, "eval.json"))
+            exams.compare_on_benchmark(models, demo.benchmark_items(val_fraction, per_task),
+                                       os.path.join(out_dir, "benchmark.json"), val_fraction)
         write_card(out_dir, trained, tok)
     except KeyboardInterrupt:
         raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
@@ -338,23 +333,23 @@ def write_onpolicy_pairs(model, tok, path, tasks, val_fraction, batch_size):
           + (f" ({dropped:,} sentiment ones left out to balance the labels)" if dropped else ""))
 
 
-def run_exams(model, tok, checkpoint, exams, report_path):
+def run_exams(model, tok, checkpoint, folders, report_path):
     """--ceval / --cmmlu: the model's accuracy on each local exam folder, printed by category and written to
     report_path with every question's prediction."""
     report_dir = os.path.dirname(os.path.abspath(report_path))
     if not writable(report_dir):
         raise SystemExit(f"error: cannot write {report_path}; pass --report=somewhere/exams.json")
     as_chat = checkpoint.get("stage") in ("sft", "dpo", "grpo") if chat == "auto" else chat in (True, "True", "true")
-    report = {"checkpoint": out_dir, "shots": shots, "chat": as_chat, "chance": benchmarks.CHANCE, "exams": {}}
-    for kind, directory in exams:
-        subjects, malformed = benchmarks.read_exam(directory, kind)
+    report = {"checkpoint": out_dir, "shots": shots, "chat": as_chat, "chance": exams.CHANCE, "exams": {}}
+    for kind, directory in folders:
+        subjects, malformed = exams.read_exam(directory, kind)
         n_questions = sum(len(s["questions"]) for s in subjects.values())
         print(f"{kind}: {len(subjects)} subjects, {n_questions:,} questions from {directory}"
               + (f" ({malformed} malformed rows skipped)" if malformed else "")
               + f"; {shots}-shot, {'in the chat template' if as_chat else 'as plain text'}")
         predictions, t0 = [], time.time()
-        results = benchmarks.run_exam(model, tok, subjects, shots, as_chat, model.args.max_seq_len, predictions)
-        summary = benchmarks.summarize(results, subjects)
+        results = exams.run_exam(model, tok, subjects, shots, as_chat, model.args.max_seq_len, predictions)
+        summary = exams.summarize(results, subjects)
         print(f"{'category':<24}{'accuracy':>10}{'centred':>10}{'n':>8}   ({time.time() - t0:.0f}s)")
         for name, r in [*summary["categories"].items(), ("overall", summary["overall"])]:
             print(f"{name:<24}{r['accuracy'] * 100:>9.1f}%{r['centred'] * 100:>9.1f}%{r['n']:>8}")
@@ -368,8 +363,8 @@ def run_exams(model, tok, checkpoint, exams, report_path):
 def main():
     config = configure(globals())
     check_ranges(config, at_least_0=("per_task", "shots", "pass_k", "pass_temperature"), at_least_1=("batch_size",))
-    exams = [(kind, directory) for kind, directory in (("ceval", ceval), ("cmmlu", cmmlu)) if directory]
-    for kind, directory in exams:
+    folders = [(kind, directory) for kind, directory in (("ceval", ceval), ("cmmlu", cmmlu)) if directory]
+    for kind, directory in folders:
         if not os.path.isdir(directory):
             raise SystemExit(f"error: --{kind}={directory} is not a folder; pass the local {kind} folder")
     if report_card and checkpoint_format(out_dir) != "ours":
@@ -377,9 +372,9 @@ def main():
                          f"an imported model has no run to report (--benchmark=True scores it)")
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
-    report_path = report or os.path.join(out_dir, "exams.json" if exams else "eval.json")
-    if exams:
-        run_exams(model, tok, checkpoint, exams, report_path)
+    report_path = report or os.path.join(out_dir, "exams.json" if folders else "eval.json")
+    if folders:
+        run_exams(model, tok, checkpoint, folders, report_path)
         return
     if not onpolicy_pairs and not benchmark and not report_card:
         # before minutes of answering: the questions exist, the report is writable
@@ -411,14 +406,14 @@ def main():
             print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")
     try:
         if benchmark or report_card:
-            benchmarks.compare(models, benchmark_items(val_fraction, per_task),
-                               report if benchmark and report else os.path.join(out_dir, "benchmark.json"),
-                               val_fraction)
+            exams.compare_on_benchmark(models, demo.benchmark_items(val_fraction, per_task),
+                                       report if benchmark and report else os.path.join(out_dir, "benchmark.json"),
+                                       val_fraction)
             if report_card:
                 write_card(out_dir, model, tok)
             return
         extra = sentiment_baselines(load_tests(data_dir) or [], val_fraction) if baselines else None
-        compare(models, data_dir, per_task, report_path, batch_size, extra, pass_k, pass_temperature)
+        compare_on_tasks(models, data_dir, per_task, report_path, batch_size, extra, pass_k, pass_temperature)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: nothing was written")
 

@@ -39,7 +39,7 @@ overwrite = False                 # scratch into an out_dir that holds a checkpo
 eval_interval = 250               # measure val loss and save a checkpoint every this many iterations
 eval_iters = 20                   # val batches per evaluation
 log_interval = 25                 # iterations per log line
-evaluate_benchmark = True         # after training, the built-in benchmark (benchmarks.py) and samples for the report
+evaluate_benchmark = True         # after training, the built-in benchmark (exams.py) and samples for the report
                                   # card, out_dir/report.md (report.py); False: the card from the logs alone
 # model
 preset = "demo"                   # a size from model.PRESETS: demo, 9m, 24m, 58m, 134m, 256m

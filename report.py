@@ -208,7 +208,7 @@ def quote(text):
     return "\n".join("> " + line for line in text.split("\n"))
 
 
-def gb(x):
+def gigabytes(x):
     return f"{x:.2f} GB" if x is not None else "-"
 
 
@@ -247,7 +247,7 @@ def markdown(card):
     if t["speed"]:
         rows.append(("speed", f"{t['speed']['median']:,.0f} {t['speed']['unit']} (median of the logged intervals)"
                      + (f"; MFU {t['mfu_median'] * 100:.1f}%" if t["mfu_median"] else "")))
-    rows.append(("peak memory", f"GPU {gb(t['peak_device_gb'])} allocated; host {gb(t['peak_host_gb'])} resident"))
+    rows.append(("peak memory", f"GPU {gigabytes(t['peak_device_gb'])} allocated; host {gigabytes(t['peak_host_gb'])} resident"))
     for which in ("final", "best"):
         r = t[which]
         if r:
@@ -268,7 +268,7 @@ def markdown(card):
         lines.append(f"| {i} | `{s.get('command')}` | {s.get('git_commit') or '-'} | {s.get('device')}, "
                      f"{s.get('dtype')}, {s.get('world_size')} process(es) | "
                      f"{s.get('first_iter')}-{s.get('last_iter')} "
-                     f"| {duration(s.get('wall_s'))} | {gb(s.get('peak_device_gb'))} / {gb(s.get('peak_host_gb'))} |")
+                     f"| {duration(s.get('wall_s'))} | {gigabytes(s.get('peak_device_gb'))} / {gigabytes(s.get('peak_host_gb'))} |")
     lines.append("")
 
     lines += ["## Held-out tasks", ""]

@@ -99,7 +99,7 @@ def test_help_lists_the_settings_with_their_descriptions_and_no_internal_constan
 
 
 @pytest.mark.parametrize("script", ["prepare_data.py", "pretrain.py", "sft.py", "sample.py", "export.py",
-                                    "evaluate.py", "bench.py"])
+                                    "evaluate.py", "bench.py", "gpu_report.py"])
 def test_every_script_declares_a_type_for_every_setting(script):
     p = run(script, "--help")  # a None default without an annotation is a TypeError here
     assert p.out.count("\n  --") >= 5

@@ -200,9 +200,9 @@ def test_ddp_raises_no_deprecation_warning(demo_data, tmp_path):
 
 
 def test_the_gpu_measurement_command_runs_every_part_on_a_cpu_with_toy_shapes(tmp_path):
-    # `bench.py --what=gpu` is what a user runs first on a new GPU machine: with --tiny it must run whole here
+    # `gpu_report.py` is what a user runs first on a new GPU machine: with --tiny it must run whole here
     report = tmp_path / "report"
-    p = run("bench.py", "--what=gpu", "--tiny=True", f"--gpu_report={report}", timeout=300)
+    p = run("gpu_report.py", "--tiny=True", f"--gpu_report={report}", timeout=300)
     import json
     r = json.loads((tmp_path / "report.json").read_text())
     assert set(r) >= {"device", "train", "sft_compile", "loss", "lora", "decode", "distributed"}, p.out

@@ -235,10 +235,10 @@ def headline(results):
     return float(np.mean([centred(accuracy, chance) for accuracy, _, chance in results.values()]))
 
 
-def compare(models, items, report_path, val_fraction):
+def compare_on_benchmark(models, items, report_path, val_fraction):
     """
     models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}, as
-    evaluate.compare takes them. Every model on the built-in benchmark's items: prints the table of raw and
+    evaluate.compare_on_tasks takes them. Every model on the built-in benchmark's items: prints the table of raw and
     chance-centred scores with the headline (their mean centred score) and writes it to report_path.
     Returns {name: {task: (accuracy, n, chance)}}.
     """

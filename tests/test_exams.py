@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-import benchmarks
+import exams
 import demo
 from checkpoint import load_model, save_checkpoint
 from conftest import documents_in, run
@@ -79,18 +79,18 @@ def cmmlu_dir(tmp_path):
 
 
 def test_both_layouts_are_read_and_a_malformed_row_is_counted_and_skipped(ceval_dir, cmmlu_dir):
-    subjects, malformed = benchmarks.read_exam(str(ceval_dir), "ceval")
+    subjects, malformed = exams.read_exam(str(ceval_dir), "ceval")
     assert malformed == 1 and set(subjects) == {"high_school_geography", "chinese_language_and_literature"}
     geography = subjects["high_school_geography"]
     assert geography["name"] == "高中地理" and geography["category"] == "STEM"
     assert geography["questions"] == QUESTIONS and geography["shots"] == SHOTS  # val scored, dev as shots
-    subjects, malformed = benchmarks.read_exam(str(cmmlu_dir), "cmmlu")
+    subjects, malformed = exams.read_exam(str(cmmlu_dir), "cmmlu")
     assert malformed == 0 and subjects["world_history"]["questions"] == QUESTIONS
     assert subjects["world_history"]["name"] == "world history"  # no subject_mapping.json: the file name
 
 
 def test_a_k_shot_prompt_is_the_harness_text():
-    prompt = benchmarks.exam_prompt("高中地理", SHOTS[:2], QUESTIONS[0])
+    prompt = exams.exam_prompt("高中地理", SHOTS[:2], QUESTIONS[0])
     assert prompt == ("以下是中国关于高中地理考试的单项选择题，请选出其中的正确答案。\n\n"
                       "1加1等于多少？\nA. 2\nB. 3\nC. 4\nD. 5\n答案：A\n\n"
                       "2加3等于多少？\nA. 5\nB. 6\nC. 7\nD. 8\n答案：A\n\n"
@@ -100,10 +100,10 @@ def test_a_k_shot_prompt_is_the_harness_text():
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
 def test_the_letter_scores_are_the_models_log_probabilities_at_the_answer_position(untrained, chat):
     model, tok, _ = load_model(untrained)
-    prompt = benchmarks.exam_prompt("高中地理", SHOTS[:1], QUESTIONS[1])
-    ids, continuations = benchmarks.option_tokens(tok, prompt, benchmarks.LETTERS, chat)
+    prompt = exams.exam_prompt("高中地理", SHOTS[:1], QUESTIONS[1])
+    ids, continuations = exams.option_tokens(tok, prompt, exams.LETTERS, chat)
     assert all(len(c) == 1 for c in continuations)  # each letter one token there: one forward pass scores all four
-    scores = benchmarks.option_logprobs(model, ids, continuations)
+    scores = exams.option_logprobs(model, ids, continuations)
     # independently: the full sequence's logits, the last position, the four letters' ids
     tokens = torch.tensor([ids])
     with torch.no_grad():
@@ -118,9 +118,9 @@ def test_the_letter_scores_are_the_models_log_probabilities_at_the_answer_positi
 
 
 def test_chance_centred_scores():
-    assert benchmarks.centred(0.25, 0.25) == 0 and benchmarks.centred(1.0, 0.25) == 1
-    assert benchmarks.centred(0.625, 0.25) == pytest.approx(0.5) and benchmarks.centred(0.0, 0.5) == -1
-    summary = benchmarks.summarize({"a": (1.0, 3), "b": (0.0, 1)}, {"a": {"category": "X"}, "b": {"category": "X"}})
+    assert exams.centred(0.25, 0.25) == 0 and exams.centred(1.0, 0.25) == 1
+    assert exams.centred(0.625, 0.25) == pytest.approx(0.5) and exams.centred(0.0, 0.5) == -1
+    summary = exams.summarize({"a": (1.0, 3), "b": (0.0, 1)}, {"a": {"category": "X"}, "b": {"category": "X"}})
     assert summary["overall"] == {"accuracy": 0.75, "centred": pytest.approx(2 / 3), "n": 4}  # each question alike
 
 
@@ -166,7 +166,7 @@ def test_the_builtin_benchmark_is_fixed_and_its_items_are_never_trained_on(demo_
 
 def test_an_untrained_model_scores_chance_on_every_builtin_task(untrained, builtin_items):
     model, tok, _ = load_model(untrained)
-    results = benchmarks.run_benchmark(model, tok, builtin_items)
+    results = exams.run_benchmark(model, tok, builtin_items)
     for task, (accuracy, n, chance) in results.items():
         assert n == len(builtin_items[task])
         assert abs(accuracy - chance) < 2.58 * math.sqrt(chance * (1 - chance) / n), (task, accuracy)  # 99% interval
@@ -175,7 +175,7 @@ def test_an_untrained_model_scores_chance_on_every_builtin_task(untrained, built
 def test_a_continuation_is_scored_by_its_mean_log_probability_and_a_shared_ending_by_its_sum(untrained):
     model, tok, _ = load_model(untrained)
     candidates = [("床前明月", "光"), ("床前明月", "亮")]
-    scores = benchmarks.choice_scores(model, tok, candidates, "continuation")
+    scores = exams.choice_scores(model, tok, candidates, "continuation")
     for (context, continuation), score in zip(candidates, scores):  # by hand: every token after the shared start
         seq = tok.encode(context + continuation, bos=True)
         start = next(i for i in range(len(seq)) if any(tok.encode(c + x, bos=True)[i] != seq[i] for c, x in candidates))
