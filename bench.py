@@ -72,7 +72,7 @@ def bench_prep():
     print("== prepare_data.py on the demo corpus (tokenizer given, so this is reading + tokenizing + writing)")
     for workers in (1, os.cpu_count()):
         out, dt, _ = run_prepare("--sft_input=", f"--tokenizer_model={tok}", f"--workers={workers}",
-                                 "--out_dir=/tmp/bench_prep")
+                                 "--data_dir=/tmp/bench_prep")
         line = next(l for l in out.splitlines() if l.startswith("pretraining tokens"))
         print(f"workers={workers}: {line.split(';')[-1].strip()}, {dt:.1f}s wall")
     if big_jsonl_gb <= 0:
@@ -91,7 +91,7 @@ def bench_prep():
                 written += len(line.encode("utf-8"))
                 i += 1
         _, dt, peak_mb = run_prepare(f"--input={path}", "--sft_input=", f"--tokenizer_model={tok}",
-                                     "--out_dir=/tmp/bench_big")
+                                     "--data_dir=/tmp/bench_big")
         print(f"{os.path.getsize(path) / 2**30:.2f} GB JSONL: {dt:.0f}s, peak RSS {peak_mb:.0f} MB")
         os.remove(path)
 

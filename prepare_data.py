@@ -5,7 +5,7 @@ Corpora -> tokenizer -> token files.
     python prepare_data.py --input=wiki.json,seq_monkey.jsonl --sft_input=belle/ --vocab_size=32000
     python prepare_data.py --tokenizer_model=chatglm3/tokenizer.model --input=corpus/
 
-Writes into out_dir (default data/):
+Writes into data_dir (default data/), the folder every later stage reads as --data_dir:
     tokenizer.model                   the sentencepiece model every later stage loads
     train_000.bin, val_000.bin, ...   pretraining tokens, uint16, each document as [BOS] + tokens
     train_000.json, ...               sidecar: dtype, tokens, documents, characters, tokenizer hash
@@ -16,26 +16,14 @@ Writes into out_dir (default data/):
     dpo_{train,test}.bin, ...         DPO pairs, the same four files: sequence 2i is prompt + chosen answer,
                                       2i + 1 prompt + rejected answer; dpo_test.jsonl the raw held-out pairs
 
-Pretraining inputs (files, or directories searched recursively):
-    .jsonl  one JSON object per line with a "text" field         {"text": "床前明月光，疑是地上霜。"}
-    .json   a JSON array of objects with "completion" (or text)  [{"completion": "..."}, ...]
-            (a .json file whose first character is "{" is read as JSONL)
-    .txt    plain text; blank lines separate documents
-SFT inputs (.jsonl or .json, as above), one conversation per object:
-    Belle     {"instruction": "...", "input": "...", "output": "..."}
-    ShareGPT  {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
-    messages  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]} or a bare list
-              of such messages
-    A conversation longer than --max_len tokens is cut after its last whole answer that fits, or skipped.
-DPO inputs (--dpo_input, .jsonl or .json), one preference pair per object: TRL's prompt/chosen/rejected
-    (strings or messages, or chosen/rejected conversations with the prompt implicit), ShareGPT with
-    chosen/rejected, hh-rlhf-cn's context, or question/response_chosen/response_rejected; answers cut
-    to fit --max_len.
+Inputs: --input (pretraining documents), --sft_input (conversations), --dpo_input (preference pairs),
+each "demo", or comma-separated files and directories (searched recursively). The layouts read (JSONL,
+JSON, text; Belle, ShareGPT, messages; TRL's and other pair formats) are data_formats.py's. A conversation
+longer than --max_len tokens is cut after its last whole answer that fits, or skipped; DPO answers are cut to fit.
 
 Every document is split into train or val by a hash of its text, so the split never depends on
 file order or worker count, and the demo's SFT test questions come only from val documents.
 """
-import codecs
 import collections
 import glob
 import json
@@ -46,16 +34,17 @@ import signal
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 import demo
-from tokenizer import (Tokenizer, add_chinese_pieces, compatibility_warnings, is_chinese, is_val, sniff_encoding,
-                       split_turns, train_tokenizer, turn_boundary_cut)
+from data_formats import Counts, file_conversations, file_documents, file_pairs, input_files
+from tokenizer import (Tokenizer, add_chinese_pieces, compatibility_warnings, is_chinese, is_val, train_tokenizer,
+                       turn_boundary_cut)
 
 # -----------------------------------------------------------------------------
 input = "demo"              # pretraining sources: "demo", or comma-separated files/directories; "": none
 sft_input = "demo"          # SFT conversations: "demo", or comma-separated files/directories; "" skips SFT data
-out_dir = "data"            # where the tokenizer and token files go
+data_dir = "data"           # where the tokenizer and token files go (the data_dir of every later stage)
+out_dir: str = None         # the old name of data_dir, still read (with a note)
 vocab_size = 8192           # size of the tokenizer to train (at most 65535: token files are uint16)
 tokenizer_model = ""        # an existing sentencepiece .model to use instead of training one
 extend_tokenizer = ""       # a .model (e.g. Llama 2's) to extend with Chinese pieces learned from --input
@@ -69,344 +58,6 @@ dpo_input = "demo"          # DPO preference pairs: "demo", or comma-separated f
 # -----------------------------------------------------------------------------
 
 BATCH_CHARS = 1 << 18       # characters of text sent to a worker at a time
-MAX_DOC_CHARS = 1 << 20     # a .txt "document" with no blank line for this long is cut at a line end
-
-
-# ---------------------------------------------------------------------------- reading inputs
-
-class Counts(collections.Counter):
-    """
-    What happened to one input file: documents kept and every kind of repair or skip. Also the
-    file's text encoding (readers decode with it) and, in keys starting with "_", the characters
-    kept and how many of them are U+FFFD, so that a garbled file is caught (check_replacement).
-    """
-    encoding = "utf-8"
-
-    def __init__(self):
-        super().__init__()
-        self.notes = []  # how the file was read, where that is not what its name says
-
-    def summary(self, name):
-        issues = ", ".join(f"{n} {what}" for what, n in self.items() if what != "kept" and not what.startswith("_"))
-        notes = self.notes + ([f"decoded as {self.encoding.upper()}"] if self.encoding != "utf-8" else [])
-        read_as = f" ({'; '.join(notes)})" if notes else ""
-        return f"  {name}{read_as}: {self['kept']} kept" + (f"; {issues}" if issues else "")
-
-    def check_replacement(self, name, limit=0.1):
-        """A file whose kept text is largely U+FFFD is garbage in another encoding: an error, not a success."""
-        if self["_chars"] and self["_replaced"] > limit * self["_chars"]:
-            raise SystemExit(f"error: {name}: {self['_replaced'] * 100 // self['_chars']}% of its text is U+FFFD "
-                             f"(bytes that are not UTF-8); convert the file to UTF-8 or leave it out")
-
-
-def clean_text(text, counts):
-    """Repairs that keep a document: invalid UTF-8 (lone surrogates from JSON escapes), CRLF. None if empty."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-        counts["with invalid UTF-8 repaired"] += 1
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        counts["with CR line ends repaired"] += 1
-    if not text.strip():
-        counts["empty skipped"] += 1
-        return None
-    counts["_chars"] += len(text)
-    counts["_replaced"] += text.count("\ufffd")
-    return text
-
-
-def read_lines(path, counts, progress):
-    """Lines of a file as str (in counts.encoding), streamed; BOM, CRLF and undecodable bytes repaired and counted."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f):
-            progress.update(len(raw))
-            if lineno == 0 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-                counts["BOM removed"] += 1
-            try:
-                line = raw.decode(counts.encoding)
-            except UnicodeDecodeError:
-                line = raw.decode(counts.encoding, errors="replace")
-                encoding = "UTF-8" if counts.encoding == "utf-8" else counts.encoding.upper()
-                counts[f"lines with invalid {encoding} repaired"] += 1
-            if line.endswith("\r\n"):
-                line = line[:-2] + "\n"
-                counts["CRLF line ends repaired"] += 1
-            yield line
-
-
-def read_json_values(path, counts, progress, array=True, chunk_chars=1 << 20, max_object_chars=1 << 26):
-    """
-    The elements of a top-level JSON array (array=True), or a file of JSON values one after another
-    (pretty-printed objects), parsed incrementally: memory stays at about one element.
-    """
-    decoder = json.JSONDecoder()
-    bad_bytes = [0]
-
-    def count_replace(err):
-        bad_bytes[0] += 1
-        return "\ufffd", err.end
-
-    codecs.register_error("prepare_data_count", count_replace)
-    with open(path, "rb") as raw:
-        encoding = "utf-8-sig" if counts.encoding == "utf-8" else counts.encoding
-        f = codecs.getreader(encoding)(raw, errors="prepare_data_count")
-        buf, pos, eof, read_bytes = "", 0, False, 0
-
-        def more():
-            nonlocal buf, pos, eof, read_bytes
-            chunk = f.read(chunk_chars)
-            progress.update(raw.tell() - read_bytes)
-            read_bytes = raw.tell()
-            eof = not chunk
-            buf, pos = buf[pos:] + chunk, 0
-
-        more()
-        while array:  # skip to "["
-            buf_ws = len(buf) - len(buf[pos:].lstrip())
-            pos += buf_ws
-            if pos < len(buf) or eof:
-                break
-            more()
-        if array and (pos >= len(buf) or buf[pos] != "["):
-            counts["not a JSON array: file skipped"] += 1
-            return
-        pos += array
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(buf):
-                if eof:
-                    if array:
-                        counts["unterminated JSON array"] += 1
-                    break
-                more()
-                continue
-            if array and buf[pos] == "]":
-                break
-            try:
-                obj, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError:
-                if not eof and len(buf) - pos < max_object_chars:
-                    more()  # probably an element cut by the chunk boundary
-                    continue
-                counts["invalid JSON: rest of file skipped"] += 1
-                break
-            pos = end
-            yield obj
-            if pos > chunk_chars:
-                buf, pos = buf[pos:], 0
-    if bad_bytes[0]:
-        counts["invalid UTF-8 bytes repaired"] += bad_bytes[0]
-
-
-def read_json_records(path, counts, progress):
-    """
-    JSON values of a .jsonl or .json file, whichever of the common shapes it has: JSON Lines, a JSON
-    array (also when saved as .jsonl), or pretty-printed objects one after another. A shape that is
-    not what the file's name says is named in its summary line.
-    """
-    with open(path, "rb") as f:
-        head = f.read(1 << 16).lstrip(codecs.BOM_UTF8).lstrip()
-    if head.startswith(b"["):
-        if path.endswith(".jsonl"):
-            counts.notes.append("a JSON array, not JSON Lines: read as an array")
-        yield from read_json_values(path, counts, progress, array=True)
-        return
-    first, _, rest = head.partition(b"\n")
-    if first.startswith(b"{") and not first.rstrip().endswith(b"}") and rest[:1] in (b" ", b"\t", b"}", b'"'):
-        counts.notes.append("pretty-printed JSON, not one object per line: read object by object")
-        yield from read_json_values(path, counts, progress, array=False)
-        return
-    for line in read_lines(path, counts, progress):
-        if not line.strip():
-            counts["empty lines skipped"] += 1
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            counts["invalid JSON lines skipped"] += 1
-
-
-TEXT_FIELDS = ("text", "completion", "content")
-
-
-def read_documents(path, counts, progress):
-    """Pretraining documents (str) of one file."""
-    if path.endswith(".txt"):
-        lines, n = [], 0
-        for line in read_lines(path, counts, progress):
-            if line.strip():
-                lines.append(line.rstrip("\n"))
-                n += len(line)
-            if (not line.strip() or n > MAX_DOC_CHARS) and lines:
-                yield "\n".join(lines)
-                lines, n = [], 0
-        if lines:
-            yield "\n".join(lines)
-        return
-    for record in read_json_records(path, counts, progress):
-        if isinstance(record, str):
-            yield record
-            continue
-        field = next((k for k in TEXT_FIELDS if isinstance(record, dict) and k in record), None)
-        if field is None:
-            counts[f"records without a {'/'.join(TEXT_FIELDS)} field skipped"] += 1
-        elif not isinstance(record[field], str):
-            counts[f"records with a non-string {field} skipped"] += 1
-        else:
-            yield record[field]
-
-
-ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-              "bot": "assistant", "chatgpt": "assistant", "system": "system"}
-
-
-def to_messages(record):
-    """A conversation in any supported SFT format -> [{"role", "content"}, ...], or None."""
-    if isinstance(record, list):
-        messages = record
-    elif not isinstance(record, dict):
-        return None
-    elif "messages" in record:
-        messages = record["messages"]
-    elif "conversations" in record:
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            return None
-        messages = [{"role": ROLE_NAMES.get(str(t.get("from", "")).lower()), "content": t.get("value")} for t in turns]
-        if isinstance(record.get("system"), str) and record["system"].strip():
-            messages.insert(0, {"role": "system", "content": record["system"]})
-    elif "instruction" in record and "output" in record:
-        user = record["instruction"]
-        if isinstance(record.get("input"), str) and record["input"].strip():
-            user = f"{user}\n{record['input']}" if isinstance(user, str) else user
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    else:
-        return None
-    try:
-        split_turns(messages)
-    except ValueError:
-        return None
-    return messages
-
-
-def message_list(turns, role_key, text_key):
-    """[{"role", "content"}] from a list of turns spelled {role_key: ..., text_key: ...}, or None."""
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        return None
-    return [{"role": ROLE_NAMES.get(str(t.get(role_key, "")).lower()), "content": t.get(text_key)} for t in turns]
-
-
-def answer_text(answer):
-    """The text of a chosen/rejected answer: a string, one message {from/role: ..., value/content/text: ...},
-    or a list of messages ending with the answer (TRL's conversational form)."""
-    if isinstance(answer, str):
-        return answer
-    if isinstance(answer, list) and answer and isinstance(answer[-1], dict):
-        answer = answer[-1]
-    if isinstance(answer, dict):
-        text = next((answer[k] for k in ("content", "value", "text") if k in answer), None)
-        return text if isinstance(text, str) else None
-    return None
-
-
-def to_preference(record):
-    """
-    A preference pair in any supported format -> (prompt messages ending with a user turn, chosen answer,
-    rejected answer), or None:
-      TRL          {"prompt": "...", "chosen": "...", "rejected": "..."}, or each a list of messages
-      TRL implicit {"chosen": [messages], "rejected": [messages]}: the prompt is their shared start
-      sharegpt     {"conversations": [{"from", "value"}...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}
-                   (LLaMA-Factory; hiyouga/DPO-En-Zh-20k), with an optional "system"
-      hh-rlhf-cn   {"context": [{"role": "human", "text"}...], "chosen": {"role", "text"}, "rejected": {...}}
-      question     {"system", "history": [[q, a]...], "question", "response_chosen", "response_rejected"}
-    """
-    if not isinstance(record, dict):
-        return None
-    chosen, rejected = record.get("chosen"), record.get("rejected")
-    if "prompt" in record:
-        prompt = record["prompt"]
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        else:
-            prompt = message_list(prompt, "role", "content")
-    elif "conversations" in record:
-        prompt = message_list(record["conversations"], "from", "value")
-    elif "context" in record:
-        prompt = message_list(record["context"], "role", "text")
-    elif "question" in record:
-        history = record.get("history") or []
-        if not all(isinstance(h, list) and len(h) == 2 for h in history):
-            return None
-        prompt = [{"role": r, "content": c} for q, a in history for r, c in (("user", q), ("assistant", a))]
-        prompt.append({"role": "user", "content": record["question"]})
-        chosen, rejected = record.get("response_chosen"), record.get("response_rejected")
-    elif isinstance(chosen, list) and isinstance(rejected, list):  # TRL's implicit prompt
-        common = 0
-        while common < min(len(chosen), len(rejected)) - 1 and chosen[common] == rejected[common]:
-            common += 1
-        prompt = message_list(chosen[:common], "role", "content")
-        chosen, rejected = chosen[common:], rejected[common:]
-    else:
-        return None
-    if prompt is None:
-        return None
-    system = record.get("system")
-    if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
-        prompt.insert(0, {"role": "system", "content": system})
-    chosen, rejected = answer_text(chosen), answer_text(rejected)
-    if chosen is None or rejected is None or not prompt or prompt[-1]["role"] != "user":
-        return None
-    try:
-        split_turns(prompt)
-    except ValueError:
-        return None
-    return prompt, chosen, rejected
-
-
-def input_files(spec, exts):
-    """Files named by a comma-separated list of files and directories; a clear error for a bad path."""
-    files = []
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        if os.path.isdir(item):
-            found = sorted(p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True)
-                           if os.path.isfile(p) and p.endswith(exts))
-            if not found:
-                raise SystemExit(f"error: directory {item} has no {'/'.join(exts)} files")
-            files += found
-        elif os.path.isfile(item):
-            if not item.endswith(exts):
-                raise SystemExit(f"error: {item}: unsupported file type (expected {'/'.join(exts)})")
-            files.append(item)
-        else:
-            raise SystemExit(f"error: input {item} does not exist")
-    empty = [p for p in files if os.path.getsize(p) == 0]
-    if len(empty) == len(files):
-        raise SystemExit(f"error: input {empty[0]} is empty" if len(empty) == 1 else
-                         f"error: all {len(empty)} input files are empty")
-    for p in empty:
-        print(f"  {p}: empty file skipped")
-    return [p for p in files if p not in empty]
-
-
-def iter_file_inputs(files, reader, label, report=True):
-    """Stream records from files with one byte-based progress bar and (if report) a summary line per file."""
-    total = sum(os.path.getsize(p) for p in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=label, dynamic_ncols=True) as bar:
-        for path in files:
-            counts = Counts()
-            counts.encoding = sniff_encoding(path)
-            start = bar.n
-            for item in reader(path, counts, bar):
-                yield item, counts
-            bar.n = start + os.path.getsize(path)  # the JSON array reader reports bytes coarsely
-            bar.refresh()
-            if report:
-                tqdm.write(counts.summary(path))
-            counts.check_replacement(path)
 
 
 # ---------------------------------------------------------------------------- tokenizing in parallel
@@ -506,7 +157,7 @@ def parallel_map(fn, batches, n_workers, init_args):
 OUTPUT_KINDS = {"pretraining": ["train_[0-9]*", "val_[0-9]*"], "sft": ["sft_*"], "dpo": ["dpo_*"]}
 
 
-def publish(out_dir, tmp_paths, written_kinds, tokenizer_changed):
+def publish(data_dir, tmp_paths, written_kinds, tokenizer_changed):
     """
     Rename this run's outputs into place, all at the very end, and remove what an earlier run left
     that no longer belongs: its files of every kind this run wrote, and, when the tokenizer changed,
@@ -515,7 +166,7 @@ def publish(out_dir, tmp_paths, written_kinds, tokenizer_changed):
     final = {p[:-len(".tmp")] for p in tmp_paths}
     stale_kinds = OUTPUT_KINDS if tokenizer_changed else {k: OUTPUT_KINDS[k] for k in written_kinds}
     stale = {p for patterns in stale_kinds.values() for pattern in patterns
-             for p in glob.glob(os.path.join(out_dir, pattern)) if not p.endswith(".tmp")} - final
+             for p in glob.glob(os.path.join(data_dir, pattern)) if not p.endswith(".tmp")} - final
     for path in sorted(stale):
         os.remove(path)
     if stale and tokenizer_changed:
@@ -525,16 +176,16 @@ def publish(out_dir, tmp_paths, written_kinds, tokenizer_changed):
 
 
 class ShardWriter:
-    """Appends uint16 tokens to {split}_000.bin, {split}_001.bin, ... in out_dir (as .tmp until publish)."""
+    """Appends uint16 tokens to {split}_000.bin, {split}_001.bin, ... in data_dir (as .tmp until publish)."""
 
-    def __init__(self, out_dir, split, meta, shard_tokens):
-        self.out_dir, self.split, self.meta, self.shard_tokens = out_dir, split, meta, shard_tokens
+    def __init__(self, data_dir, split, meta, shard_tokens):
+        self.data_dir, self.split, self.meta, self.shard_tokens = data_dir, split, meta, shard_tokens
         self.paths, self.file = [], None
         self.total_tokens = self.total_docs = 0
 
     def _open(self):
         self._close_shard()
-        path = os.path.join(self.out_dir, f"{self.split}_{len(self.paths) // 2:03d}.bin.tmp")
+        path = os.path.join(self.data_dir, f"{self.split}_{len(self.paths) // 2:03d}.bin.tmp")
         self.paths += [path, path.replace(".bin.tmp", ".json.tmp")]
         self.file, self.tokens, self.docs, self.chars = open(path, "wb"), 0, 0, 0
 
@@ -631,10 +282,10 @@ def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction
     return tok
 
 
-def prepare_pretraining(tok, documents, out_dir, val_fraction, workers, shard_tokens):
+def prepare_pretraining(tok, documents, data_dir, val_fraction, workers, shard_tokens):
     """Token shards of the documents, as .tmp files; returns their paths."""
     meta = {"tokenizer_sha": tok.sha, "vocab_size": tok.n_words}
-    writers = {split: ShardWriter(out_dir, split, meta, shard_tokens) for split in ("train", "val")}
+    writers = {split: ShardWriter(data_dir, split, meta, shard_tokens) for split in ("train", "val")}
     t0 = time.time()
     batches = ((b, val_fraction) for b in batched(documents()))
     for result in parallel_map(encode_documents, batches, workers, (tok.model_path,)):
@@ -654,7 +305,7 @@ def prepare_pretraining(tok, documents, out_dir, val_fraction, workers, shard_to
     return train.close() + val.close()
 
 
-def prepare_masked(kind, tok, records, encode, out_dir, workers, max_len):
+def prepare_masked(kind, tok, records, encode, data_dir, workers, max_len):
     """
     Masked sequences (kind "sft": a conversation each; "dpo": for pair i, sequence 2i is prompt + chosen
     answer and 2i + 1 prompt + rejected answer) as .tmp files per split: {kind}_{split}.bin (uint16
@@ -666,7 +317,7 @@ def prepare_masked(kind, tok, records, encode, out_dir, workers, max_len):
     label, item = {"sft": ("SFT", "conversation"), "dpo": ("DPO", "pair")}[kind]
     outputs = {}
     for split in ("train", "test"):
-        prefix = os.path.join(out_dir, f"{kind}_{split}")
+        prefix = os.path.join(data_dir, f"{kind}_{split}")
         outputs[split] = {"tokens": open(prefix + ".bin.tmp", "wb"), "mask": open(prefix + "_mask.bin.tmp", "wb"),
                           "raw": open(prefix + ".jsonl.tmp", "w", encoding="utf-8") if split == "test" else None,
                           "offsets": [0], "items": 0, "answer_tokens": 0, "prefix": prefix}
@@ -714,60 +365,11 @@ def prepare_masked(kind, tok, records, encode, out_dir, workers, max_len):
     return tmp_paths
 
 
-def file_records(files, val_fraction, label, convert, what):
-    """
-    (split, messages, answers) for every record of the SFT or DPO input files that convert(record) turns
-    into (messages, answer strings); every text repaired (clean_text), records with an empty one skipped,
-    and the split decided by a hash of the messages, so that pairs with one prompt fall on one side.
-    """
-    for record, counts in iter_file_inputs(files, read_json_records, f"reading {label}"):
-        converted = convert(record)
-        if converted is None:
-            counts[f"records that are not a {what} skipped"] += 1
-            continue
-        messages, answers = converted
-        contents = [clean_text(m["content"], counts) for m in messages] + [clean_text(a, counts) for a in answers]
-        if None in contents:
-            counts[f"{what}s with an empty message skipped"] += 1
-            continue
-        for m, content in zip(messages, contents):
-            m["content"] = content
-        counts["kept"] += 1
-        split = "test" if is_val(json.dumps(messages, ensure_ascii=False), val_fraction) else "train"
-        yield split, messages, contents[len(messages):]
-
-
-def file_conversations(files, val_fraction):
-    """(split, meta, messages) for every conversation in the SFT input files."""
-    def convert(record):
-        messages = to_messages(record)
-        return None if messages is None else (messages, [])
-
-    for split, messages, _ in file_records(files, val_fraction, "SFT", convert, "conversation"):
-        yield split, {}, messages
-
-
-def file_pairs(files, val_fraction):
-    """(split, meta, prompt, chosen, rejected) for every preference pair in the DPO input files."""
-    def convert(record):
-        pair = to_preference(record)
-        return None if pair is None else (pair[0], [pair[1], pair[2]])
-
-    for split, prompt, (chosen, rejected) in file_records(files, val_fraction, "DPO", convert, "preference pair"):
-        yield split, {}, prompt, chosen, rejected
-
-
-def file_documents(files, report=True):
-    """The pretraining documents of the input files, repaired, with one summary line per file if report."""
-    for doc, counts in iter_file_inputs(files, read_documents, "reading" if report else "tokenizer text", report):
-        doc = clean_text(doc, counts)
-        if doc is not None:
-            counts["kept"] += 1
-            yield doc
-
-
 def main():
-    global max_len
+    global max_len, data_dir
+    if out_dir is not None:
+        print(f"note: --out_dir is now --data_dir, as every later stage calls it; using data_dir={out_dir}")
+        data_dir = out_dir
     if sft_max_len is not None:
         print(f"note: --sft_max_len is now --max_len (it cuts DPO pairs too); using max_len={sft_max_len}")
         max_len = sft_max_len
@@ -796,14 +398,14 @@ def main():
     if extend_tokenizer and (tokenizer_model or documents is None):
         raise SystemExit("error: --extend_tokenizer trains the new pieces on --input: give an --input, and no "
                          "--tokenizer_model")
-    tokenizer_path = os.path.join(out_dir, "tokenizer.model")
+    tokenizer_path = os.path.join(data_dir, "tokenizer.model")
     if documents is None and not tokenizer_model and not os.path.exists(tokenizer_path):
         raise SystemExit("error: SFT or DPO data alone needs a tokenizer: pass --tokenizer_model or prepare "
                          "pretraining data first")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SystemExit(f"error: --out_dir={out_dir} is a file, not a directory; choose another --out_dir")
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, "*.tmp")):
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise SystemExit(f"error: --data_dir={data_dir} is a file, not a directory; choose another --data_dir")
+    os.makedirs(data_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(data_dir, "*.tmp")):
         os.remove(stale)  # left by a run that was killed
 
     try:
@@ -816,23 +418,23 @@ def main():
         else:
             tok = Tokenizer(tokenizer_path)
         if documents is not None:
-            tmp_paths += prepare_pretraining(tok, documents, out_dir, val_fraction, workers, shard_tokens)
+            tmp_paths += prepare_pretraining(tok, documents, data_dir, val_fraction, workers, shard_tokens)
         if conversations is not None:
-            tmp_paths += prepare_masked("sft", tok, conversations, encode_conversations, out_dir, workers, max_len)
+            tmp_paths += prepare_masked("sft", tok, conversations, encode_conversations, data_dir, workers, max_len)
         if pairs is not None:
-            tmp_paths += prepare_masked("dpo", tok, pairs, encode_pairs, out_dir, workers, max_len)
+            tmp_paths += prepare_masked("dpo", tok, pairs, encode_pairs, data_dir, workers, max_len)
         written = [kind for kind, source in (("pretraining", documents), ("sft", conversations), ("dpo", pairs))
                    if source is not None]
-        publish(out_dir, tmp_paths, written, tokenizer_changed=old_sha not in (None, tok.sha))
+        publish(data_dir, tmp_paths, written, tokenizer_changed=old_sha not in (None, tok.sha))
     except BaseException as e:
         # an error or Ctrl-C: nothing half-written stays behind, and the outputs of the last complete
         # run are untouched (this run's replace them only in publish(), at the very end)
-        for partial in glob.glob(os.path.join(out_dir, "*.tmp")):
+        for partial in glob.glob(os.path.join(data_dir, "*.tmp")):
             os.remove(partial)
         if isinstance(e, KeyboardInterrupt):
-            raise SystemExit(f"\ninterrupted: nothing was written; {out_dir}/ holds what it held before")
+            raise SystemExit(f"\ninterrupted: nothing was written; {data_dir}/ holds what it held before")
         raise
-    print(f"wrote {len(tmp_paths)} files to {out_dir}/")
+    print(f"wrote {len(tmp_paths)} files to {data_dir}/")
 
 
 if __name__ == "__main__":

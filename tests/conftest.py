@@ -32,7 +32,7 @@ def run(script, *args, check=True, timeout=600, extra_env=None, launcher=None):
 def demo_data(tmp_path_factory):
     """The built-in demo corpus prepared once, exactly as `python prepare_data.py` does it."""
     out = tmp_path_factory.mktemp("demo_data")
-    run("prepare_data.py", f"--out_dir={out}")
+    run("prepare_data.py", f"--data_dir={out}")
     return str(out)
 
 
@@ -91,7 +91,7 @@ def extended_data(tmp_path_factory):
     """The demo corpus prepared with Llama 2's tokenizer extended to 40000 pieces: (directory, base, log)."""
     base = llama2_tokenizer_path()
     out = tmp_path_factory.mktemp("extended")
-    p = run("prepare_data.py", f"--out_dir={out}", f"--extend_tokenizer={base}", "--vocab_size=40000")
+    p = run("prepare_data.py", f"--data_dir={out}", f"--extend_tokenizer={base}", "--vocab_size=40000")
     return str(out), base, p.out
 
 

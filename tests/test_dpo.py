@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prepare_data
+import data_formats
 from conftest import read_log, run, tiny
 from dpo import Pairs, answer_logps, batch_loss, dpo_loss
 from lora import adapters_disabled, add_lora
@@ -166,7 +166,7 @@ FORMATS = {
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_every_input_format_parses_to_the_same_pair(name):
-    prompt, chosen, rejected = prepare_data.to_preference(FORMATS[name])
+    prompt, chosen, rejected = data_formats.to_preference(FORMATS[name])
     expected = PAIR[0][-1:] if name == "TRL strings" else PAIR[0]
     assert (prompt, chosen, rejected) == (expected, PAIR[1], PAIR[2])
 
@@ -182,7 +182,7 @@ def test_bad_pairs_are_counted_not_fatal(tmp_path, demo_data, tiny_sft):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "not json\n", encoding="utf-8")
     out = tmp_path / "out"
     p = run("prepare_data.py", "--input=", "--sft_input=", f"--dpo_input={path}", "--val_fraction=0",
-            f"--tokenizer_model={demo_data}/tokenizer.model", f"--out_dir={out}", "--sft_max_len=128")
+            f"--tokenizer_model={demo_data}/tokenizer.model", f"--data_dir={out}", "--sft_max_len=128")
     assert "note: --sft_max_len is now --max_len" in p.out  # the old name still works
     assert "pairs.jsonl: 9 kept;" in p.out and "1 invalid JSON lines skipped" in p.out
     assert "1 records that are not a preference pair skipped" in p.out

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import demo
-import prepare_data
+import data_formats
 from conftest import run, tiny
 from evaluate import balance_sentiment_labels, evaluate_on_tasks, load_tests
 from tokenizer import Tokenizer
@@ -101,7 +101,7 @@ def test_onpolicy_pairs_are_the_models_own_wrong_answers_on_training_questions(d
     assert pairs and f"{len(pairs):,} wrong answers written" in p.out
     held_out = {t["messages"][0]["content"] for t in load_tests(demo_data)}
     for pair in pairs:
-        prompt, chosen, rejected = prepare_data.to_preference(pair)  # a pair prepare_data.py reads
+        prompt, chosen, rejected = data_formats.to_preference(pair)  # a pair prepare_data.py reads
         assert chosen in ("正面", "负面") and rejected != chosen and rejected.strip()
         assert prompt[-1]["content"] not in held_out  # training questions only
     chosen = [pair["chosen"] for pair in pairs]

@@ -81,7 +81,7 @@ def test_a_gbk_corpus_is_decoded_as_gb18030_and_said_so(demo_data, tmp_path):
     path.write_bytes("\n\n".join(POEMS).encode("gbk"))
     out = tmp_path / "out"
     p = run("prepare_data.py", f"--input={path}", "--sft_input=", f"--tokenizer_model={demo_data}/tokenizer.model",
-            f"--out_dir={out}", "--val_fraction=0")
+            f"--data_dir={out}", "--val_fraction=0")
     assert "(decoded as GB18030): 200 kept" in p.out
     assert documents_in(out, "train", Tokenizer(str(out / "tokenizer.model"))) == POEMS
 
@@ -90,7 +90,7 @@ def test_a_gbk_jsonl_file_is_decoded_too(demo_data, tmp_path):
     path = tmp_path / "poems.jsonl"
     path.write_bytes("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in POEMS).encode("gb18030"))
     p = run("prepare_data.py", f"--input={path}", "--sft_input=", f"--tokenizer_model={demo_data}/tokenizer.model",
-            f"--out_dir={tmp_path / 'out'}", "--val_fraction=0")
+            f"--data_dir={tmp_path / 'out'}", "--val_fraction=0")
     assert "(decoded as GB18030): 200 kept" in p.out
 
 
@@ -99,12 +99,12 @@ def test_a_file_in_neither_encoding_is_refused_and_earlier_outputs_stay(demo_dat
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in POEMS), encoding="utf-8")
     run("prepare_data.py", f"--input={good}", "--sft_input=", f"--tokenizer_model={demo_data}/tokenizer.model",
-        f"--out_dir={out}")
+        f"--data_dir={out}")
     before = snapshot(out)
     big5 = tmp_path / "big5.txt"
     big5.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8)))  # not text at all
     p = run("prepare_data.py", f"--input={good},{big5}", "--sft_input=", f"--tokenizer_model={demo_data}/tokenizer.model",
-            f"--out_dir={out}", check=False)
+            f"--data_dir={out}", check=False)
     assert_one_line_error(p, f"{big5} is not UTF-8", "convert it to UTF-8")
     assert snapshot(out) == before and not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
@@ -114,7 +114,7 @@ def test_a_file_that_turns_into_another_encoding_later_is_an_error_not_a_success
     head = "\n\n".join(POEMS * 60).encode("utf-8")  # over a megabyte of clean UTF-8 fools the first look...
     path.write_bytes(head + b"\n\n" + "\n\n".join(POEMS * 30).encode("gbk"))  # ...then a GBK half
     p = run("prepare_data.py", f"--input={path}", "--sft_input=", f"--tokenizer_model={demo_data}/tokenizer.model",
-            f"--out_dir={tmp_path / 'out'}", check=False)
+            f"--data_dir={tmp_path / 'out'}", check=False)
     assert_one_line_error(p, "mixed.txt", "U+FFFD", "convert the file to UTF-8")
 
 
@@ -147,7 +147,7 @@ def test_ctrl_c_during_data_preparation_exits_promptly_and_leaves_the_last_run_i
     out = tmp_path / "data"
     shutil.copytree(demo_data, out)
     before = snapshot(out)
-    code, log, took = interrupt_after(["prepare_data.py", f"--out_dir={out}", "--workers=2"], seconds)
+    code, log, took = interrupt_after(["prepare_data.py", f"--data_dir={out}", "--workers=2"], seconds)
     if code == 0:  # this machine finished before the signal: nothing to check
         pytest.skip(f"prepare_data.py finished within {seconds} s")
     assert took < 20 and "interrupted: nothing was written" in log and "Traceback" not in log
@@ -190,12 +190,12 @@ def test_input_with_no_usable_record_is_an_error_and_replaces_nothing(demo_data,
     before = snapshot(out)
     bad_sft = tmp_path / "bad_sft.jsonl"
     bad_sft.write_text('{"question": "no conversation here"}\n{"messages": "nor here"}\n', encoding="utf-8")
-    p = run("prepare_data.py", "--input=", f"--sft_input={bad_sft}", f"--out_dir={out}", check=False)
+    p = run("prepare_data.py", "--input=", f"--sft_input={bad_sft}", f"--data_dir={out}", check=False)
     assert_one_line_error(p, "no usable training conversation", "nothing was written")
     bad_text = tmp_path / "bad.jsonl"
     bad_text.write_text('{"title": "no text"}\nnot json\n', encoding="utf-8")
     p = run("prepare_data.py", f"--input={bad_text}", "--sft_input=", f"--tokenizer_model={out}/tokenizer.model",
-            f"--out_dir={out}", check=False)
+            f"--data_dir={out}", check=False)
     assert_one_line_error(p, "no usable document", "nothing was written")
     assert snapshot(out) == before
 
@@ -204,14 +204,14 @@ def test_outputs_of_another_tokenizer_are_removed_when_the_tokenizer_changes(dem
     out = tmp_path / "data"
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in POEMS), encoding="utf-8")
-    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--out_dir={out}")
+    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--data_dir={out}")
     assert (out / "train_000.bin").exists()
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"instruction": d, "output": "好"}, ensure_ascii=False) + "\n" for d in POEMS),
                    encoding="utf-8")
     # SFT data alone, with the demo's tokenizer: the pretraining shards of the old one must go
     p = run("prepare_data.py", "--input=", f"--sft_input={sft}", f"--tokenizer_model={demo_data}/tokenizer.model",
-            f"--out_dir={out}")
+            f"--data_dir={out}")
     assert "made with another tokenizer" in p.out
     names = set(os.listdir(out)) - {"lock"}
     assert not any(n.startswith(("train_", "val_")) for n in names)
@@ -319,7 +319,7 @@ def test_a_missing_base_names_init_from(demo_data, tmp_path):
 def test_sampling_with_the_wrong_tokenizer_names_the_tokenizer_setting(tiny_ckpt, tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in POEMS), encoding="utf-8")
-    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--out_dir={tmp_path / 'd'}")
+    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--data_dir={tmp_path / 'd'}")
     p = run("sample.py", f"--out_dir={tiny_ckpt}", f"--tokenizer={tmp_path / 'd' / 'tokenizer.model'}", check=False)
     assert_one_line_error(p, "--tokenizer=")
 
@@ -369,7 +369,7 @@ def test_an_empty_file_is_skipped_and_mis_saved_json_is_recognised(demo_data, tm
     (corpus / "pretty.json").write_text("\n".join(json.dumps({"text": p}, ensure_ascii=False, indent=2)
                                                   for p in POEMS[3:5]), encoding="utf-8")
     p = run("prepare_data.py", f"--input={corpus}", "--sft_input=", f"--tokenizer_model={demo_data}/tokenizer.model",
-            f"--out_dir={tmp_path / 'out'}", "--val_fraction=0")
+            f"--data_dir={tmp_path / 'out'}", "--val_fraction=0")
     assert "empty.jsonl: empty file skipped" in p.out
     assert "array.jsonl (a JSON array, not JSON Lines: read as an array): 3 kept" in p.out
     assert "pretty.json (pretty-printed JSON, not one object per line: read object by object): 2 kept" in p.out
@@ -412,7 +412,7 @@ def test_a_prompt_files_final_newline_is_not_part_of_the_prompt(tiny_ckpt, tmp_p
 def test_each_file_is_summed_up_once_and_crlf_repairs_are_counted(tmp_path):
     path = tmp_path / "windows.txt"
     path.write_bytes("第一段\r\n还是第一段\r\n\r\n第二段\r\n".encode("utf-8") * 50)
-    p = run("prepare_data.py", f"--input={path}", "--sft_input=", "--vocab_size=300", f"--out_dir={tmp_path / 'o'}")
+    p = run("prepare_data.py", f"--input={path}", "--sft_input=", "--vocab_size=300", f"--data_dir={tmp_path / 'o'}")
     summaries = [line for line in p.out.replace("\r", "\n").splitlines() if line.strip().startswith(str(path))]
     assert len(summaries) == 1 and "200 CRLF line ends repaired" in summaries[0]
 

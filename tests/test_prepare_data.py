@@ -7,14 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-import prepare_data
+import data_formats
 from conftest import ROOT, documents_in, run
 from tokenizer import Tokenizer, is_val
 
 
 def prepare(tmp_path, demo_data, *args):
     out = tmp_path / "out"
-    p = run("prepare_data.py", f"--out_dir={out}", f"--tokenizer_model={demo_data}/tokenizer.model", *args)
+    p = run("prepare_data.py", f"--data_dir={out}", f"--tokenizer_model={demo_data}/tokenizer.model", *args)
     return str(out), p.out
 
 
@@ -75,13 +75,13 @@ def test_a_json_array_is_streamed_across_chunk_boundaries(tmp_path):
     records = [{"completion": f"第{i}条" + "长" * (i % 37), "n": [i, {"x": "]"}]} for i in range(300)]
     path = tmp_path / "wiki.json"
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    counts = prepare_data.Counts()
+    counts = data_formats.Counts()
 
     class NoBar:
         def update(self, n):
             pass
 
-    got = list(prepare_data.read_json_values(str(path), counts, NoBar(), chunk_chars=64))
+    got = list(data_formats.read_json_values(str(path), counts, NoBar(), chunk_chars=64))
     assert got == records and not counts
 
 
@@ -98,7 +98,7 @@ def test_plain_text_documents_are_separated_by_blank_lines(tmp_path, demo_data):
 def test_a_bad_input_path_is_a_one_line_error(tmp_path, demo_data, bad, message):
     (tmp_path / "empty.jsonl").write_bytes(b"")
     (tmp_path / "notes.csv").write_text("a,b\n")
-    p = run("prepare_data.py", f"--input={tmp_path / bad}", f"--out_dir={tmp_path / 'o'}", check=False)
+    p = run("prepare_data.py", f"--input={tmp_path / bad}", f"--data_dir={tmp_path / 'o'}", check=False)
     assert p.returncode != 0 and message in p.out and "Traceback" not in p.out
 
 
@@ -155,7 +155,7 @@ def test_output_with_two_workers_equals_output_with_one(tmp_path, demo_data):
     outputs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        run("prepare_data.py", f"--out_dir={out}", f"--workers={workers}",
+        run("prepare_data.py", f"--data_dir={out}", f"--workers={workers}",
             f"--tokenizer_model={demo_data}/tokenizer.model")
         outputs.append({name: (out / name).read_bytes() for name in sorted(os.listdir(out))})
     assert outputs[0].keys() == outputs[1].keys() and outputs[0] == outputs[1]
@@ -187,7 +187,16 @@ def test_an_extension_that_comes_out_short_of_vocab_size_says_so(demo_data, tmp_
     poems = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"]
     (tmp_path / "poems.txt").write_text("\n\n".join(poems * 20), encoding="utf-8")
     p = run("prepare_data.py", f"--input={tmp_path / 'poems.txt'}", "--sft_input=", "--dpo_input=",
-            f"--extend_tokenizer={demo_data}/tokenizer.model", "--vocab_size=9000", f"--out_dir={tmp_path / 'out'}")
+            f"--extend_tokenizer={demo_data}/tokenizer.model", "--vocab_size=9000", f"--data_dir={tmp_path / 'out'}")
     n = Tokenizer(str(tmp_path / "out" / "tokenizer.model")).n_words
     assert 8192 < n < 9000  # a little text has few Chinese pieces the demo tokenizer lacks
     assert f"warning: {n} pieces, {9000 - n} fewer than --vocab_size=9000" in p.out
+
+
+def test_the_old_out_dir_flag_still_names_the_data_folder_with_a_note(tmp_path, demo_data):
+    path = tmp_path / "docs.txt"
+    path.write_text("床前明月光，疑是地上霜。\n\n举头望明月，低头思故乡。\n", encoding="utf-8")
+    p = run("prepare_data.py", f"--input={path}", "--sft_input=", "--dpo_input=", "--val_fraction=0",
+            f"--tokenizer_model={demo_data}/tokenizer.model", f"--out_dir={tmp_path / 'old'}")
+    assert "note: --out_dir is now --data_dir" in p.out
+    assert (tmp_path / "old" / "train_000.bin").stat().st_size > 0

@@ -107,7 +107,7 @@ def test_resuming_with_another_tokenizer_is_refused(demo_data, tmp_path):
         "--eval_interval=2")
     corpus = tmp_path / "other.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"another corpus, document {i} of many"}) + "\n" for i in range(300)))
-    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--out_dir={tmp_path / 'other'}")
+    run("prepare_data.py", f"--input={corpus}", "--sft_input=", "--vocab_size=350", f"--data_dir={tmp_path / 'other'}")
     p = run("pretrain.py", f"--data_dir={tmp_path / 'other'}", f"--out_dir={tmp_path / 'out'}", "--init_from=resume",
             "--block_size=8", check=False)
     assert p.returncode != 0 and "tokenizer" in p.out and "Traceback" not in p.out
