@@ -39,6 +39,7 @@ slots = 8                    # requests decoded together; 1 answers one request 
 max_queue = 64               # requests waiting for a slot; past this the server answers 503
 max_tokens = 256             # new tokens per answer when a request does not say
 max_body_bytes = 1 << 20     # larger request bodies are refused (413)
+max_messages = 1024          # chat requests with more messages are refused (400): fitting them costs CPU for all
 model_name = ""              # the model's id in the API; "": the checkpoint directory's name
 cors_origin = ""             # a web origin whose pages may call the API (e.g. http://localhost:3000, or *); "": none
 idle_timeout = 60.0          # seconds a connection may stay silent before it is closed (each holds a thread)
@@ -118,16 +119,14 @@ def sampling(body, context, prompt_tokens, default_max_tokens):
                 include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
 
 
-def chat_prompt(body, tok, budget):
-    """
-    (prompt ids, messages, turns left out) of a chat request, rendered as sample.py --chat renders a
-    conversation. A conversation longer than budget tokens loses its oldest (user, assistant) turns, the
-    system message staying, as sample.py --chat does; a last message that alone does not fit is left
-    whole, for the caller to refuse.
-    """
+def chat_messages(body, max_messages):
+    """The request's messages, checked and normalized to [{"role", "content"}] (OpenAI's "developer" is system)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", param="messages")
+    if len(messages) > max_messages:
+        raise ApiError(400, f"'messages' has {len(messages)} messages; at most {max_messages} are read (the oldest "
+                            f"turns are dropped to fit the context anyway): send the recent ones", param="messages")
     rendered = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -144,14 +143,34 @@ def chat_prompt(body, tok, budget):
         split_turns(rendered)
     except ValueError as e:
         raise ApiError(400, f"{e} (one system message first at most)", param="messages")
-    head = rendered[:1] if rendered[0]["role"] == "system" else []
-    turns = rendered[len(head):-1]  # alternating user, assistant
-    for dropped in range(0, len(turns) // 2 + 1):
-        messages = head + turns[2 * dropped:] + rendered[-1:]
-        ids = tok.encode_chat(messages)[0]
-        if len(ids) <= budget:
-            return ids, messages, dropped
-    return ids, messages, len(turns) // 2
+    return rendered
+
+
+def chat_prompt(messages, tok, budget):
+    """
+    (prompt ids, messages kept, turns left out) of a chat, rendered as sample.py --chat renders it. A chat
+    longer than budget tokens loses its oldest (user, assistant) turns, the system message staying (it goes
+    with the first turn kept), as sample.py --chat does; a last message that alone does not fit is left
+    whole, for the caller to refuse. Each turn is encoded once (and the first turn kept once more, with the
+    system message): the cost grows with the chat's length, not with its square.
+    """
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(head):]  # user, assistant, ..., user
+    turns = [rest[i:i + 2] for i in range(0, len(rest), 2)]
+    lengths = [len(tok.encode_chat(turn)[0]) for turn in turns]  # a chat's ids are its turns' ids one after another
+    after = [0] * (len(turns) + 1)  # after[k]: the tokens of turns k.. without the system message
+    for k in range(len(turns) - 1, -1, -1):
+        after[k] = after[k + 1] + lengths[k]
+    for dropped in range(len(turns)):
+        if after[dropped] > budget:
+            continue  # too long even before the system message joins the first turn
+        first = len(tok.encode_chat(head + turns[dropped])[0]) if head else lengths[dropped]
+        if first + after[dropped + 1] <= budget:
+            break
+    else:
+        dropped = len(turns) - 1
+    kept = head + [m for turn in turns[dropped:] for m in turn]
+    return tok.encode_chat(kept)[0], kept, dropped
 
 
 def completion_prompt(body, tok):
@@ -191,273 +210,308 @@ class StopStrings:
         return out
 
 
+def response_meta(chat, model_name):
+    """What every chunk and response of one answer repeats: its id, object type, time and model."""
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model_name, "chat": chat}
+
+
+def stream_chunk(meta, text=None, finish=None, role=False, usage=None):
+    """One server-sent event's payload: a piece of text, the first (role) chunk, the finish, or the usage."""
+    if meta["chat"]:
+        delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []
+    else:
+        choices = [{"index": 0, "text": text or "", "finish_reason": finish}] if usage is None else []
+    obj = meta["object"] + ".chunk" if meta["chat"] else meta["object"]
+    return {"id": meta["id"], "object": obj, "created": meta["created"], "model": meta["model"], "choices": choices,
+            **({"usage": usage} if usage else {})}
+
+
+def text_event_parts(meta):
+    """(head, tail) bytes of a text event, so that each token's event is head + its JSON string + tail: the
+    JSON around the text is the same every time."""
+    head, tail = json.dumps(stream_chunk(meta, "\0"), ensure_ascii=False).split('"\\u0000"')
+    return b"data: " + head.encode("utf-8"), tail.encode("utf-8") + b"\n\n"
+
+
+def usage_of(prompt_tokens, generated):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+
+
+def full_response(meta, text, finish, usage):
+    """The whole answer of a request that did not stream."""
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+              if meta["chat"] else {"index": 0, "text": text, "finish_reason": finish})
+    return {"id": meta["id"], "object": meta["object"], "created": meta["created"], "model": meta["model"],
+            "choices": [choice], "usage": usage}
+
+
+def failure(finish):
+    """The ApiError of an answer that ended without finishing (FAILURES), else None."""
+    if finish not in FAILURES:
+        return None
+    status, message, code = FAILURES[finish]
+    return ApiError(status, message, code=code, kind="server_error")
+
+
+def read_answer(request, streamer, stops, on_text, wait_s=600):
+    """
+    Read a submitted request's tokens until it ends, each piece of text that can go out to on_text (held
+    back while it may be the start of a stop string). Returns (finish reason, tokens generated).
+    """
+    finish, generated = None, 0
+    while finish is None:
+        try:
+            kind, value = request.out.get(timeout=wait_s)
+        except queue.Empty:
+            request.cancel()
+            kind, value = "end", "timeout"
+        if kind == "end":
+            finish = {"cancelled": "stop"}.get(value, value)
+            text = stops.flush() + streamer.end() if not stops.stopped else ""
+        else:
+            generated += 1
+            text = stops.add(streamer.put(value))
+            if stops.stopped:
+                request.cancel()  # a stop string: the slot is freed, the answer ends here
+        if text:
+            on_text(text)
+    return finish, generated
+
+
 class Server(ThreadingHTTPServer):
+    """The listening server; main() sets what the handlers read: engine, tok, name, limits, cors, open_answers."""
     daemon_threads = True
     request_queue_size = 1024  # a burst of connections waits in the kernel's queue (the default 5 drops them)
 
 
-def make_handler(engine, tok, name, default_max_tokens, body_limit, cors="", idle_seconds=60):
-    """The request handler class of a server for engine's model."""
-    context = engine.context
-    model_card = {"id": name, "object": "model", "created": 0, "owned_by": "llama2.zh"}
-    answering = []  # one entry per answer being written: on shutdown, main() waits for their last events
+class Handler(BaseHTTPRequestHandler):
+    """One connection's requests, answered from the model the Server holds (self.server)."""
+    protocol_version = "HTTP/1.1"  # keep-alive for the non-streaming answers
 
-    class Handler(BaseHTTPRequestHandler):
-        open_answers = answering
-        protocol_version = "HTTP/1.1"  # keep-alive for the non-streaming answers
-        timeout = idle_seconds         # a connection silent this long is closed: it holds a thread
+    def setup(self):
+        self.timeout = self.server.idle_seconds  # a connection silent this long is closed: it holds a thread
+        super().setup()
 
-        def log_message(self, format, *args):  # one short line per request, not the default's long ones
-            sys.stderr.write(f"{self.address_string()} {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
+    def log_message(self, format, *args):  # one short line per request, not the default's long ones
+        sys.stderr.write(f"{self.address_string()} {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
 
-        def end_headers(self):
-            if cors:  # the page of another origin may read the answers
-                self.send_header("Access-Control-Allow-Origin", cors)
-                self.send_header("Access-Control-Expose-Headers", "X-Dropped-Turns")
-            super().end_headers()
+    def end_headers(self):
+        if self.server.cors:  # the page of another origin may read the answers
+            self.send_header("Access-Control-Allow-Origin", self.server.cors)
+            self.send_header("Access-Control-Expose-Headers", "X-Dropped-Turns")
+        super().end_headers()
 
-        def send_json(self, status, payload, headers=None):
-            data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")  # so that a keep-alive client opens a new one
+    def send_json(self, status, payload, headers=None):
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")  # so that a keep-alive client opens a new one
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_event(self, payload):
+        self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        self.wfile.flush()
+
+    def route(self):
+        """The path without its query string, and a 405 for a known path asked with the wrong method."""
+        path = urllib.parse.urlsplit(self.path).path
+        allowed = "POST" if path in POST_PATHS else "GET, HEAD" if path in GET_PATHS or \
+            path.startswith("/v1/models/") else None
+        if allowed and self.command not in allowed.split(", "):
+            self.send_json(405, ApiError(405, f"{path} takes {allowed}, not {self.command}",
+                                         code="method_not_allowed").body(), {"Allow": allowed})
+            return None
+        return path
+
+    def do_GET(self):
+        path, name = self.route(), self.server.name
+        model_card = {"id": name, "object": "model", "created": 0, "owned_by": "llama2.zh"}
+        if path == "/":
+            with open(PAGE, "rb") as f:
+                page = f.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(data)
-
-        def route(self):
-            """The path without its query string, and a 405 for a known path asked with the wrong method."""
-            path = urllib.parse.urlsplit(self.path).path
-            allowed = "POST" if path in POST_PATHS else "GET, HEAD" if path in GET_PATHS or \
-                path.startswith("/v1/models/") else None
-            if allowed and self.command not in allowed.split(", "):
-                self.send_json(405, ApiError(405, f"{path} takes {allowed}, not {self.command}",
-                                             code="method_not_allowed").body(), {"Allow": allowed})
-                return None
-            return path
-
-        def do_GET(self):
-            path = self.route()
-            if path == "/":
-                with open(PAGE, "rb") as f:
-                    page = f.read()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(page)
-            elif path == "/health":
-                active, waiting = engine.busy()
-                self.send_json(200, {"status": "ok", "active": active, "waiting": waiting, "slots": engine.slots})
-            elif path == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [model_card]})
-            elif path is not None and path.startswith("/v1/models/"):
-                if urllib.parse.unquote(path[len("/v1/models/"):]) == name:
-                    self.send_json(200, model_card)
-                else:
-                    self.send_json(404, ApiError(404, f"no model {path[11:][:100]!r}; this server has {name!r}",
-                                                 param="model", code="model_not_found").body())
-            elif path is not None:
-                self.send_json(404, ApiError(404, f"no such path: {self.command} {path[:100]}",
-                                             code="not_found").body())
-
-        do_HEAD = do_GET
-
-        def do_OPTIONS(self):  # a browser's preflight before a cross-origin POST
-            if not cors:
-                self.send_json(405, ApiError(405, "OPTIONS is answered only with --cors_origin set",
-                                             code="method_not_allowed").body(), {"Allow": "GET, HEAD, POST"})
-                return
-            self.send_response(204)
-            self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS")
-            self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def refuse_method(self):
-            self.drop_body()
-            self.send_json(405, ApiError(405, f"{self.command} is not supported: GET, HEAD and POST are",
-                                         code="method_not_allowed").body(), {"Allow": "GET, HEAD, POST"})
-
-        do_PUT = do_DELETE = do_PATCH = refuse_method
-
-        def do_POST(self):
-            self.body_read = False
-            try:
-                path = urllib.parse.urlsplit(self.path).path
-                if path in GET_PATHS or path.startswith("/v1/models/"):
-                    self.drop_body()
-                    self.body_read = True
-                    self.route()
-                    return
-                if path not in POST_PATHS:
-                    raise ApiError(404, f"no such path: POST {path[:100]}", code="not_found")
-                body = self.read_body()
-                chat = path == "/v1/chat/completions"
-                dropped = 0
-                if chat:  # room for an answer: the request's max_tokens, at most half the context
-                    room = min(field(body, "max_tokens", int, None) or default_max_tokens, context // 2)
-                    ids, _, dropped = chat_prompt(body, tok, context - room)
-                else:
-                    ids = completion_prompt(body, tok)
-                settings = sampling(body, context, len(ids), default_max_tokens)
-                self.answer(chat, ids, settings, dropped)
-            except ApiError as e:
-                if not self.body_read:  # an unread body would be parsed as the next request on this connection
-                    self.drop_body()
-                self.close_connection = self.close_connection or e.status >= 500 or e.status == 413
-                self.send_json(e.status, e.body())
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
-            except Exception as e:  # our bug, not the client's: say so, and keep serving
-                self.close_connection = True
-                sys.stderr.write(f"error answering {self.path}: {type(e).__name__}: {e}\n")
-                self.send_json(500, ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").body())
-
-        def drop_body(self):
-            """Read and drop the body of a request refused before reading it; close when its length is unknown."""
-            length = self.headers.get("Content-Length", "")
-            if length.isascii() and length.isdigit() and int(length) <= body_limit:
-                self.rfile.read(int(length))
+                self.wfile.write(page)
+        elif path == "/health":
+            active, waiting = self.server.engine.busy()
+            self.send_json(200, {"status": "ok", "active": active, "waiting": waiting,
+                                 "slots": self.server.engine.slots})
+        elif path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": [model_card]})
+        elif path is not None and path.startswith("/v1/models/"):
+            if urllib.parse.unquote(path[len("/v1/models/"):]) == name:
+                self.send_json(200, model_card)
             else:
-                self.close_connection = True
+                self.send_json(404, ApiError(404, f"no model {path[11:][:100]!r}; this server has {name!r}",
+                                             param="model", code="model_not_found").body())
+        elif path is not None:
+            self.send_json(404, ApiError(404, f"no such path: {self.command} {path[:100]}", code="not_found").body())
 
-        def read_body(self):
-            length = self.headers.get("Content-Length")
-            if length is None or not (length.isascii() and length.isdigit()):
-                raise ApiError(411, "send the body with a Content-Length header", code="length_required")
-            if int(length) > body_limit:
-                # read what the client is sending before answering, or it sees a broken pipe instead of the 413;
-                # a body far past the limit is cut off unread
-                left = int(length) if int(length) <= 16 * body_limit else 0
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 1 << 16))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-                raise ApiError(413, f"the body has {length} bytes; the limit is {body_limit}", code="body_too_large")
-            raw = self.rfile.read(int(length))
-            self.body_read = True
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json")
-            if not isinstance(body, dict):
-                raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-            return body
+    do_HEAD = do_GET
 
-        def answer(self, chat, ids, settings, dropped=0):
-            limit = min(settings["max_new_tokens"], context - len(ids))
-            request = Request(ids, limit, settings["temperature"], settings["top_p"], settings["seed"],
-                              stop_tokens=tok.stop_ids, top_k=settings["top_k"],
-                              repetition_penalty=settings["repetition_penalty"])
-            if not engine.submit(request):
-                if engine.closed:
-                    raise ApiError(503, "the server is shutting down", code="shutting_down", kind="server_error")
-                raise ApiError(503, "the server is busy: every slot and the queue are full; try again shortly",
-                               code="overloaded", kind="server_error")
-            streamer, stops = TextStreamer(tok, () if chat else ids), StopStrings(settings["stop"])
-            created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            obj = "chat.completion" if chat else "text_completion"
+    def do_OPTIONS(self):  # a browser's preflight before a cross-origin POST
+        if not self.server.cors:
+            self.send_json(405, ApiError(405, "OPTIONS is answered only with --cors_origin set",
+                                         code="method_not_allowed").body(), {"Allow": "GET, HEAD, POST"})
+            return
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
-            def chunk(text=None, finish=None, role=False, usage=None):
-                if chat:
-                    delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
-                    choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []
-                else:
-                    choices = [{"index": 0, "text": text or "", "finish_reason": finish}] if usage is None else []
-                return {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": name,
-                        "choices": choices, **({"usage": usage} if usage else {})}
+    def refuse_method(self):
+        self.drop_body()
+        self.send_json(405, ApiError(405, f"{self.command} is not supported: GET, HEAD and POST are",
+                                     code="method_not_allowed").body(), {"Allow": "GET, HEAD, POST"})
 
-            def send_event(payload):
-                self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
-                self.wfile.flush()
+    do_PUT = do_DELETE = do_PATCH = refuse_method
 
-            # the text events, once per token: the JSON around the text is the same every time
-            head, tail = json.dumps(chunk("\0"), ensure_ascii=False).split('"\\u0000"')
-            head, tail = b"data: " + head.encode("utf-8"), tail.encode("utf-8") + b"\n\n"
+    def do_POST(self):
+        self.body_read = False
+        try:
+            path = urllib.parse.urlsplit(self.path).path
+            if path in GET_PATHS or path.startswith("/v1/models/"):
+                self.drop_body()
+                self.body_read = True
+                self.route()
+                return
+            if path not in POST_PATHS:
+                raise ApiError(404, f"no such path: POST {path[:100]}", code="not_found")
+            body = self.read_body()
+            self.answer(path == "/v1/chat/completions", body)
+        except ApiError as e:
+            if not self.body_read:  # an unread body would be parsed as the next request on this connection
+                self.drop_body()
+            self.close_connection = self.close_connection or e.status >= 500 or e.status == 413
+            self.send_json(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # our bug, not the client's: say so, and keep serving
+            self.close_connection = True
+            sys.stderr.write(f"error answering {self.path}: {type(e).__name__}: {e}\n")
+            self.send_json(500, ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").body())
 
-            def send_text(text):
-                self.wfile.write(head + json.dumps(text, ensure_ascii=False).encode("utf-8") + tail)
+    def drop_body(self):
+        """Read and drop the body of a request refused before reading it; close when its length is unknown."""
+        length = self.headers.get("Content-Length", "")
+        if length.isascii() and length.isdigit() and int(length) <= self.server.body_limit:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
 
-            pieces, finish, generated, started = [], None, 0, False
-            answering.append(request)
-            try:
-                if settings["stream"]:
-                    started = True
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-                    self.send_header("Cache-Control", "no-cache")
-                    self.send_header("Connection", "close")
-                    self.send_header("X-Dropped-Turns", str(dropped))
-                    self.end_headers()
-                    self.close_connection = True
-                    if chat:
-                        send_event(chunk(role=True))
-                while finish is None:
-                    try:
-                        kind, value = request.out.get(timeout=600)
-                    except queue.Empty:
-                        request.cancel()
-                        kind, value = "end", "timeout"
-                    if kind == "end":
-                        finish = {"cancelled": "stop"}.get(value, value)
-                        text = stops.flush() + streamer.end() if not stops.stopped else ""
-                    else:
-                        generated += 1
-                        text = stops.add(streamer.put(value))
-                        if stops.stopped:
-                            request.cancel()  # a stop string: the slot is freed, the answer ends here
-                    if text:
-                        pieces.append(text)
-                        if settings["stream"]:
-                            send_text(text)
-                usage = {"prompt_tokens": len(ids), "completion_tokens": generated,
-                         "total_tokens": len(ids) + generated}
-                if finish in FAILURES:
-                    status, message, code = FAILURES[finish]
-                    error = ApiError(status, message, code=code, kind="server_error")
-                    if not settings["stream"]:
-                        raise error
-                    # the status line went out with the first event: the failure is the stream's last event
-                    send_event(error.body())
-                    return
-                if settings["stream"]:
-                    send_event(chunk(finish=finish))
-                    if settings["include_usage"]:
-                        send_event(chunk(usage=usage))
-                    self.wfile.write(b"data: [DONE]\n\n")
-                    self.wfile.flush()
-                    return
-                text = "".join(pieces)
-                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                          if chat else {"index": 0, "text": text, "finish_reason": finish})
-                self.send_json(200, {"id": rid, "object": obj, "created": created, "model": name,
-                                     "choices": [choice], "usage": usage}, {"X-Dropped-Turns": str(dropped)})
-            except (BrokenPipeError, ConnectionResetError):
-                request.cancel()  # the client went away: its slot is freed before the next step
-                self.close_connection = True
-            except Exception as e:
-                request.cancel()
-                if not started:
-                    raise  # do_POST answers 500
-                sys.stderr.write(f"error answering {self.path}: {type(e).__name__}: {e}\n")
-                send_event(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error",
-                                    kind="server_error").body())
-            finally:
-                answering.remove(request)
+    def read_body(self):
+        length, limit = self.headers.get("Content-Length"), self.server.body_limit
+        if length is None or not (length.isascii() and length.isdigit()):
+            raise ApiError(411, "send the body with a Content-Length header", code="length_required")
+        if int(length) > limit:
+            # read what the client is sending before answering, or it sees a broken pipe instead of the 413;
+            # a body far past the limit is cut off unread
+            left = int(length) if int(length) <= 16 * limit else 0
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            raise ApiError(413, f"the body has {length} bytes; the limit is {limit}", code="body_too_large")
+        raw = self.rfile.read(int(length))
+        self.body_read = True
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json")
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        return body
 
-    return Handler
+    def answer(self, chat, body):
+        """The prompt and settings of a request, its place in the engine, then its answer, streamed or whole."""
+        server, dropped = self.server, 0
+        context, default_max_tokens = server.engine.context, server.default_max_tokens
+        if chat:  # room for an answer: the request's max_tokens, at most half the context
+            room = min(field(body, "max_tokens", int, None) or default_max_tokens, context // 2)
+            ids, _, dropped = chat_prompt(chat_messages(body, server.max_messages), server.tok, context - room)
+        else:
+            ids = completion_prompt(body, server.tok)
+        settings = sampling(body, context, len(ids), default_max_tokens)
+        request = Request(ids, min(settings["max_new_tokens"], context - len(ids)), settings["temperature"],
+                          settings["top_p"], settings["seed"], stop_tokens=server.tok.stop_ids,
+                          top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"])
+        if not server.engine.submit(request):
+            if server.engine.closed:
+                raise ApiError(503, "the server is shutting down", code="shutting_down", kind="server_error")
+            raise ApiError(503, "the server is busy: every slot and the queue are full; try again shortly",
+                           code="overloaded", kind="server_error")
+        meta = response_meta(chat, server.name)
+        streamer, stops = TextStreamer(server.tok, () if chat else ids), StopStrings(settings["stop"])
+        server.open_answers.append(request)
+        try:
+            if settings["stream"]:
+                self.stream(request, meta, streamer, stops, len(ids), settings["include_usage"], dropped)
+            else:
+                pieces = []
+                finish, generated = read_answer(request, streamer, stops, pieces.append)
+                if failure(finish):
+                    raise failure(finish)
+                self.send_json(200, full_response(meta, "".join(pieces), finish, usage_of(len(ids), generated)),
+                               {"X-Dropped-Turns": str(dropped)})
+        except (BrokenPipeError, ConnectionResetError):
+            request.cancel()  # the client went away: its slot is freed before the next step
+            self.close_connection = True
+        except Exception:
+            request.cancel()
+            raise  # do_POST answers (an ApiError as itself, anything else as a 500)
+        finally:
+            server.open_answers.remove(request)
+
+    def stream(self, request, meta, streamer, stops, prompt_tokens, include_usage, dropped):
+        """An answer as server-sent events. Once the status line is out, a failure is the stream's last event."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.send_header("X-Dropped-Turns", str(dropped))
+        self.end_headers()
+        self.close_connection = True
+        head, tail = text_event_parts(meta)
+        try:
+            if meta["chat"]:
+                self.send_event(stream_chunk(meta, role=True))
+            finish, generated = read_answer(
+                request, streamer, stops,
+                lambda text: self.wfile.write(head + json.dumps(text, ensure_ascii=False).encode("utf-8") + tail))
+            if failure(finish):
+                self.send_event(failure(finish).body())
+                return
+            self.send_event(stream_chunk(meta, finish=finish))
+            if include_usage:
+                self.send_event(stream_chunk(meta, usage=usage_of(prompt_tokens, generated)))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except Exception as e:
+            request.cancel()
+            sys.stderr.write(f"error answering {self.path}: {type(e).__name__}: {e}\n")
+            self.send_event(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error",
+                                     kind="server_error").body())
 
 
 def main():
     config = configure(globals())
-    check_ranges(config, at_least_1=("slots", "max_tokens", "max_body_bytes"), at_least_0=("port", "max_queue"),
+    check_ranges(config, at_least_1=("slots", "max_tokens", "max_body_bytes", "max_messages"), at_least_0=("port", "max_queue"),
                  positive=("idle_timeout",))
     if port > 65535:
         raise SystemExit(f"error: --port={port} is not a port: use 0 to 65535 (0: any free one)")
@@ -467,15 +521,17 @@ def main():
         print(f"warning: {out_dir} is a {checkpoint.get('stage')} checkpoint that never saw chat data", file=sys.stderr)
     engine = Engine(model, slots, max_queue, background=False)  # run below, in the main thread
     name = model_name or os.path.basename(os.path.abspath(out_dir))
-    handler = make_handler(engine, tok, name, max_tokens, max_body_bytes, cors_origin, idle_timeout)
     Server.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host=::1, --host=::
     Server.request_queue_size = max(Server.request_queue_size, slots + max_queue)  # a full burst is queued
     try:
-        server = Server((host, port), handler)
+        server = Server((host, port), Handler)
     except (OSError, OverflowError) as e:
         why = getattr(e, "strerror", None) or str(e)
         fix = "choose another --port" if getattr(e, "errno", None) == errno.EADDRINUSE else "check --host and --port"
         raise SystemExit(f"error: cannot listen on {host}:{port}: {why}; {fix}")
+    server.engine, server.tok, server.name, server.open_answers = engine, tok, name, []
+    server.default_max_tokens, server.max_messages, server.body_limit = max_tokens, max_messages, max_body_bytes
+    server.cors, server.idle_seconds = cors_origin, idle_timeout
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} ({model.num_params() / 1e6:.2f}M parameters, {slots} slots) on "
           f"http://{shown}:{server.server_address[1]}/ ; Ctrl-C stops", flush=True)
@@ -494,7 +550,7 @@ def main():
         engine.close()
         server.shutdown()
         deadline = time.time() + 5
-        while handler.open_answers and time.time() < deadline:
+        while server.open_answers and time.time() < deadline:
             time.sleep(0.05)
         server.server_close()
 
