@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import struct
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +33,31 @@ from tokenizer import Tokenizer
 
 FORMATS = ("ckpt.pt (ours), config.json with *.safetensors or pytorch_model*.bin (Hugging Face), params.json with "
            "consolidated.*.pth (Meta), or a llama2.c .bin file")
+
+
+class Stage(NamedTuple):
+    """What the kit knows of the stage that wrote a ckpt.pt (its "stage" field): a new stage is its script and a row."""
+    run: str                # "a pretraining run": what --init_from=resume expects
+    verb: str               # what --init_from=<it> does with it instead
+    model: str              # the model's name in the evaluation's tables
+    loss: str               # what its best_val_loss measures
+    data: tuple             # its data files' prefixes in data_dir: (train, held out)
+    chat: bool              # trained on chat in the [INST] template (None: may be, an imported model)
+
+
+STAGES = {
+    "pretrain": Stage("a pretraining run", "continue pretraining", "pretrained", "val loss", ("train_", "val_"), False),
+    "sft": Stage("an SFT run", "fine-tune", "SFT", "test answer loss", ("sft_train", "sft_test"), True),
+    "dpo": Stage("a DPO run", "align", "DPO", "held-out DPO loss", ("dpo_train", "dpo_test"), True),
+    "grpo": Stage("a GRPO run", "train", "GRPO", "held-out error (1 - mean greedy pass@1)", ("sft_train", "sft_test"),
+                  True),
+    "imported": Stage("an imported model", "fine-tune", "imported", "-", ("train_", "val_"), None),
+}
+
+
+def stage_of(checkpoint):
+    """The Stage row of a loaded checkpoint (an unknown or missing stage reads as pretraining's)."""
+    return STAGES.get(checkpoint.get("stage"), STAGES["pretrain"])
 
 
 def save_checkpoint(path, checkpoint):

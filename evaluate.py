@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import demo
 import exams
-from checkpoint import checkpoint_format, load_model, writable
+from checkpoint import STAGES, checkpoint_format, load_model, stage_of, writable
 from configurator import check_ranges, configure
 from device import PTDTYPE, resolve_device
 from engine import Request, complete, generate
@@ -66,7 +66,6 @@ device = "auto"              # auto: cuda, then mps, then cpu
 dtype = "float32"            # float32, or bfloat16 on GPUs (greedy answers can then differ in near ties)
 # -----------------------------------------------------------------------------
 
-STAGE_NAMES = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO", "grpo": "GRPO", "imported": "imported"}
 
 
 def load_tests(data_dir):
@@ -268,7 +267,7 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
     the logs (with samples when trained is given). Ctrl-C here leaves the trained model as it is.
     """
     dtype = PTDTYPE[run.dtype]
-    base_name = STAGE_NAMES.get(base_stage, "base")
+    base_name = STAGES[base_stage].model if base_stage in STAGES else "base"
     base_name = "base" if base_name == name else base_name  # continued pretraining: "pretrained" twice
     try:
         if evaluate_models:
@@ -339,7 +338,7 @@ def run_exams(model, tok, checkpoint, folders, report_path):
     report_dir = os.path.dirname(os.path.abspath(report_path))
     if not writable(report_dir):
         raise SystemExit(f"error: cannot write {report_path}; pass --report=somewhere/exams.json")
-    as_chat = checkpoint.get("stage") in ("sft", "dpo", "grpo") if chat == "auto" else chat in (True, "True", "true")
+    as_chat = bool(stage_of(checkpoint).chat) if chat == "auto" else chat in (True, "True", "true")
     report = {"checkpoint": out_dir, "shots": shots, "chat": as_chat, "chance": exams.CHANCE, "exams": {}}
     for kind, directory in folders:
         subjects, malformed = exams.read_exam(directory, kind)
@@ -395,12 +394,13 @@ def main():
             raise SystemExit(f"error: --onpolicy_tasks: no demo task {sorted(unknown)[0]!r}")
         write_onpolicy_pairs(model, tok, onpolicy_pairs, tasks, val_fraction, batch_size)
         return
-    models = {STAGE_NAMES.get(checkpoint.get("stage"), "model"): (model, tok, out_dir)}
+    stage = checkpoint.get("stage")
+    models = {STAGES[stage].model if stage in STAGES else "model": (model, tok, out_dir)}
     base_dir = checkpoint.get("base") if base == "auto" else None if base == "none" else base
     if base_dir:
         if checkpoint_format(base_dir):
             base_model, base_tok, base_checkpoint = load_model(base_dir, dev, PTDTYPE[dt])
-            name = STAGE_NAMES.get(base_checkpoint.get("stage"), "base")
+            name = stage_of(base_checkpoint).model if base_checkpoint.get("stage") in STAGES else "base"
             models = {name if name not in models else "base": (base_model, base_tok, base_dir), **models}
         else:
             print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")

@@ -16,21 +16,16 @@ import statistics
 
 import torch
 
+from checkpoint import STAGES, stage_of
 from device import git_commit
 from engine import generate
 from model import ModelArgs, Transformer
 from plot import plot_runs, read_log
 
-RUNS = {"pretrain": "A pretraining run", "sft": "An SFT run", "dpo": "A DPO run", "grpo": "A GRPO run"}
-LOSS_NAMES = {"pretrain": "val loss", "sft": "test answer loss", "dpo": "held-out DPO loss",
-              "grpo": "held-out error (1 - mean greedy pass@1)"}
 SPEEDS = {"tokens_per_s": "tokens/s", "answer_tokens_per_s": "answer tokens/s", "pairs_per_s": "pairs/s",
           "answers_per_s": "sampled answers/s"}
-DATA_FILES = {"pretrain": ("train_", "val_"), "sft": ("sft_train", "sft_test"), "dpo": ("dpo_train", "dpo_test"),
-              "grpo": ("sft_train", "sft_test")}
 TEXT_PROMPTS = ("床前明月光，", "新华社北京电", "这家酒店的房间")  # continued by a model that does not chat
 CHAT_PROMPTS = ("“一马当先”是什么意思？", "用一句话介绍北京。", "写一个以“心”开头的成语。")  # without held-out questions
-CHAT_STAGES = ("sft", "dpo", "grpo")
 SAMPLING = {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 64, "seed": 1337}
 
 
@@ -59,7 +54,7 @@ def write_card(out_dir, model=None, tok=None):
         "evaluation": read_json(os.path.join(out_dir, "eval.json")),
         "benchmark": read_json(os.path.join(out_dir, "benchmark.json")),
         "loss_curve": draw_loss(out_dir, records, stage),
-        "samples": samples(model, tok, stage in CHAT_STAGES, data_dir) if model is not None else [],
+        "samples": samples(model, tok, bool(stage_of(checkpoint).chat), data_dir) if model is not None else [],
         "sampling": SAMPLING,
         "settings": config,
     }
@@ -97,7 +92,7 @@ def data_fingerprint(data_dir, stage, tokenizer_sha):
     found = {"dir": data_dir, "tokenizer_sha": tokenizer_sha, "splits": {}}
     if not data_dir or not os.path.isdir(data_dir):
         return found
-    for split, prefix in zip(("train", "held out"), DATA_FILES.get(stage, DATA_FILES["pretrain"])):
+    for split, prefix in zip(("train", "held out"), STAGES.get(stage, STAGES["pretrain"]).data):
         totals = {}
         for name in sorted(os.listdir(data_dir)):
             if name.startswith(prefix) and name.endswith(".json"):
@@ -130,7 +125,7 @@ def training_numbers(checkpoint, records):
         "mfu_median": statistics.median(mfus) if mfus else None,
         "peak_device_gb": max(peaks) if peaks else None,
         "peak_host_gb": max(hosts) if hosts else None,
-        "loss_name": LOSS_NAMES.get(checkpoint.get("stage"), "val loss"),
+        "loss_name": stage_of(checkpoint).loss,
         "final": {k: final[k] for k in ("iter", "val_loss", "val_bpc") if k in final} if final else None,
         "best": {k: best[k] for k in ("iter", "val_loss", "val_bpc") if k in best} if best else None,
     }
@@ -222,11 +217,22 @@ def duration(seconds):
 
 def markdown(card):
     """report.md: the card for people, every number from card (report.json)."""
-    out_dir, stage, t, model, data = card["out_dir"], card["stage"], card["training"], card["model"], card["data"]
-    args = model["args"]
+    out_dir, stage = card["out_dir"], card["stage"]
     lines = [f"# Report card: {out_dir}", "",
-             f"{RUNS.get(stage, stage)}. Card written {card['written']} by llama2.zh at commit "
-             f"{card['written_by_commit'] or '(not a git checkout)'}.", "", "| | |", "|---|---|"]
+             f"{STAGES[stage].run.capitalize() if stage in STAGES else stage}. Card written {card['written']} by "
+             f"llama2.zh at commit {card['written_by_commit'] or '(not a git checkout)'}.", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(card)] + [""]
+    curve = card["loss_curve"]
+    lines += [f"![loss curves]({curve['file']})" if curve["file"] else f"No loss curve: {curve['why']}.", ""]
+    lines += sessions_section(card) + tasks_section(card) + benchmark_section(card) + samples_section(card)
+    lines += ["## Settings", "", "<details><summary>every setting of the run</summary>", "", "| setting | value |",
+              "|---|---|"] + [f"| {k} | `{v}` |" for k, v in card["settings"].items()] + ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def summary_rows(card):
+    """The card's first table: (what, value) for the model, its data, training, time, speed, memory and loss."""
+    t, model, data, args = card["training"], card["model"], card["data"], card["model"]["args"]
     shape = (f"{model['parameters'] / 1e6:.2f}M parameters: dim {args['dim']}, {args['n_layers']} layers, "
              f"{args['n_heads']} heads ({args.get('n_kv_heads') or args['n_heads']} kv), "
              f"context {args['max_seq_len']}, "
@@ -239,7 +245,7 @@ def markdown(card):
     splits = "; ".join(f"{split} " + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in counts.items())
                        for split, counts in data["splits"].items())
     rows.append(("data", f"{data['dir']}: tokenizer {data['tokenizer_sha']}" + (f"; {splits}" if splits else "")))
-    seen = f", {t['tokens_seen']:,} {'answer tokens' if stage == 'sft' else 'tokens'} seen" \
+    seen = f", {t['tokens_seen']:,} {'answer tokens' if card['stage'] == 'sft' else 'tokens'} seen" \
         if t["tokens_seen"] is not None else ""
     rows.append(("trained", f"{t['iterations']:,} iterations{seen}"))
     rows.append(("wall time", f"{duration(t['wall_s'])} in {len(card['sessions'])} session(s)" if card["sessions"]
@@ -247,18 +253,19 @@ def markdown(card):
     if t["speed"]:
         rows.append(("speed", f"{t['speed']['median']:,.0f} {t['speed']['unit']} (median of the logged intervals)"
                      + (f"; MFU {t['mfu_median'] * 100:.1f}%" if t["mfu_median"] else "")))
-    rows.append(("peak memory", f"GPU {gigabytes(t['peak_device_gb'])} allocated; host {gigabytes(t['peak_host_gb'])} resident"))
+    rows.append(("peak memory", f"GPU {gigabytes(t['peak_device_gb'])} allocated; "
+                                f"host {gigabytes(t['peak_host_gb'])} resident"))
     for which in ("final", "best"):
         r = t[which]
         if r:
             rows.append((f"{which} {t['loss_name']}", f"{r['val_loss']:.4f}"
                          + (f" ({r['val_bpc']:.3f} bits per character)" if "val_bpc" in r else "")
                          + f" at iteration {r['iter']:,}"))
-    lines += [f"| {k} | {v} |" for k, v in rows] + [""]
-    curve = card["loss_curve"]
-    lines += [f"![loss curves]({curve['file']})" if curve["file"] else f"No loss curve: {curve['why']}.", ""]
+    return rows
 
-    lines += ["## Sessions", ""]
+
+def sessions_section(card):
+    lines = ["## Sessions", ""]
     if card["sessions"]:
         lines += ["| # | command | commit | device | iterations | wall time | peak memory (GPU / host) |",
                   "|---|---|---|---|---|---|---|"]
@@ -266,61 +273,60 @@ def markdown(card):
         lines.append("None recorded: the checkpoint was written before the kit recorded its sessions.")
     for i, s in enumerate(card["sessions"], 1):
         lines.append(f"| {i} | `{s.get('command')}` | {s.get('git_commit') or '-'} | {s.get('device')}, "
-                     f"{s.get('dtype')}, {s.get('world_size')} process(es) | "
-                     f"{s.get('first_iter')}-{s.get('last_iter')} "
-                     f"| {duration(s.get('wall_s'))} | {gigabytes(s.get('peak_device_gb'))} / {gigabytes(s.get('peak_host_gb'))} |")
-    lines.append("")
+                     f"{s.get('dtype')}, {s.get('world_size')} process(es) | {s.get('first_iter')}-{s.get('last_iter')}"
+                     f" | {duration(s.get('wall_s'))} | {gigabytes(s.get('peak_device_gb'))} / "
+                     f"{gigabytes(s.get('peak_host_gb'))} |")
+    return lines + [""]
 
-    lines += ["## Held-out tasks", ""]
-    evaluation = card["evaluation"]
-    if evaluation:
-        names = list(evaluation["models"])
-        lines += ["Greedy answers to the questions prepare_data.py held out (eval.json).", "",
-                  "| task (metric) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        tasks = sorted({task for m in evaluation["models"].values() for task in m["tasks"]})
-        for task in tasks:
-            cells = []
-            for name in names:
-                r = evaluation["models"][name]["tasks"].get(task)
-                cells.append(f"{r['score'] * 100:.1f}% (n={r['n']})" if r else "-")
-            metric = next(m["tasks"][task]["metric"] for m in evaluation["models"].values() if task in m["tasks"])
-            lines.append(f"| {task} ({metric}) | " + " | ".join(cells) + " |")
-    else:
-        lines.append(f"Not measured: `python evaluate.py --out_dir={out_dir}` answers them (a chat model's).")
-    lines.append("")
 
-    lines += ["## Built-in benchmark", ""]
-    bench = card["benchmark"]
-    if bench:
-        names = list(bench["models"])
-        lines += ["Log-likelihood choices on held-out demo documents (benchmark.json): accuracy, and in brackets the "
-                  "score centred on chance (0 at chance, 100 all right).", "",
-                  "| task | chance | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-        first = bench["models"][names[0]]["tasks"]
-        for task in first:
-            cells = [f"{r['accuracy'] * 100:.1f}% ({r['centred'] * 100:.1f}) n={r['n']}"
-                     for r in (bench["models"][name]["tasks"][task] for name in names)]
-            lines.append(f"| {task} | {first[task]['chance'] * 100:.0f}% | " + " | ".join(cells) + " |")
-        lines.append("| **headline** (mean centred) | | " + " | ".join(
-            f"**{bench['models'][name]['headline'] * 100:.1f}**" for name in names) + " |")
-    else:
-        lines.append(f"Not measured: `python evaluate.py --out_dir={out_dir} --report_card=True` runs it.")
-    lines.append("")
+def tasks_section(card):
+    lines, evaluation = ["## Held-out tasks", ""], card["evaluation"]
+    if not evaluation:
+        return lines + [f"Not measured: `python evaluate.py --out_dir={card['out_dir']}` answers them (a chat "
+                        f"model's).", ""]
+    names = list(evaluation["models"])
+    lines += ["Greedy answers to the questions prepare_data.py held out (eval.json).", "",
+              "| task (metric) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    tasks = sorted({task for m in evaluation["models"].values() for task in m["tasks"]})
+    for task in tasks:
+        cells = []
+        for name in names:
+            r = evaluation["models"][name]["tasks"].get(task)
+            cells.append(f"{r['score'] * 100:.1f}% (n={r['n']})" if r else "-")
+        metric = next(m["tasks"][task]["metric"] for m in evaluation["models"].values() if task in m["tasks"])
+        lines.append(f"| {task} ({metric}) | " + " | ".join(cells) + " |")
+    return lines + [""]
 
-    lines += ["## Samples", ""]
-    if card["samples"]:
-        s = card["sampling"]
-        lines += [f"Temperature {s['temperature']}, top-p {s['top_p']}, repetition penalty {s['repetition_penalty']}, "
-                  f"seed {s['seed']}, at most {s['max_new_tokens']} new tokens.", ""]
-        for i, sample in enumerate(card["samples"], 1):
-            lines += [f"**{i}. prompt**", "", quote(sample["prompt"]), "",
-                      "**the model**", "", quote(sample["output"]), ""]
-            if sample["reference"] is not None:
-                lines += ["**the reference answer**", "", quote(sample["reference"]), ""]
-    else:
-        lines += [f"None: the model was not at hand; `python evaluate.py --out_dir={out_dir} --report_card=True` "
-                  f"writes them.", ""]
 
-    lines += ["## Settings", "", "<details><summary>every setting of the run</summary>", "", "| setting | value |",
-              "|---|---|"] + [f"| {k} | `{v}` |" for k, v in card["settings"].items()] + ["", "</details>", ""]
-    return "\n".join(lines)
+def benchmark_section(card):
+    lines, bench = ["## Built-in benchmark", ""], card["benchmark"]
+    if not bench:
+        return lines + [f"Not measured: `python evaluate.py --out_dir={card['out_dir']} --report_card=True` runs it.",
+                        ""]
+    names = list(bench["models"])
+    lines += ["Log-likelihood choices on held-out demo documents (benchmark.json): accuracy, and in brackets the "
+              "score centred on chance (0 at chance, 100 all right).", "",
+              "| task | chance | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    first = bench["models"][names[0]]["tasks"]
+    for task in first:
+        cells = [f"{r['accuracy'] * 100:.1f}% ({r['centred'] * 100:.1f}) n={r['n']}"
+                 for r in (bench["models"][name]["tasks"][task] for name in names)]
+        lines.append(f"| {task} | {first[task]['chance'] * 100:.0f}% | " + " | ".join(cells) + " |")
+    lines.append("| **headline** (mean centred) | | " + " | ".join(
+        f"**{bench['models'][name]['headline'] * 100:.1f}**" for name in names) + " |")
+    return lines + [""]
+
+
+def samples_section(card):
+    lines = ["## Samples", ""]
+    if not card["samples"]:
+        return lines + [f"None: the model was not at hand; `python evaluate.py --out_dir={card['out_dir']} "
+                        f"--report_card=True` writes them.", ""]
+    s = card["sampling"]
+    lines += [f"Temperature {s['temperature']}, top-p {s['top_p']}, repetition penalty {s['repetition_penalty']}, "
+              f"seed {s['seed']}, at most {s['max_new_tokens']} new tokens.", ""]
+    for i, sample in enumerate(card["samples"], 1):
+        lines += [f"**{i}. prompt**", "", quote(sample["prompt"]), "", "**the model**", "", quote(sample["output"]), ""]
+        if sample["reference"] is not None:
+            lines += ["**the reference answer**", "", quote(sample["reference"]), ""]
+    return lines

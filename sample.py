@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, stage_of
 from configurator import check_ranges, configure
 from device import PTDTYPE, resolve_device
 from engine import TextStreamer, compiled_step, generate
@@ -155,7 +155,7 @@ def continue_text(model, tok, context, settings):
 
 
 def chat_loop(model, tok, checkpoint, context, settings):
-    if checkpoint.get("stage") not in ("sft", "dpo", "grpo", "imported"):  # an imported model may be a chat model
+    if stage_of(checkpoint).chat is False:  # an imported model may be a chat model
         print(f"warning: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint that never saw chat "
               f"data; expect poor answers (fine-tune it with sft.py)", file=sys.stderr)
     if not prompt:

@@ -24,7 +24,7 @@ import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from checkpoint import load_model
+from checkpoint import load_model, stage_of
 from configurator import check_ranges, configure
 from device import PTDTYPE, resolve_device
 from engine import Engine, Request, TextStreamer
@@ -517,7 +517,7 @@ def main():
         raise SystemExit(f"error: --port={port} is not a port: use 0 to 65535 (0: any free one)")
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt], tokenizer)
-    if checkpoint.get("stage") not in ("sft", "dpo", "grpo", "imported"):
+    if stage_of(checkpoint).chat is False:
         print(f"warning: {out_dir} is a {checkpoint.get('stage')} checkpoint that never saw chat data", file=sys.stderr)
     engine = Engine(model, slots, max_queue, background=False)  # run below, in the main thread
     name = model_name or os.path.basename(os.path.abspath(out_dir))

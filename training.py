@@ -30,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
+from checkpoint import STAGES, check_tokenizer, load_checkpoint, save_checkpoint
 from device import command_line, end_distributed, git_commit, peak_memory_gb, wrap_ddp, wrap_fsdp
 from lora import base_storage, has_adapters, trainable_state_dict
 
@@ -100,11 +100,6 @@ def lora_base_dtype(setting, run_dtype):
     return run_dtype if setting == "auto" else setting
 
 
-# stage: (what resume expects, what --init_from does with it instead)
-RESUMABLE = {"pretrain": ("a pretraining run", "continue pretraining"), "sft": ("an SFT run", "fine-tune"),
-             "dpo": ("a DPO run", "align"), "grpo": ("a GRPO run", "train")}
-
-
 def resume(out_dir, stage, tok, run, settings, config, fixed):
     """
     The checkpoint of the run out_dir holds, to continue it: refused when another stage wrote it, or
@@ -114,9 +109,9 @@ def resume(out_dir, stage, tok, run, settings, config, fixed):
     """
     checkpoint = load_checkpoint(out_dir, merge=False)  # a LoRA run's adapters are loaded onto its base again
     if checkpoint.get("stage") != stage:
-        run_name, verb = RESUMABLE[stage]
         raise SystemExit(f"error: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint, not "
-                         f"{run_name} to resume; to {verb} it, pass --init_from={out_dir} and a new --out_dir")
+                         f"{STAGES[stage].run} to resume; to {STAGES[stage].verb} it, pass --init_from={out_dir} "
+                         f"and a new --out_dir")
     check_tokenizer(checkpoint["tokenizer_sha"], tok.sha, f"{out_dir}/ckpt.pt",
                     fix="resume with --data_dir pointing at the data it was trained on")
     saved = checkpoint["config"]
