@@ -207,7 +207,8 @@ def print_comparison(results):
         print(f"{label:<28}{cells}")
 
 
-def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, extra=None, pass_k=0, pass_temperature=1.0):
+def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, extra=None, pass_k=0, pass_temperature=1.0,
+                     tests=None, score=None):
     """
     models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}: each
     model reads the questions with its own tokenizer (a base model does not know the pieces an extended
@@ -215,9 +216,11 @@ def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, ext
     model answers the held-out questions; prints the table (with extra, e.g. baselines, as more columns)
     and writes report_path. pass_k > 0: also pass@1 and pass@k of the checkable tasks (pass_at_k), a
     second table and "pass_at_k" in the report. Returns {name: {task: (score, n)}}, or None when there are
-    no questions.
+    no questions. tests and score: other held-out questions (as load_tests reads them) and their scorer
+    (grpo.py's task and verifier) instead of data_dir's and demo.score.
     """
-    tests = load_tests(data_dir)
+    source = "the run's held-out questions" if tests is not None else os.path.join(data_dir, "sft_test.jsonl")
+    tests = tests if tests is not None else load_tests(data_dir)
     if tests is None:
         print(f"no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on")
         return None
@@ -225,7 +228,7 @@ def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, ext
     results, sampled, t0 = {}, {}, time.time()
     for name, (model, tok, _, *context) in models.items():
         with context[0]() if context else contextlib.nullcontext():
-            results[name] = evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size)
+            results[name] = evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size, score=score)
             if pass_k:
                 sampled[name] = pass_at_k(model, tok, tests, idiom_words, per_task, pass_k, pass_temperature)
     print(f"held-out task evaluation ({time.time() - t0:.0f}s, greedy, the same chat template for every model):")
@@ -239,9 +242,9 @@ def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, ext
             print(f"{task:<28}" + "".join(f"{r[task][0] * 100:>9.1f}% / {r[task][1] * 100:5.1f}% n={r[task][2]:<3}"
                                           if task in r else f"{'-':>24}" for r in sampled.values()))
     sources = {name: source for name, (_, _, source, *_) in models.items()}
-    report = {"data": os.path.join(data_dir, "sft_test.jsonl"), "per_task": per_task, "models": {
+    report = {"data": source, "per_task": per_task, "models": {
         name: {"checkpoint": sources.get(name), "tasks": {
-            task: {"metric": demo.METRIC_NAMES.get(task, "exact match"), "score": s, "n": n}
+            task: {"metric": "verifier" if score else demo.METRIC_NAMES.get(task, "exact match"), "score": s, "n": n}
             for task, (s, n) in r.items()}}
         for name, r in everything.items()}}
     for name, r in sampled.items():
@@ -254,7 +257,7 @@ def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, ext
 
 
 def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, per_task, run, tasks=True,
-                   evaluate_models=True):
+                   evaluate_models=True, tests=None, score=None):
     """
     pretrain.py's, sft.py's and dpo.py's last step: the model just trained (called name) beside the one it
     started from (base_dir, if any) on the held-out tasks (tasks: a chat model's; eval.json) and the built-in
@@ -264,7 +267,8 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
     checkpoint in the run's dtype. With LoRA adapters and the embeddings left as they were, the base is the
     same model with its adapters off (as stored for training: an int8 base answers as int8): no second
     model in memory; else the base is loaded in the run's dtype. evaluate_models=False: the card alone, from
-    the logs (with samples when trained is given). Ctrl-C here leaves the trained model as it is.
+    the logs (with samples when trained is given). tests, score: compare_on_tasks's (grpo.py's own task).
+    Ctrl-C here leaves the trained model as it is.
     """
     dtype = PTDTYPE[run.dtype]
     base_name = STAGES[base_stage].model if base_stage in STAGES else "base"
@@ -280,7 +284,8 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
                 base_model, base_tok, _ = load_model(base_dir, run.device, dtype)
                 models = {base_name: (base_model, base_tok, base_dir), **models}
             if tasks:
-                compare_on_tasks(models, data_dir, per_task, os.path.join(out_dir, "eval.json"))
+                compare_on_tasks(models, data_dir, per_task, os.path.join(out_dir, "eval.json"), tests=tests,
+                                 score=score)
             exams.compare_on_benchmark(models, demo.benchmark_items(val_fraction, per_task),
                                        os.path.join(out_dir, "benchmark.json"), val_fraction)
         write_card(out_dir, trained, tok)

@@ -101,7 +101,7 @@ seed = 1337                       # the questions' order and every rollout: a ru
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "base_dtype",
-                   "tasks", "questions", "verifier", "group_size", "temperature", "top_p", "max_new_tokens",
+                   "tasks", "questions", "test_questions", "verifier", "group_size", "temperature", "top_p", "max_new_tokens",
                    "kl_coef", "clip_eps", "ppo_epochs")
 
 
@@ -238,12 +238,6 @@ def main():
     if group_size < 2:
         raise SystemExit("error: --group_size must be at least 2: the advantage compares answers to one question")
     lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
-    task_names = [t for t in tasks.split(",") if t]
-    unchecked = set(task_names) - set(evaluate.CHECKABLE)
-    if not questions and not verifier and unchecked:
-        raise SystemExit(f"error: --tasks: {sorted(unchecked)[0]} has no verifier; the demo's checkable tasks are "
-                         f"{', '.join(evaluate.CHECKABLE)} (or pass --verifier=module:function)")
-    score = load_verifier(verifier, demo.idiom_words() if "chain" in task_names else set())
     resumed = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite, init_from=None if resumed else init_from)
     run = setup_device(device, dtype, compile)
@@ -251,7 +245,7 @@ def main():
 
     # ---- the model: the chat model to train, or our own to resume
     iter_num, best_error, checkpoint, sessions = 0, float("inf"), None, []
-    if resumed:  # LoRA and the objective as the run was started (globals and config updated)
+    if resumed:  # LoRA, the task and the objective as the run was started (globals and config updated)
         checkpoint = resume(out_dir, "grpo", tok, run, globals(), config, FIXED_ON_RESUME)
         iter_num, best_error = checkpoint["iter_num"], checkpoint["best_val_loss"]
         sessions = checkpoint.get("sessions", [])
@@ -263,20 +257,9 @@ def main():
     if not lora_rank:
         ref_model, _, _ = model_to_tune(base_dir, tok, dict(config, lora_rank=0, dropout=0.0), seed)
         ref_model.to(run.device).eval().requires_grad_(False)
-
-    # ---- the questions and their checker
-    train_items = read_questions(questions) if questions else training_questions(task_names)
-    test_items = as_tests(read_questions(test_questions)) if test_questions else \
-        [t for t in evaluate.load_tests(data_dir) or [] if t.get("task") in task_names]
-    if not train_items or not test_items:
-        raise SystemExit(f"error: no {'training' if not train_items else 'held-out'} questions for --tasks={tasks}")
-    asked = [item for item in train_items  # a question that leaves no room for a whole answer is not asked
-             if len(tok.encode_chat([{"role": "user", "content": item[1]}])[0]) + max_new_tokens
-             < model.args.max_seq_len]
-    if not asked:
-        raise SystemExit(f"error: no training question leaves room for --max_new_tokens={max_new_tokens} in the "
-                         f"model's context ({model.args.max_seq_len} tokens); lower --max_new_tokens")
-    train_items = asked
+    # the task comes from the settings as resumed: a run continues the task it started on
+    train_items, test_items, score = the_task(tasks, questions, test_questions, verifier, data_dir, tok,
+                                              model.args.max_seq_len - max_new_tokens)
 
     optimizer, scaler = make_optimizer(model, run, False, checkpoint, weight_decay, learning_rate, (beta1, beta2))
     checkpoint = None  # its weights and optimizer state now live in model and optimizer
@@ -361,52 +344,93 @@ def main():
             if agreed[0].item():
                 no_signal = not keep.any()  # here, but other processes have some: one group that weighs nothing
                 keep[0] |= no_signal
-                batch = {k: torch.from_numpy(v).to(run.device)
-                         for k, v in answer_batch(prompts, groups, advantages, keep, tok.eos_id).items()}
-                if no_signal:
-                    batch["loss_mask"].zero_()
-                norm = len(items) * group_size * max_new_tokens  # Dr. GRPO: a constant, not each answer's length
-                with torch.no_grad(), run.autocast:
-                    batch["ref_logps"] = reference_logps(batch, ref_model, raw_model).float()
-                    batch["old_logps"] = token_logps(raw_model, batch).float() if ppo_epochs > 1 else None
-                kls = []
-
-                def loss_fn(model_, b):
-                    logps = token_logps(model_, b).float()
-                    old = b["old_logps"] if b["old_logps"] is not None else logps.detach()
-                    loss, kl = grpo_loss(logps, old, b["ref_logps"], b["advantages"], b["loss_mask"], clip_eps,
-                                         kl_coef, norm)
-                    kls.append(kl.item())
-                    return loss
-
-                for epoch in range(ppo_epochs):
-                    seed_step(seed, run.rank, iter_num * ppo_epochs + epoch)
-                    loss = train_step(model, optimizer, scaler, lambda micro_step: batch, 1, run, grad_clip,
-                                      loss_fn=loss_fn)
-                    stats["loss"].append(loss.item())
-                stats["kl"].append(kls[0])
+                batch = answer_batch(prompts, groups, advantages, keep, tok.eos_id)
+                batch["loss_mask"] *= not no_signal
+                losses, kl = update_policy(model, raw_model, ref_model, optimizer, scaler, batch, run, iter_num,
+                                           norm=len(items) * group_size * max_new_tokens)
+                stats["loss"] += losses
+                stats["kl"].append(kl)
             iter_num += 1
 
             if run.master and iter_num % log_interval == 0:
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()
-                reward = float(np.mean(stats["reward"]))
-                train_loss = float(np.mean(stats["loss"])) if stats["loss"] else 0.0  # 0: no group had a signal
-                stopper.check_loss(train_loss, "training GRPO loss", iter_num)
-                skipped = sum(stats["skipped"]) / max(1, sum(stats["groups"]))
-                kl = float(np.mean(stats["kl"])) if stats["kl"] else 0.0
-                length = float(np.mean(stats["length"]))
-                print(f"iter {iter_num}: loss {train_loss:.4f}, reward {reward:.3f}, all-equal groups "
-                      f"{skipped * 100:.0f}%, KL {kl:.4f}, answer length {length:.1f} tokens, lr {lr:.2e}, "
-                      f"{dt:.2f} s/iter, ETA {logger.eta(iter_num)}")
-                logger.log({"iter": iter_num, "loss": train_loss, "reward": reward, "skipped_groups": skipped,
-                            "kl": kl, "answer_tokens": length, "lr": lr, "ms_per_iter": dt * 1000,
-                            "answers_per_s": batch_size * group_size * run.world_size / dt})
+                record = summarize(stats, lr, dt, batch_size * group_size * run.world_size)
+                stopper.check_loss(record["loss"], "training GRPO loss", iter_num)
+                print(f"iter {iter_num}: loss {record['loss']:.4f}, reward {record['reward']:.3f}, all-equal groups "
+                      f"{record['skipped_groups'] * 100:.0f}%, KL {record['kl']:.4f}, answer length "
+                      f"{record['answer_tokens']:.1f} tokens, lr {lr:.2e}, {dt:.2f} s/iter, ETA {logger.eta(iter_num)}")
+                logger.log({"iter": iter_num, **record})
                 stats = {k: [] for k in stats}
     if stopper.finished and stopper.saved_iter is not None:
         optimizer = scaler = model = ref_model = None
+        own = bool(questions or verifier)  # the user's task: its held-out questions and verifier, not the demo's
         evaluate.after_training("GRPO", raw_model.eval(), out_dir, base_dir, base_stage, tok, data_dir, eval_per_task,
-                                run, evaluate_models=evaluate_tasks)
+                                run, evaluate_models=evaluate_tasks, tests=test_items if own else None,
+                                score=score if own else None)
+
+
+def the_task(task_list, questions, test_questions, verifier, data_dir, tok, max_prompt_tokens):
+    """
+    The run's task from its settings (a resumed run's, as it started): (the training questions whose prompt
+    has at most max_prompt_tokens tokens, leaving room for a whole answer; the held-out questions as
+    evaluate.py's tests; the scorer (task, question, reference, answer) -> reward).
+    """
+    task_names = [t for t in task_list.split(",") if t]
+    unchecked = set(task_names) - set(evaluate.CHECKABLE)
+    if not questions and not verifier and unchecked:
+        raise SystemExit(f"error: --tasks: {sorted(unchecked)[0]} has no verifier; the demo's checkable tasks are "
+                         f"{', '.join(evaluate.CHECKABLE)} (or pass --verifier=module:function)")
+    score = load_verifier(verifier, demo.idiom_words() if "chain" in task_names else set())
+    train_items = read_questions(questions) if questions else training_questions(task_names)
+    test_items = as_tests(read_questions(test_questions)) if test_questions else \
+        [t for t in evaluate.load_tests(data_dir) or [] if t.get("task") in task_names]
+    if not train_items or not test_items:
+        what = "training" if not train_items else "held-out"
+        raise SystemExit(f"error: no {what} questions for --tasks={task_list}" + ("" if not questions else
+                         f" (--questions={questions}, --test_questions={test_questions or 'none'})"))
+    asked = [item for item in train_items  # a question that leaves no room for a whole answer is not asked
+             if len(tok.encode_chat([{"role": "user", "content": item[1]}])[0]) < max_prompt_tokens]
+    if not asked:
+        raise SystemExit("error: no training question leaves room for --max_new_tokens in the model's context; "
+                         "lower --max_new_tokens")
+    return asked, test_items, score
+
+
+def update_policy(model, raw_model, ref_model, optimizer, scaler, batch, run, it, norm):
+    """
+    ppo_epochs optimizer steps on one rollout batch (answer_batch's arrays) with the clipped, KL-penalized
+    loss; norm divides the summed loss (Dr. GRPO: a constant, not each answer's length). Returns (the steps'
+    losses, the first step's mean per-token KL).
+    """
+    batch = {k: torch.from_numpy(v).to(run.device) for k, v in batch.items()}
+    with torch.no_grad(), run.autocast:
+        batch["ref_logps"] = reference_logps(batch, ref_model, raw_model).float()
+        batch["old_logps"] = token_logps(raw_model, batch).float() if ppo_epochs > 1 else None
+    kls, losses = [], []
+
+    def loss_fn(model_, b):
+        logps = token_logps(model_, b).float()
+        old = b["old_logps"] if b["old_logps"] is not None else logps.detach()
+        loss, kl = grpo_loss(logps, old, b["ref_logps"], b["advantages"], b["loss_mask"], clip_eps, kl_coef, norm)
+        kls.append(kl.item())
+        return loss
+
+    for epoch in range(ppo_epochs):
+        seed_step(seed, run.rank, it * ppo_epochs + epoch)
+        losses.append(train_step(model, optimizer, scaler, lambda micro_step: batch, 1, run, grad_clip,
+                                 loss_fn=loss_fn).item())
+    return losses, kls[0]
+
+
+def summarize(stats, lr, dt, answers_per_iter):
+    """The log record of the iterations since the last one."""
+    return {"loss": float(np.mean(stats["loss"])) if stats["loss"] else 0.0,  # 0: no group had a signal
+            "reward": float(np.mean(stats["reward"])),
+            "skipped_groups": sum(stats["skipped"]) / max(1, sum(stats["groups"])),
+            "kl": float(np.mean(stats["kl"])) if stats["kl"] else 0.0,
+            "answer_tokens": float(np.mean(stats["length"])), "lr": lr, "ms_per_iter": dt * 1000,
+            "answers_per_s": answers_per_iter / dt}
 
 
 if __name__ == "__main__":

@@ -191,3 +191,26 @@ def test_two_processes_train_what_one_process_with_twice_the_questions_trains(de
     assert not torch.equal(one["layers.0.attention.wq.weight"], start["layers.0.attention.wq.weight"])  # it trained
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5), key
+
+
+def test_a_run_on_your_own_task_is_evaluated_and_resumed_on_that_task(demo_data, tiny_sft, tmp_path):
+    task = write_task(tmp_path, "return 1.0 if len(answer) < 4 else 0.0")
+    out, env = tmp_path / "out", {"PYTHONPATH": str(tmp_path)}
+    common = [f"--data_dir={demo_data}", f"--out_dir={out}", *GRPO_TINY[:-2], "--eval_interval=2", "--device=cpu"]
+    run("grpo.py", f"--init_from={tiny_sft}", *common, *task, "--max_iters=2", "--evaluate_tasks=True",
+        extra_env=env)
+    # the end-of-run evaluation: the user's held-out questions, scored by the user's verifier, beside the start
+    evaluation = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert list(evaluation["models"]) == ["SFT", "GRPO"]
+    for model in evaluation["models"].values():
+        assert list(model["tasks"]) == ["short"] and model["tasks"]["short"]["metric"] == "verifier"
+    calls = len((tmp_path / "calls.txt").read_text(encoding="utf-8").split())
+    # resumed with no flags, and with another task asked for: the run goes on with its own task and verifier
+    run("grpo.py", "--init_from=resume", *common, "--max_iters=4", extra_env=env)
+    again = len((tmp_path / "calls.txt").read_text(encoding="utf-8").split())
+    assert again >= calls + 2 * 4 * 4
+    p = run("grpo.py", "--init_from=resume", *common, "--max_iters=6", "--tasks=sentiment", "--verifier=",
+            "--questions=", extra_env=env)
+    assert "--tasks=sentiment is ignored" in p.out and "--questions= is ignored" in p.out
+    assert len((tmp_path / "calls.txt").read_text(encoding="utf-8").split()) >= again + 2 * 4 * 4
+    assert [r["iter"] for r in read_log(out) if "reward" in r] == [1, 2, 3, 4, 5, 6]

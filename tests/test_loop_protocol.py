@@ -1,9 +1,10 @@
 """
 pretrain.py, sft.py and dpo.py share one loop protocol (training.Stopper and its neighbours), held here
-to the same behaviour: a resumed run continues exactly; Ctrl-C saves at an iteration boundary and leaves
+to the same behaviour: a resumed run continues exactly, whatever its fixed settings are asked to be; Ctrl-C saves at an iteration boundary and leaves
 a checkpoint that resumes; a diverging loss stops the run with its message and no checkpoint of its own;
 a scratch run never overwrites a finished one; another stage's checkpoint is refused on resume.
 """
+import importlib
 import os
 import signal
 import subprocess
@@ -44,14 +45,28 @@ def losses(out_dir):
 STAGES = ["pretrain.py", "sft.py", "dpo.py", "grpo.py"]
 
 
+# settings fixed on resume, asked for otherwise when resuming: the run must go on as it started
+CHANGED_ON_RESUME = {"pretrain.py": ["--dim=48", "--n_layers=3", "--block_size=16"],
+                     "sft.py": ["--block_size=48", "--dropout=0.2"], "dpo.py": ["--beta=0.5", "--loss_type=ipo"],
+                     "grpo.py": ["--questions=", "--test_questions=", "--verifier=", "--tasks=sentiment",
+                                 "--group_size=3", "--max_new_tokens=3"]}
+
+
+def with_fixed_settings_changed(stage, args):
+    """args without the settings a resumed run takes from its checkpoint, and other values for some of them."""
+    fixed = importlib.import_module(stage[:-3]).FIXED_ON_RESUME
+    return [a for a in without_init(args) if a[2:].split("=")[0] not in fixed] + CHANGED_ON_RESUME[stage]
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_resume_continues_exactly_and_a_scratch_run_never_overwrites_it(stage, demo_data, tiny_ckpt, tiny_sft,
                                                                         tmp_path):
     args = stage_args(stage, demo_data, tiny_ckpt, tiny_sft) + ["--eval_interval=3", "--lr_decay_iters=6"]
     run(stage, f"--out_dir={tmp_path / 'straight'}", *args, "--max_iters=6")
     run(stage, f"--out_dir={tmp_path / 'resumed'}", *args, "--max_iters=3")
-    p = run(stage, f"--out_dir={tmp_path / 'resumed'}", *without_init(args), "--init_from=resume", "--max_iters=6")
-    assert "resuming at iteration 3" in p.out
+    p = run(stage, f"--out_dir={tmp_path / 'resumed'}", *with_fixed_settings_changed(stage, args),
+            "--init_from=resume", "--max_iters=6")
+    assert "resuming at iteration 3" in p.out and p.out.count(" is ignored: the run being resumed has ") >= 2
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     for it in range(4, 7):
         assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
