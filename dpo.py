@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import evaluate
 from checkpoint import check_tokenizer, model_to_tune
@@ -206,16 +207,17 @@ def on_the_fly_reference(batch, ref_model, policy):
 
 
 @torch.no_grad()
-def all_answer_logps(model, pairs, batch_size, run, ids=None):
+def all_answer_logps(model, pairs, batch_size, run, ids=None, desc=None):
     """
     The model's answer log-probs for the pairs ids of a split (default: all that fit): a (pairs in the
-    file, 2) tensor of chosen and rejected, zero for the pairs not asked for.
+    file, 2) tensor of chosen and rejected, zero for the pairs not asked for. desc: a progress bar's label.
     """
     model.eval()
     out = torch.zeros(len(pairs.starts), 2)
     lengths = (pairs.ends - pairs.starts).max(1)
     fits = sorted(pairs.fits if ids is None else ids, key=lambda i: lengths[i])  # similar lengths: little padding
-    for i in range(0, len(fits), batch_size):
+    starts = range(0, len(fits), batch_size)
+    for i in tqdm(starts, desc, unit="batch", dynamic_ncols=True, leave=False, disable=not (desc and run.master)):
         ids = fits[i:i + batch_size]
         batch = to_device(pairs.batch(ids), run)
         with run.autocast:
@@ -287,9 +289,7 @@ def main():
         needed = sorted({i for it in range(iter_num, max_iters) for micro in range(gradient_accumulation_steps)
                          for i in train_data.pair_ids(stream_position(it, micro, run, gradient_accumulation_steps,
                                                                       batch_size), batch_size)})
-        with adapters_disabled(reference_model):
-            ref_train = all_answer_logps(reference_model, train_data, 4 * batch_size, run, needed)
-            ref_test = all_answer_logps(reference_model, test_data, 4 * batch_size, run)
+        ref_train, ref_test = precompute_reference(reference_model, train_data, test_data, needed, batch_size, run)
         del reference_model
     t_ref = time.time() - t_ref
 
@@ -326,21 +326,6 @@ def main():
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(batch)
         return batch_loss(model_, batch, ref, beta, loss_type, label_smoothing, sft_weight)
 
-    @torch.no_grad()
-    def evaluate_pairs():
-        """Held-out pairs: loss, reward accuracy, mean reward margin, and how far the log-probs moved."""
-        policy = all_answer_logps(eval_model, test_data, 4 * batch_size, run)[test_data.fits]
-        if ref_test is not None:
-            ref = ref_test[test_data.fits]
-        else:
-            ref = torch.zeros_like(policy)
-            for i in range(0, len(test_data), 4 * batch_size):
-                ids = list(test_data.fits[i:i + 4 * batch_size])
-                logps = reference_logps(to_device(test_data.batch(ids), run)).float().cpu()
-                ref[i:i + len(ids), 0], ref[i:i + len(ids), 1] = logps[:len(ids)], logps[len(ids):]
-        eval_model.train()
-        return pair_metrics(policy, ref, beta, loss_type, label_smoothing)
-
     def checkpoint_now(it, val_loss):
         save_run(out_dir, raw_model, optimizer, sharded, run, logger, iter_num=it, best_val_loss=val_loss,
                  model_args=vars(model_args), config=config, tokenizer_sha=tok.sha, stage="dpo", base=base_dir)
@@ -355,7 +340,7 @@ def main():
                 group["lr"] = lr
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
-                metrics = evaluate_pairs()
+                metrics = evaluate_pairs(eval_model, test_data, ref_test, reference_logps, 4 * batch_size, run)
                 if stopper.check_loss(metrics["val_loss"], "held-out DPO loss", iter_num):
                     if run.master:
                         print(f"iter {iter_num}: held-out DPO loss {metrics['val_loss']:.4f}, reward accuracy "
@@ -389,6 +374,29 @@ def main():
         optimizer = scaler = model = eval_model = ref_model = None
         evaluate.after_training("DPO", None if sharded else raw_model.eval(), out_dir, base_dir, base_stage, tok,
                                 data_dir, eval_per_task, run, evaluate_models=evaluate_tasks)
+
+
+def precompute_reference(reference_model, train_data, test_data, needed, batch_size, run):
+    """The reference's answer log-probs (its adapters off) of the training pairs needed and of every test pair."""
+    with adapters_disabled(reference_model):
+        return (all_answer_logps(reference_model, train_data, 4 * batch_size, run, needed, "reference: train pairs"),
+                all_answer_logps(reference_model, test_data, 4 * batch_size, run, desc="reference: test pairs"))
+
+
+@torch.no_grad()
+def evaluate_pairs(eval_model, test_data, ref_test, reference_logps, batch_size, run):
+    """Held-out pairs: loss, reward accuracy, mean reward margin, and how far the log-probs moved."""
+    policy = all_answer_logps(eval_model, test_data, batch_size, run)[test_data.fits]
+    if ref_test is not None:
+        ref = ref_test[test_data.fits]
+    else:
+        ref = torch.zeros_like(policy)
+        for i in range(0, len(test_data), batch_size):
+            ids = list(test_data.fits[i:i + batch_size])
+            logps = reference_logps(to_device(test_data.batch(ids), run)).float().cpu()
+            ref[i:i + len(ids), 0], ref[i:i + len(ids), 1] = logps[:len(ids)], logps[len(ids):]
+    eval_model.train()
+    return pair_metrics(policy, ref, beta, loss_type, label_smoothing)
 
 
 if __name__ == "__main__":

@@ -240,18 +240,6 @@ def main():
         windows = to_device(train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len), run)
         return {"tokens": windows[:, :-1], "targets": windows[:, 1:]}  # (B, T) each: y is x shifted by one
 
-    @torch.no_grad()
-    def evaluate_loss():
-        eval_model.eval()
-        losses = []
-        for k in range(eval_iters):  # the same val batches at every evaluation
-            windows = to_device(val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, seq_len), run)
-            with run.autocast:
-                _, loss = eval_model(windows[:, :-1], windows[:, 1:])
-            losses.append(loss.item())
-        eval_model.train()
-        return float(np.mean(losses))
-
     def checkpoint_now(it, val_loss):
         save_run(out_dir, raw_model, optimizer, sharded, run, logger, iter_num=it, best_val_loss=val_loss,
                  model_args=vars(model_args), config=config, tokenizer_sha=tok.sha, stage="pretrain", base=base_path)
@@ -266,7 +254,7 @@ def main():
                 group["lr"] = lr
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
-                val_loss = evaluate_loss()
+                val_loss = evaluate_loss(eval_model, val_data, eval_iters, batch_size, seq_len, seed, run)
                 if stopper.check_loss(val_loss, "val loss", iter_num):
                     bpc = val_loss / math.log(2) * val_data.tokens_per_char
                     if run.master:
@@ -302,6 +290,20 @@ def main():
         optimizer = scaler = model = eval_model = None
         evaluate.after_training("pretrained", None if sharded else raw_model.eval(), out_dir, base_path, None, tok,
                                 data_dir, 0, run, tasks=False, evaluate_models=evaluate_benchmark)
+
+
+@torch.no_grad()
+def evaluate_loss(eval_model, val_data, eval_iters, batch_size, seq_len, seed, run):
+    """The mean loss on eval_iters val batches, the same ones at every evaluation."""
+    eval_model.eval()
+    losses = []
+    for k in range(eval_iters):
+        windows = to_device(val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, seq_len), run)
+        with run.autocast:
+            _, loss = eval_model(windows[:, :-1], windows[:, 1:])
+        losses.append(loss.item())
+    eval_model.train()
+    return float(np.mean(losses))
 
 
 if __name__ == "__main__":
