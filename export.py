@@ -23,6 +23,7 @@ Formats (llama2.c at commit 350e04f):
   space; BOS/EOS as "\\n<s>\\n" / "\\n</s>\\n"). It has no count: run.c reads vocab_size entries.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ version = "0"                # 0: fp32 for run.c; 2: int8 Q8_0 for runq.c; hf: H
 gguf_type = "f16"            # gguf: the matrices' type, f32, f16 or q8_0 (norms stay f32)
 group_size = 64              # version 2: the largest group size up to this that divides dim and hidden_dim
 tokenizer_bin = True         # also write tokenizer.bin beside the model (llama2.c formats)
+overwrite = False            # replace an existing --output that is not an export of this version (else refused)
 # -----------------------------------------------------------------------------
 
 
@@ -395,6 +397,11 @@ def output_path(output, out_dir, default_name, is_file=True):
         raise SystemExit(f"error: cannot create the directory of --output={path}: {e.strerror}")
     if not writable(directory):
         raise SystemExit(f"error: cannot write into {directory}; choose another --output")
+    if is_file:
+        refuse_to_replace(path, version if default_name != "tokenizer.bin" else "tokenizer.bin")
+    elif os.path.abspath(path) == os.path.abspath(out_dir) or os.path.exists(os.path.join(path, "ckpt.pt")):
+        raise SystemExit(f"error: --output={path} is a checkpoint's folder; the export would write over its "
+                         f"tokenizer and files: name a new folder")
     if not is_file:  # our loader prefers an index: another model's shards left here would be read instead
         import glob
         stale = [os.path.basename(p) for p in glob.glob(os.path.join(path, "*"))
@@ -405,6 +412,38 @@ def output_path(output, out_dir, default_name, is_file=True):
             raise SystemExit(f"error: {path} holds another model's weights ({', '.join(sorted(stale)[:3])}); "
                              f"a new export beside them would be read inconsistently: choose an empty --output")
     return path
+
+
+def refuse_to_replace(path, kind):
+    """A one-line refusal when path is an existing file that is not an export of this kind (a checkpoint, a
+    tokenizer, a log, anything else the user would lose), unless --overwrite=True."""
+    if overwrite or not os.path.isfile(path) or an_export_of_ours(path, kind):
+        return
+    raise SystemExit(f"error: --output={path} exists and is not a --version={version} export (a checkpoint, a "
+                     f"tokenizer, another file?); choose another --output, or pass --overwrite=True to replace it")
+
+
+def an_export_of_ours(path, kind):
+    """Whether the file at path has the layout export.py writes as kind (0, 2, gguf, tokenizer.bin)."""
+    with open(path, "rb") as f:
+        head = f.read(28)
+        if kind == "tokenizer.bin":  # a max length, then (score, length, bytes) per piece, to the end exactly
+            f.seek(4)
+            while len(size := f.read(8)) == 8:
+                f.seek(struct.unpack("<fI", size)[1], os.SEEK_CUR)
+            return len(head) >= 4 and not size and f.tell() == os.path.getsize(path)
+    if kind == "gguf":
+        return head[:4] == b"GGUF"
+    if kind == "2":
+        return head[:8] == struct.pack("<Ii", 0x616B3432, 2)
+    if len(head) < 28:
+        return False
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq = struct.unpack("<7i", head)
+    if min(dim, hidden, n_layers, n_heads, n_kv, seq, abs(vocab)) <= 0 or dim % n_heads or n_kv > n_heads \
+            or n_layers > 1024 or n_heads > dim:
+        return False
+    layout = llama2c_v0_layout(dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq, vocab > 0)
+    return os.path.getsize(path) == 28 + 4 * sum(math.prod(shape) for _, shape in layout)
 
 
 def readable_by_all(path):
@@ -465,17 +504,16 @@ def write(model, tok):
               (modelfile if written else f"kept your {modelfile} (delete it to get ours)"))
         return
     refuse_for_llama2c(model.args, tok)
+    path = output_path(output, out_dir, "model.bin" if version == "0" else "model_q80.bin")
+    tpath = output_path("", os.path.dirname(os.path.abspath(path)), "tokenizer.bin") if tokenizer_bin else None
     if version == "0":
-        path = output_path(output, out_dir, "model.bin")
         export_v0(model, path)
         print(f"wrote {path} (version 0, fp32, {os.path.getsize(path) / 2**20:.1f} MB)")
     else:
         gs = choose_group_size(model.args.dim, model.layers[0].feed_forward.w1.weight.shape[0], group_size)
-        path = output_path(output, out_dir, "model_q80.bin")
         export_v2(model, path, gs)
         print(f"wrote {path} (version 2, int8 Q8_0, group size {gs}, {os.path.getsize(path) / 2**20:.1f} MB)")
-    if tokenizer_bin:
-        tpath = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.bin")
+    if tpath:
         export_tokenizer_bin(tok, tpath)
         print(f"wrote {tpath} ({tok.n_words} pieces)")
 

@@ -266,6 +266,29 @@ def test_export_into_a_directory_that_does_not_exist_creates_it(tiny_ckpt, tmp_p
         assert stat.S_IMODE(os.stat(target / "model.safetensors").st_mode) == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("version", ["0", "2", "gguf", "hf"])
+def test_an_export_never_replaces_a_checkpoint_or_a_file_it_did_not_write(tiny_ckpt, tmp_path, version):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_ckpt, run_dir)
+    kept = {name: (run_dir / name).read_bytes() for name in ("ckpt.pt", "tokenizer.model", "log.jsonl")}
+    for target in ("ckpt.pt", "tokenizer.model", "log.jsonl", "."):
+        p = run("export.py", f"--out_dir={run_dir}", f"--version={version}", f"--output={run_dir / target}",
+                check=False)
+        assert p.returncode == 1 and "Traceback" not in p.out and len(p.out.strip().splitlines()) == 1, p.out
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+    run("sample.py", f"--out_dir={run_dir}", "--max_new_tokens=2")  # the run still loads
+    if version != "hf":  # its own export is replaced without a word; another file only when asked to
+        target = tmp_path / "exports" / "model"
+        run("export.py", f"--out_dir={run_dir}", f"--version={version}", f"--output={target}")
+        run("export.py", f"--out_dir={run_dir}", f"--version={version}", f"--output={target}")
+        (tmp_path / "notes.txt").write_text("mine")
+        p = run("export.py", f"--out_dir={run_dir}", f"--version={version}", f"--output={tmp_path / 'notes.txt'}",
+                check=False)
+        assert_one_line_error(p, "--overwrite=True")
+        run("export.py", f"--out_dir={run_dir}", f"--version={version}", f"--output={tmp_path / 'notes.txt'}",
+            "--overwrite=True")
+
+
 def test_writing_into_a_file_where_a_directory_should_be_is_a_one_line_error(tiny_ckpt, demo_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
