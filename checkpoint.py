@@ -18,6 +18,7 @@ refused naming the field: nothing is ever loaded approximately.
 """
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import struct
@@ -180,6 +181,10 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
         return model, base_stage, added_rows
     base = load_checkpoint(base_dir, flag="--init_from")
     check_data_tokenizer(base, base_dir, tok)
+    fingerprint = weights_fingerprint(base["model"])
+    if resumed is not None and resumed.get("base_fingerprint") not in (None, fingerprint):
+        raise SystemExit(f"error: {base_dir}, the base this LoRA run was trained on, has changed since (other "
+                         f"weights): its adapters would be merged onto another model; put the original base back")
     base["model_args"]["dropout"] = config["dropout"]
     # trained in fp32 (autocast computes in bf16/fp16 where set), but a LoRA base's frozen block weights go
     # straight from the file's dtype to base_dtype (an int8 base: quantized from the file's, layer by layer in
@@ -201,7 +206,19 @@ def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32
     parts_to_train(model, config, seed, base_dtype, added_rows)
     if resumed is not None:
         model.load_state_dict(resumed["lora"], strict=False) if lora else model.load_state_dict(resumed["model"])
+    model.base_fingerprint = fingerprint  # a LoRA run saves it, and is merged onto this base only
     return model, base_stage, added_rows
+
+
+def weights_fingerprint(state):
+    """A cheap id of a model's weights: every tensor's name, shape and dtype, and a few tensors' first values."""
+    digest = hashlib.sha256()
+    names = sorted(state)
+    for name in names:
+        digest.update(f"{name}{tuple(state[name].shape)}{state[name].dtype};".encode())
+    for name in names[::max(1, len(names) // 8)]:
+        digest.update(state[name].flatten()[:4096].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def parts_to_train(model, config, seed, base_dtype, added_rows):

@@ -178,7 +178,8 @@ def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
     if not run.master:
         return
     if lora:
-        fields.update(lora=state, base_dtype=base_storage(model), base_abspath=os.path.abspath(fields["base"]))
+        fields.update(lora=state, base_dtype=base_storage(model), base_abspath=os.path.abspath(fields["base"]),
+                      base_fingerprint=getattr(model, "base_fingerprint", None))
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
         "model": None if lora else state, "optimizer": optimizer_state, "world_size": run.world_size,
         "sessions": logger.sessions_so_far(run, fields.get("iter_num")), **fields})

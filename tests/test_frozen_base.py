@@ -176,3 +176,21 @@ def test_lora_from_scratch_is_refused_in_one_line(demo_data, tmp_path):
     p = run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={tmp_path / 'x'}", "--lora_rank=4", check=False)
     assert p.returncode != 0 and "--lora_rank adapts an existing model" in p.out and "Traceback" not in p.out
     assert not (tmp_path / "x").exists()
+
+
+def test_a_lora_run_whose_base_was_retrained_is_refused_not_merged_onto_the_new_one(demo_data, tiny_ckpt, tmp_path):
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(tiny_ckpt, base)
+    run("sft.py", f"--data_dir={demo_data}", f"--init_from={base}", f"--out_dir={tmp_path / 'lora'}", *SFT_TINY,
+        "--max_iters=2", "--eval_interval=2", "--lora_rank=4")
+    load_model(str(tmp_path / "lora"))  # merges onto the base it was trained on
+    # the base retrained in place, as `pretrain.py --overwrite=True` would: same shapes, other weights
+    checkpoint = torch.load(base / "ckpt.pt", weights_only=True)
+    for tensor in checkpoint["model"].values():
+        tensor += 0.01
+    torch.save(checkpoint, base / "ckpt.pt")
+    for script, args in (("sample.py", ["--max_new_tokens=2"]),
+                         ("sft.py", [f"--data_dir={demo_data}", "--init_from=resume", *SFT_TINY, "--max_iters=4"])):
+        p = run(script, f"--out_dir={tmp_path / 'lora'}", *args, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.out and "has changed since" in p.out, p.out[-2000:]
