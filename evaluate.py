@@ -350,13 +350,19 @@ def run_exams(model, tok, checkpoint, folders, report_path):
         n_questions = sum(len(s["questions"]) for s in subjects.values())
         print(f"{kind}: {len(subjects)} subjects, {n_questions:,} questions from {directory}"
               + (f" ({malformed} malformed rows skipped)" if malformed else "")
-              + f"; {shots}-shot, {'in the chat template' if as_chat else 'as plain text'}")
+              + f"; up to {shots} shots, {'in the chat template' if as_chat else 'as plain text'}")
         predictions, t0 = [], time.time()
         results = exams.run_exam(model, tok, subjects, shots, as_chat, model.args.max_seq_len, predictions)
         summary = exams.summarize(results, subjects)
-        print(f"{'category':<24}{'accuracy':>10}{'centred':>10}{'n':>8}   ({time.time() - t0:.0f}s)")
+        used = collections.Counter(tuple(r["shots"]) for r in summary["subjects"].values())
+        print("shots used: " + ", ".join(f"{'-'.join(map(str, sorted(set(k)))) or 'none'} in {n} subject(s)"
+                                         for k, n in sorted(used.items())))
+        print(f"{'category':<24}{'accuracy':>10}{'centred':>10}{'n':>8}{'skipped':>9}{'fitted only':>13}   "
+              f"({time.time() - t0:.0f}s; a skipped question, longer than the context, counts as wrong)")
         for name, r in [*summary["categories"].items(), ("overall", summary["overall"])]:
-            print(f"{name:<24}{r['accuracy'] * 100:>9.1f}%{r['centred'] * 100:>9.1f}%{r['n']:>8}")
+            fitted = f"{r['fitted_accuracy'] * 100:>12.1f}%" if r["fitted_accuracy"] is not None else f"{'-':>13}"
+            print(f"{name:<24}{r['accuracy'] * 100:>9.1f}%{r['centred'] * 100:>9.1f}%{r['n']:>8}{r['skipped']:>9}"
+                  f"{fitted}")
         report["exams"][kind] = dict(summary, directory=directory, malformed=malformed, predictions=predictions)
     with open(report_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, ensure_ascii=False)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tokenizer import sniff_encoding
+
 LETTERS = "ABCD"
 CHANCE = 1 / len(LETTERS)
 EXAMS = {"ceval": ("val", "{subject}_{split}.csv"), "cmmlu": ("test", "{subject}.csv")}  # scored split, file name
@@ -39,10 +41,16 @@ def centred(accuracy, chance):
 
 
 def read_rows(path):
-    """(the rows of one subject file as {question, A, B, C, D, answer}, how many were malformed)."""
+    """(the rows of one subject file as {question, A, B, C, D, answer}, how many were malformed). UTF-8 or
+    GB18030 (as prepare_data.py decides); a file with a fifth option column is refused: these exams have four."""
     rows, malformed = [], 0
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for record in csv.DictReader(f):
+    encoding = sniff_encoding(path)
+    with open(path, encoding="utf-8-sig" if encoding == "utf-8" else encoding, errors="replace", newline="") as f:
+        reader = csv.DictReader(f)
+        if "e" in {(k or "").strip().lower() for k in reader.fieldnames or []}:
+            raise SystemExit(f"error: {path} has an option column E; C-Eval and CMMLU questions have four options "
+                             f"(A-D), and a fifth would never be chosen: leave the file out")
+        for record in reader:
             fields = {k.strip().lower(): (v or "").strip() for k, v in record.items() if k is not None}
             row = {key: fields.get(key, "") for key in ("question", "a", "b", "c", "d", "answer")}
             if not all(row.values()) or row["answer"] not in LETTERS or None in record:
@@ -141,15 +149,17 @@ def option_logprobs(model, ids, continuations):
 
 def run_exam(model, tok, subjects, shots, chat, context_length, predictions=None):
     """
-    {subject: (accuracy, n)} for the model on every subject's questions with `shots` dev rows before each.
-    A prompt longer than the context drops shots (from the first) until it fits; a question that does not fit
-    alone is skipped. predictions: a list to append {subject, index, answer, predicted, logprobs} to.
+    {subject: {"correct", "scored", "skipped", "shots"}} for the model on every subject's questions with up to
+    `shots` dev rows before each (fewer where the subject has fewer). A prompt longer than the context drops
+    shots (from the first) until it fits; a question that does not fit alone is skipped, and counted (it
+    scores as wrong in the headline). "shots": the fewest and most shots its questions were asked with.
+    predictions: a list to append {subject, index, answer, predicted, logprobs} to.
     """
     results = {}
     total = sum(len(s["questions"]) for s in subjects.values())
     bar = tqdm(total=total, desc="questions", unit="q", leave=False, dynamic_ncols=True)
     for subject, s in subjects.items():
-        correct, n = 0, 0
+        r = results[subject] = {"correct": 0, "scored": 0, "skipped": 0, "shots": []}
         for index, row in enumerate(s["questions"]):
             bar.update(1)
             for k in range(min(shots, len(s["shots"])), -1, -1):
@@ -157,32 +167,37 @@ def run_exam(model, tok, subjects, shots, chat, context_length, predictions=None
                 if len(ids) + max(map(len, continuations)) <= context_length:
                     break
             else:
+                r["skipped"] += 1
                 continue
             logprobs = option_logprobs(model, ids, continuations)
             predicted = LETTERS[int(np.argmax(logprobs))]
-            correct += predicted == row["answer"]
-            n += 1
+            r["correct"] += predicted == row["answer"]
+            r["scored"] += 1
+            r["shots"] = [min(r["shots"] + [k]), max(r["shots"] + [k])]
             if predictions is not None:
                 predictions.append({"subject": subject, "index": index, "answer": row["answer"],
                                     "predicted": predicted, "logprobs": [round(x, 4) for x in logprobs]})
-        if n:
-            results[subject] = (correct / n, n)
     bar.close()
     return results
 
 
 def summarize(results, subjects):
-    """{"subjects": ..., "categories": ..., "overall": ...}, each {accuracy, centred, n}: categories and the
-    overall score weigh every question alike."""
-    def entry(pairs):
-        n = sum(count for _, count in pairs)
-        accuracy = sum(acc * count for acc, count in pairs) / n if n else 0.0
-        return {"accuracy": accuracy, "centred": centred(accuracy, CHANCE), "n": n}
+    """
+    {"subjects": ..., "categories": ..., "overall": ...}, each {accuracy, centred, n, skipped, fitted_accuracy}:
+    accuracy counts a skipped question (too long for the context) as wrong, so that a model is never scored on
+    an easier, shorter subset without a word; fitted_accuracy is over the questions asked. Categories and the
+    overall score weigh every question alike.
+    """
+    def entry(rs):
+        correct, scored, skipped = (sum(r[key] for r in rs) for key in ("correct", "scored", "skipped"))
+        accuracy = correct / (scored + skipped) if scored + skipped else 0.0
+        return {"accuracy": accuracy, "centred": centred(accuracy, CHANCE), "n": scored + skipped,
+                "skipped": skipped, "fitted_accuracy": correct / scored if scored else None}
     categories = {}
-    for subject, pair in results.items():
-        categories.setdefault(subjects[subject]["category"], []).append(pair)
-    return {"subjects": {s: entry([pair]) for s, pair in results.items()},
-            "categories": {c: entry(pairs) for c, pairs in sorted(categories.items())},
+    for subject, r in results.items():
+        categories.setdefault(subjects[subject]["category"], []).append(r)
+    return {"subjects": {s: dict(entry([r]), shots=r["shots"]) for s, r in results.items()},
+            "categories": {c: entry(rs) for c, rs in sorted(categories.items())},
             "overall": entry(list(results.values()))}
 
 

@@ -120,8 +120,19 @@ def test_the_letter_scores_are_the_models_log_probabilities_at_the_answer_positi
 def test_chance_centred_scores():
     assert exams.centred(0.25, 0.25) == 0 and exams.centred(1.0, 0.25) == 1
     assert exams.centred(0.625, 0.25) == pytest.approx(0.5) and exams.centred(0.0, 0.5) == -1
-    summary = exams.summarize({"a": (1.0, 3), "b": (0.0, 1)}, {"a": {"category": "X"}, "b": {"category": "X"}})
-    assert summary["overall"] == {"accuracy": 0.75, "centred": pytest.approx(2 / 3), "n": 4}  # each question alike
+    results = {"a": {"correct": 3, "scored": 3, "skipped": 0, "shots": [5, 5]},
+               "b": {"correct": 0, "scored": 1, "skipped": 0, "shots": [0, 0]}}
+    summary = exams.summarize(results, {"a": {"category": "X"}, "b": {"category": "X"}})
+    assert summary["overall"] == {"accuracy": 0.75, "centred": pytest.approx(2 / 3), "n": 4, "skipped": 0,
+                                  "fitted_accuracy": 0.75}  # each question alike
+
+
+def test_a_question_too_long_for_the_context_is_counted_and_scored_as_wrong():
+    results = {"a": {"correct": 2, "scored": 2, "skipped": 2, "shots": [0, 5]}}
+    summary = exams.summarize(results, {"a": {"category": "X"}})
+    assert summary["overall"]["accuracy"] == 0.5 and summary["overall"]["fitted_accuracy"] == 1.0
+    assert summary["overall"]["n"] == 4 and summary["overall"]["skipped"] == 2
+    assert summary["subjects"]["a"]["shots"] == [0, 5]
 
 
 def test_evaluate_scores_a_checkpoint_on_local_exam_folders(untrained, ceval_dir, cmmlu_dir, tmp_path):
@@ -137,6 +148,28 @@ def test_evaluate_scores_a_checkpoint_on_local_exam_folders(untrained, ceval_dir
     correct = sum(q["predicted"] == q["answer"] for q in ceval["predictions"])
     assert ceval["overall"]["accuracy"] == pytest.approx(correct / 6)
     assert r["exams"]["cmmlu"]["overall"]["n"] == 3
+
+
+def test_skipped_questions_missing_shots_and_gbk_files_are_said_in_the_output(untrained, cmmlu_dir, tmp_path):
+    header = ["", "Question", "A", "B", "C", "D", "Answer"]
+    long_question = "很长的题目。" * 200  # longer than the model's 512-token context on its own
+    rows = [[i, r["question"], r["A"], r["B"], r["C"], r["D"], r["answer"]] for i, r in enumerate(QUESTIONS)]
+    write_csv(cmmlu_dir / "test" / "world_history.csv", header, rows + [[3, long_question, "甲", "乙", "丙", "丁", "A"]])
+    with open(cmmlu_dir / "test" / "ancient_chinese.csv", "w", encoding="gbk", newline="") as f:  # no dev rows
+        csv.writer(f).writerows([header] + rows)
+    report = tmp_path / "exams.json"
+    p = run("evaluate.py", f"--out_dir={untrained}", f"--cmmlu={cmmlu_dir}", "--shots=2", f"--report={report}")
+    cmmlu = json.loads(report.read_text(encoding="utf-8"))["exams"]["cmmlu"]
+    assert cmmlu["overall"]["n"] == 7 and cmmlu["overall"]["skipped"] == 1 and "skipped" in p.out
+    assert cmmlu["subjects"]["world_history"]["shots"] == [2, 2] and cmmlu["subjects"]["ancient_chinese"]["shots"] \
+        == [0, 0] and "shots used: 0 in 1 subject(s), 2 in 1 subject(s)" in p.out
+    scored = cmmlu["predictions"]
+    assert len(scored) == 6 and cmmlu["overall"]["accuracy"] == pytest.approx(
+        sum(q["predicted"] == q["answer"] for q in scored) / 7)  # the skipped question counts as wrong
+    assert {q["subject"] for q in scored} == {"world_history", "ancient_chinese"}  # the GBK file was read
+    write_csv(cmmlu_dir / "test" / "five.csv", header + ["E"], [r + ["戊"] for r in rows])
+    p = run("evaluate.py", f"--out_dir={untrained}", f"--cmmlu={cmmlu_dir}", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.out and "five.csv has an option column E" in p.out
 
 
 def test_an_exam_folder_in_the_wrong_layout_is_one_line(tiny_ckpt, tmp_path):
