@@ -4,11 +4,12 @@ so memory stays flat on files of any size, and counts what it repairs or skips (
 line per file.
 
 Pretraining documents (file_documents):
-    .jsonl  one JSON object per line with a "text" field         {"text": "床前明月光，疑是地上霜。"}
-    .json   a JSON array of objects with "completion" (or text)  [{"completion": "..."}, ...]
-            (a .json file whose first character is "{" is read as JSONL; pretty-printed objects too)
-    .txt    plain text; blank lines separate documents
-SFT conversations (file_conversations: to_messages), one per object:
+    .jsonl    one JSON object per line with a "text" field         {"text": "床前明月光，疑是地上霜。"}
+    .json     a JSON array of objects with "completion" (or text)  [{"completion": "..."}, ...]
+              (a .json file whose first character is "{" is read as JSONL; pretty-printed objects too)
+    .parquet  a "text" (or completion, content, or --text_field) column, read a row group at a time (pyarrow)
+    .txt      plain text; blank lines separate documents
+SFT conversations (file_conversations: to_messages), one per object (or per Parquet row):
     Belle     {"instruction": "...", "input": "...", "output": "..."}
     ShareGPT  {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
     messages  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]} or a bare list of them
@@ -158,6 +159,35 @@ def read_json_values(path, counts, progress, array=True, chunk_chars=1 << 20, ma
         counts["invalid UTF-8 bytes repaired"] += bad_bytes[0]
 
 
+def read_records(path, counts, progress, columns=None):
+    """The records of a .jsonl, .json or .parquet file (read_json_records, read_parquet_records)."""
+    if path.endswith(".parquet"):
+        return read_parquet_records(path, counts, progress, columns)
+    return read_json_records(path, counts, progress)
+
+
+def read_parquet_records(path, counts, progress, columns=None, batch_rows=1024):
+    """
+    The rows of a Parquet file as dicts (nested columns as lists and dicts, as JSON would give them), read a
+    batch of rows at a time from one row group after another: memory stays at about one row group. columns:
+    read only these of them (a pretraining file's text column), where the file has them.
+    """
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit(f"error: {path}: reading Parquet needs pyarrow: pip install pyarrow")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid and friends: not a Parquet file, or a damaged one
+        raise SystemExit(f"error: {path} is not a readable Parquet file: {str(e).splitlines()[0][:200]}")
+    names = parquet.schema_arrow.names
+    wanted = [c for c in columns if c in names] if columns else None
+    for group in range(parquet.num_row_groups):
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=wanted or None):
+            yield from batch.to_pylist()
+        progress.update(os.path.getsize(path) // parquet.num_row_groups)  # near enough: the bar is set at the end
+
+
 def read_json_records(path, counts, progress):
     """
     JSON values of a .jsonl or .json file, whichever of the common shapes it has: JSON Lines, a JSON
@@ -189,8 +219,8 @@ def read_json_records(path, counts, progress):
 TEXT_FIELDS = ("text", "completion", "content")
 
 
-def read_documents(path, counts, progress):
-    """Pretraining documents (str) of one file."""
+def read_documents(path, counts, progress, fields=TEXT_FIELDS):
+    """Pretraining documents (str) of one file: a record's first field of fields that it has."""
     if path.endswith(".txt"):
         lines, n = [], 0
         for line in read_lines(path, counts, progress):
@@ -203,22 +233,25 @@ def read_documents(path, counts, progress):
         if lines:
             yield "\n".join(lines)
         return
-    for record in read_json_records(path, counts, progress):
+    for record in read_records(path, counts, progress, columns=fields):
         if isinstance(record, str):
             yield record
             continue
-        field = next((k for k in TEXT_FIELDS if isinstance(record, dict) and k in record), None)
+        field = next((k for k in fields if isinstance(record, dict) and k in record), None)
         if field is None:
-            counts[f"records without a {'/'.join(TEXT_FIELDS)} field skipped"] += 1
+            counts[f"records without a {'/'.join(fields)} field skipped"] += 1
         elif not isinstance(record[field], str):
             counts[f"records with a non-string {field} skipped"] += 1
         else:
             yield record[field]
 
 
-def file_documents(files, report=True):
-    """The pretraining documents of the input files, repaired, with one summary line per file if report."""
-    for doc, counts in iter_file_inputs(files, read_documents, "reading" if report else "tokenizer text", report):
+def file_documents(files, report=True, text_field=""):
+    """The pretraining documents of the input files, repaired, with one summary line per file if report.
+    text_field: the field (a Parquet file's column) that holds the text; "": the first of TEXT_FIELDS."""
+    fields = (text_field,) if text_field else TEXT_FIELDS
+    reader = lambda path, counts, bar: read_documents(path, counts, bar, fields)  # noqa: E731
+    for doc, counts in iter_file_inputs(files, reader, "reading" if report else "tokenizer text", report):
         doc = clean_text(doc, counts)
         if doc is not None:
             counts["kept"] += 1
@@ -338,7 +371,7 @@ def file_records(files, val_fraction, label, convert, what):
     into (messages, answer strings); every text repaired (clean_text), records with an empty one skipped,
     and the split decided by a hash of the messages, so that pairs with one prompt fall on one side.
     """
-    for record, counts in iter_file_inputs(files, read_json_records, f"reading {label}"):
+    for record, counts in iter_file_inputs(files, read_records, f"reading {label}"):
         converted = convert(record)
         if converted is None:
             counts[f"records that are not a {what} skipped"] += 1
@@ -406,7 +439,7 @@ def iter_file_inputs(files, reader, label, report=True):
     with tqdm(total=total, unit="B", unit_scale=True, desc=label, dynamic_ncols=True) as bar:
         for path in files:
             counts = Counts()
-            counts.encoding = sniff_encoding(path)
+            counts.encoding = "utf-8" if path.endswith(".parquet") else sniff_encoding(path)
             start = bar.n
             for item in reader(path, counts, bar):
                 yield item, counts

@@ -44,6 +44,9 @@ init_from = "out-sft"             # the SFT model to align (a checkpoint directo
 overwrite = False                 # a new run into an out_dir that holds a checkpoint: replace it (else refused)
 eval_interval = 100               # held-out pair metrics and a checkpoint every this many iterations
 log_interval = 25                 # iterations per log line
+log_to = ""                       # also log to "wandb" and/or "tensorboard" (a comma list; tracking.py)
+run_name = ""                     # the tracked run's name; "": out_dir's
+wandb_project = "llama2.zh"       # the wandb project the run goes to
 evaluate_tasks = True             # after training, the held-out tasks and the built-in benchmark (DPO beside
                                   # SFT) for the report card, out_dir/report.md; False: the card from the logs
 eval_per_task = 1000              # held-out questions per task in that evaluation; 0: all
@@ -310,7 +313,7 @@ def main():
               f"{run.world_size} processes" + (" (FSDP)" if sharded else "") + f": {max_iters:,} iterations are "
               f"{max_iters * batch_size * gradient_accumulation_steps * run.world_size / len(train_data):.2f} epochs; "
               f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, config)
 
     reference_logps = lambda batch: on_the_fly_reference(batch, ref_model, raw_model)  # noqa: E731
 

@@ -57,6 +57,9 @@ overwrite = False                 # a new run into an out_dir that holds a check
 eval_interval = 50                # held-out pass@1 and a checkpoint every this many iterations
 eval_per_task = 200               # held-out questions per task at each of those evaluations, and in the final one
 log_interval = 5                  # iterations per log line
+log_to = ""                       # also log to "wandb" and/or "tensorboard" (a comma list; tracking.py)
+run_name = ""                     # the tracked run's name; "": out_dir's
+wandb_project = "llama2.zh"       # the wandb project the run goes to
 evaluate_tasks = True             # after training, the held-out tasks and the built-in benchmark (GRPO beside
                                   # the model it started from) for the report card, out_dir/report.md
 # the task
@@ -275,7 +278,7 @@ def main():
               f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
         return
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, config)
     orders = {}  # the latest epoch's order of the training questions
 
     def questions_of(it):

@@ -18,7 +18,7 @@ Writes into data_dir (default data/), the folder every later stage reads as --da
 
 Inputs: --input (pretraining documents), --sft_input (conversations), --dpo_input (preference pairs),
 each "demo", or comma-separated files and directories (searched recursively). The layouts read (JSONL,
-JSON, text; Belle, ShareGPT, messages; TRL's and other pair formats) are data_formats.py's. A conversation
+JSON, Parquet, text; Belle, ShareGPT, messages; TRL's and other pair formats) are data_formats.py's. A conversation
 longer than --max_len tokens is cut after its last whole answer that fits, or skipped; DPO answers are cut to fit.
 
 Every document is split into train or val by a hash of its text, so the split never depends on
@@ -43,6 +43,7 @@ from tokenizer import (Tokenizer, add_chinese_pieces, compatibility_warnings, is
 # -----------------------------------------------------------------------------
 input = "demo"              # pretraining sources: "demo", or comma-separated files/directories; "": none
 sft_input = "demo"          # SFT conversations: "demo", or comma-separated files/directories; "" skips SFT data
+text_field = ""             # the JSON field or Parquet column holding a document's text; "": text, completion or content
 data_dir = "data"           # where the tokenizer and token files go (the data_dir of every later stage)
 out_dir: str = None         # the old name of data_dir, still read (with a note)
 vocab_size = 8192           # size of the tokenizer to train (at most 65535: token files are uint16)
@@ -382,18 +383,18 @@ def main():
         # called twice: for the tokenizer (without the per-file summaries), then for the tokens
         documents = lambda report=True: demo.documents(val_fraction)  # noqa: E731
     elif input:
-        files = input_files(input, (".jsonl", ".json", ".txt"))
-        documents = lambda report=True: file_documents(files, report)  # noqa: E731
+        files = input_files(input, (".jsonl", ".json", ".txt", ".parquet"))
+        documents = lambda report=True: file_documents(files, report, text_field)  # noqa: E731
     if sft_input == "demo":
         conversations = lambda: demo.sft_conversations(val_fraction)  # noqa: E731
     elif sft_input:
-        sft_files = input_files(sft_input, (".jsonl", ".json"))
+        sft_files = input_files(sft_input, (".jsonl", ".json", ".parquet"))
         conversations = lambda: file_conversations(sft_files, val_fraction)  # noqa: E731
     pairs = None
     if dpo_input == "demo":
         pairs = lambda: demo.preference_pairs(val_fraction)  # noqa: E731
     elif dpo_input:
-        dpo_files = input_files(dpo_input, (".jsonl", ".json"))
+        dpo_files = input_files(dpo_input, (".jsonl", ".json", ".parquet"))
         pairs = lambda: file_pairs(dpo_files, val_fraction)  # noqa: E731
     if extend_tokenizer and (tokenizer_model or documents is None):
         raise SystemExit("error: --extend_tokenizer trains the new pieces on --input: give an --input, and no "

@@ -39,6 +39,9 @@ overwrite = False                 # scratch into an out_dir that holds a checkpo
 eval_interval = 250               # measure val loss and save a checkpoint every this many iterations
 eval_iters = 20                   # val batches per evaluation
 log_interval = 25                 # iterations per log line
+log_to = ""                       # also log to "wandb" and/or "tensorboard" (a comma list; tracking.py)
+run_name = ""                     # the tracked run's name; "": out_dir's
+wandb_project = "llama2.zh"       # the wandb project the run goes to
 evaluate_benchmark = True         # after training, the built-in benchmark (exams.py) and samples for the report
                                   # card, out_dir/report.md (report.py); False: the card from the logs alone
 # model
@@ -230,7 +233,7 @@ def main():
               + (f", continuing the pretraining of {init_from}" if init_from not in ("scratch", "resume") else ""))
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed):
         return
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, config)
     peak = peak_flops(torch.cuda.get_device_name()) if run.device_type == "cuda" else None
 
     def train_batch(it, micro_step):

@@ -39,6 +39,9 @@ overwrite = False                 # a new run into an out_dir that holds a check
 eval_interval = 200               # answer loss on the test split and a checkpoint every this many iterations
 eval_iters = 20                   # test batches per loss evaluation
 log_interval = 25                 # iterations per log line
+log_to = ""                       # also log to "wandb" and/or "tensorboard" (a comma list; tracking.py)
+run_name = ""                     # the tracked run's name; "": out_dir's
+wandb_project = "llama2.zh"       # the wandb project the run goes to
 evaluate_tasks = True             # after training, the held-out tasks and the built-in benchmark (SFT beside
                                   # pretrained) for the report card, out_dir/report.md; False: the card from the logs
 eval_per_task = 1000              # held-out questions per task in that evaluation; 0: all
@@ -265,7 +268,7 @@ def main():
               f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
         return
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, config)
     answer_tokens = [0, answers_seen]  # answer tokens trained on: since the last log line, and in the whole run
 
     def train_batch(it, micro_step):

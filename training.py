@@ -19,6 +19,7 @@ tells only its own stage. A stage's main, in order:
 Here: the optimizer and its state (full_state, make_optimizer), resuming, the guard on out_dir, batches
 to the device, the schedule and the optimizer step, the checkpoint a run writes, the loop's frame and the log.
 """
+import atexit
 import datetime
 import json
 import math
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from checkpoint import STAGES, check_tokenizer, load_checkpoint, save_checkpoint
 from device import command_line, end_distributed, git_commit, peak_memory_gb, wrap_ddp, wrap_fsdp
 from lora import base_storage, has_adapters, trainable_state_dict
+from tracking import close_trackers, log_to_trackers, open_trackers
 
 
 def full_state(model, optimizer, sharded, trained_only=False):
@@ -186,14 +188,15 @@ def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
     logger.commit()
 
 
-def open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions=()):
+def open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions=(), config=None):
     """Rank 0's Logger for out_dir (None elsewhere), and the tokenizer copied beside the checkpoint, so that
-    sample.py and export.py need nothing else. sessions: those of the run being resumed (its checkpoint's)."""
+    sample.py and export.py need nothing else. sessions: those of the run being resumed (its checkpoint's).
+    config: the run's settings, whose log_to, run_name and wandb_project start the trackers (tracking.py)."""
     if not run.master:
         return None
     if os.path.abspath(data_dir) != os.path.abspath(out_dir):
         shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
-    return Logger(out_dir, max_iters, resumed, run, sessions)
+    return Logger(out_dir, max_iters, resumed, run, sessions, config)
 
 
 def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
@@ -436,10 +439,11 @@ class Logger:
     One line per log interval to the terminal and the same record as JSONL in out_dir/log.jsonl.
     A fresh run over an earlier checkpoint (--overwrite=True) keeps its records in memory until
     commit(), called with its first checkpoint: until then the earlier run's log stays as it was.
-    It also keeps this session's facts for the checkpoint and the report card (sessions_so_far).
+    It also keeps this session's facts for the checkpoint and the report card (sessions_so_far), and sends
+    every record to the trackers config's log_to names (tracking.py) as it comes.
     """
 
-    def __init__(self, out_dir, max_iters, resume, run=None, sessions=()):
+    def __init__(self, out_dir, max_iters, resume, run=None, sessions=(), config=None):
         self.path = os.path.join(out_dir, "log.jsonl")
         self.max_iters = max_iters
         os.makedirs(out_dir, exist_ok=True)
@@ -458,6 +462,10 @@ class Logger:
                         "world_size": run.world_size if run else None,
                         "first_iter": sessions[-1]["last_iter"] if sessions else 0}
         self.session_start = time.time()
+        config = config or {}
+        self.trackers = open_trackers(config.get("log_to", ""), out_dir, config.get("run_name", ""),
+                                      config.get("wandb_project", ""), config, resume)
+        atexit.register(close_trackers, self.trackers)
 
     def sessions_so_far(self, run, iter_num):
         """The earlier sessions of this run (a resumed run's) and this one up to now: its command, commit,
@@ -468,6 +476,7 @@ class Logger:
         return self.sessions + [dict(self.session)]
 
     def log(self, record):
+        log_to_trackers(self.trackers, record)
         if self.pending is not None:
             self.pending.append(record)
             return

@@ -200,3 +200,62 @@ def test_the_old_out_dir_flag_still_names_the_data_folder_with_a_note(tmp_path, 
             f"--tokenizer_model={demo_data}/tokenizer.model", f"--out_dir={tmp_path / 'old'}")
     assert "note: --out_dir is now --data_dir" in p.out
     assert (tmp_path / "old" / "train_000.bin").stat().st_size > 0
+
+
+def write_parquet(path, rows, rows_per_group):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow reads Parquet (pip install pyarrow)")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=rows_per_group)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parquet_gives_the_token_files_the_same_rows_as_jsonl_give(tmp_path, demo_data, workers):
+    docs = [{"text": f"第{i}篇：床前明月光，疑是地上霜。" * (1 + i % 5), "id": i} for i in range(3000)]
+    docs[5]["text"], docs[77]["text"] = None, "   "  # bad rows: counted and skipped alike
+    write_parquet(tmp_path / "docs.parquet", docs, rows_per_group=500)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
+                                         encoding="utf-8")
+    outputs = {}
+    for name in ("docs.parquet", "docs.jsonl"):
+        out = tmp_path / name.replace(".", "_")
+        p = run("prepare_data.py", f"--input={tmp_path / name}", "--sft_input=", "--dpo_input=", f"--data_dir={out}",
+                f"--tokenizer_model={demo_data}/tokenizer.model", f"--workers={workers}", "--val_fraction=0.1")
+        assert "1 records with a non-string text skipped" in p.out and "1 empty skipped" in p.out
+        outputs[name] = {f: (out / f).read_bytes() for f in ("train_000.bin", "val_000.bin")}
+    assert outputs["docs.parquet"] == outputs["docs.jsonl"]
+
+
+def test_parquet_sft_rows_in_the_known_layouts_and_a_named_text_column(tmp_path, demo_data):
+    belle = [{"instruction": f"问题{i}：一加一等于几？", "input": "", "output": "二。"} for i in range(40)]
+    sharegpt = [{"conversations": [{"from": "human", "value": f"你好{i}"}, {"from": "gpt", "value": "你好！"}]}
+                for i in range(40)]
+    write_parquet(tmp_path / "belle.parquet", belle, rows_per_group=16)
+    write_parquet(tmp_path / "sharegpt.parquet", sharegpt, rows_per_group=16)
+    write_parquet(tmp_path / "corpus.parquet", [{"body": f"正文{i}。"} for i in range(50)], rows_per_group=16)
+    p = run("prepare_data.py", f"--input={tmp_path / 'corpus.parquet'}", "--text_field=body",
+            f"--sft_input={tmp_path / 'belle.parquet'},{tmp_path / 'sharegpt.parquet'}", "--dpo_input=",
+            f"--data_dir={tmp_path / 'out'}", f"--tokenizer_model={demo_data}/tokenizer.model", "--val_fraction=0.1")
+    assert "belle.parquet: 40 kept" in p.out and "sharegpt.parquet: 40 kept" in p.out
+    assert "corpus.parquet: 50 kept" in p.out
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    p = run("prepare_data.py", f"--input={tmp_path / 'broken.parquet'}", "--sft_input=", "--dpo_input=",
+            f"--data_dir={tmp_path / 'o2'}", f"--tokenizer_model={demo_data}/tokenizer.model", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.out and "is not a readable Parquet file" in p.out
+
+
+def test_a_parquet_file_is_read_one_row_group_at_a_time(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow reads Parquet (pip install pyarrow)")
+    text = "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 40
+    write_parquet(tmp_path / "big.parquet", [{"text": f"{i}{text}"} for i in range(20_000)], rows_per_group=1000)
+    file_bytes = 20_000 * len(text.encode("utf-8"))  # about 20 MB of text in 20 row groups
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    peak, n = 0, 0
+    for record in data_formats.read_parquet_records(str(tmp_path / "big.parquet"), data_formats.Counts(), Bar(),
+                                                    columns=("text",)):
+        n += 1
+        peak = max(peak, pa.total_allocated_bytes())  # Arrow's own memory: the row group being read
+    assert n == 20_000 and peak < 4 * file_bytes / 20, (peak, file_bytes)  # a few row groups' worth, not 20
