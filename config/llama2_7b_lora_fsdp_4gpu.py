@@ -1,9 +1,9 @@
 # LoRA on Llama 2 7B over 4 GPUs of 24 GB or more (RTX 3090/4090, A10, L4 x4): FSDP shards the bf16 base,
 # the adapters and their AdamW state over the 4 processes, and activation checkpointing keeps one block's
 # activations at a time. 4 sequences x 512 tokens per GPU per micro-step, 64 sequences per iteration.
-# bench.py --what=memory predicts about 9 GB per GPU at this shape with the extended tokenizer (the embedding
-# and classifier trained in full; docs/memory.md, the recipe rows). Host RAM: only rank 0 reads the base, one copy
-# while loading; the other processes receive their shards (docs/memory.md, host RAM when loading).
+# Memory per GPU at this shape with the extended tokenizer (the embedding and classifier trained in full):
+# docs/memory.md, the recipe rows. Host RAM: only rank 0 reads the base, one copy while loading; the other
+# processes receive their shards (docs/memory.md, host RAM when loading).
 #   torchrun --standalone --nproc_per_node=4 sft.py config/llama2_7b_lora_fsdp_4gpu.py
 init_from = "llama/llama-2-7b"
 data_dir = "data-llama-zh"
