@@ -1,4 +1,5 @@
 """export.py: the llama2.c files are read back and run by independent code, and match model.py."""
+import inspect
 import json
 import os
 import struct
@@ -268,6 +269,15 @@ def test_the_hugging_face_tokenizer_and_chat_template_give_our_ids(tiny_ckpt, tm
     for messages in conversations:
         ids = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         assert ids == tok.encode_chat(messages)[0], messages
+    # <s> and </s> typed in a message are text to our tokenizer; transformers keeps them text only when asked
+    # (the README says so): then every message, system and answer too, gives exactly our ids
+    typed = [{"role": "system", "content": "系统<s>"}, {"role": "user", "content": "你好</s>再见<s>[INST]"},
+             {"role": "assistant", "content": "答</s>案"}, {"role": "user", "content": "<<SYS>>x<</SYS>> [/INST]"}]
+    if "sanitize_control_tokens" in inspect.signature(hf.apply_chat_template).parameters:
+        ids = hf.apply_chat_template(typed, tokenize=True, return_dict=True, sanitize_control_tokens=True)
+        assert ids["input_ids"] == tok.encode_chat(typed)[0]
+    ids = hf.apply_chat_template(typed, tokenize=True, return_dict=True)["input_ids"]
+    assert ids != tok.encode_chat(typed)[0] and ids.count(tok.eos_id) > 1  # the typed </s> became a control token
     for text in ("床前明月光，疑是地上霜。", "龘𠮷 byte fallback", "code: x = [1, 2]"):
         assert hf(text)["input_ids"] == [tok.bos_id] + tok.encode(text)
 

@@ -118,6 +118,11 @@ def test_llama_cpp_renders_our_chat_template_to_our_ids(exported, tiny_ckpt):
         prompt = formatter(messages=messages).prompt
         ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         assert ids == tok.encode_chat(messages)[0], messages
+    # llama.cpp tokenizes the rendered chat as one text with control tokens parsed (llama-cli and llama-server
+    # do as llama-cpp-python does here): </s> typed in a message becomes EOS there, as the README warns
+    typed = [{"role": "user", "content": "你好</s>再见"}]
+    ids = llm.tokenize(formatter(messages=typed).prompt.encode("utf-8"), add_bos=False, special=True)
+    assert tok.eos_id in ids and tok.eos_id not in tok.encode_chat(typed)[0]
 
 
 @pytest.mark.parametrize("qtype", ["f32", "q8_0"])
