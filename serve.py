@@ -88,19 +88,24 @@ def message_text(message, i):
     return content
 
 
-def sampling(body, context, prompt_tokens, default_max_tokens):
+def answer_limit(body, default_max_tokens):
+    """The most new tokens a request asks for: max_tokens, else max_completion_tokens, else the default."""
+    limit = field(body, "max_completion_tokens", int, None, lambda v: v >= 1, "an integer >= 1")
+    return field(body, "max_tokens", int, limit, lambda v: v >= 1, "an integer >= 1") or default_max_tokens
+
+
+def sampling(body, context, prompt_tokens, default_max_tokens, prompt_field="messages"):
     """The generation settings every endpoint shares, validated."""
     if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported: ask again for another answer", param="n")
     for name in UNSUPPORTED:
         if body.get(name):
             raise ApiError(400, f"'{name}' is not supported: this model has not learned to call tools", param=name)
-    limit = field(body, "max_completion_tokens", int, None, lambda v: v >= 1, "an integer >= 1")
-    limit = field(body, "max_tokens", int, limit, lambda v: v >= 1, "an integer >= 1") or default_max_tokens
+    limit = answer_limit(body, default_max_tokens)
     if prompt_tokens >= context:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens, {prompt_tokens - context + 1} more than fit the "
                             f"model's context of {context} with room for an answer; shorten it",
-                       param="messages", code="context_length_exceeded")
+                       param=prompt_field, code="context_length_exceeded")
     stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) and v or isinstance(v, list) and
                  len(v) <= 4 and all(isinstance(s, str) and s for s in v),
                  "a non-empty string or a list of up to 4 non-empty strings")
@@ -111,8 +116,9 @@ def sampling(body, context, prompt_tokens, default_max_tokens):
                 top_p=float(field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
                 # llama-server's and vLLM's extensions, as sample.py has them (0 and 1.0: off)
                 top_k=field(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0") or None,
-                repetition_penalty=float(field(body, "repetition_penalty", (int, float), 1.0, lambda v: 0 < v <= 10,
-                                               "a number in (0, 10]")),
+                # a penalty divides positive logits: from 0.01 up they stay far from fp32's overflow
+                repetition_penalty=float(field(body, "repetition_penalty", (int, float), 1.0,
+                                               lambda v: 0.01 <= v <= 10, "a number from 0.01 to 10")),
                 seed=field(body, "seed", int, None, lambda v: 0 <= v < 2 ** 63, "an integer from 0 to 2**63 - 1"),
                 stop=[stop] if isinstance(stop, str) else stop,
                 stream=field(body, "stream", bool, False, what="true or false"),
@@ -426,12 +432,22 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 left -= len(chunk)
             raise ApiError(413, f"the body has {length} bytes; the limit is {limit}", code="body_too_large")
-        raw = self.rfile.read(int(length))
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:  # a client that stopped sending mid-body: one that sent less than it announced
+            self.body_read = self.close_connection = True
+            raise ApiError(408, f"the body stopped before its {length} bytes came", code="request_timeout")
         self.body_read = True
+        if len(raw) < int(length):
+            self.close_connection = True
+            raise ApiError(400, f"the body has {len(raw)} of the {length} bytes Content-Length says", code="invalid_json")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json")
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) is not text
+        except (json.JSONDecodeError, UnicodeDecodeError, UnicodeEncodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else \
+                "a lone surrogate escape, not Unicode text" if isinstance(e, UnicodeEncodeError) else str(e)
+            raise ApiError(400, f"the body is not valid JSON: {why}", code="invalid_json")
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
         return body
@@ -440,12 +456,12 @@ class Handler(BaseHTTPRequestHandler):
         """The prompt and settings of a request, its place in the engine, then its answer, streamed or whole."""
         server, dropped = self.server, 0
         context, default_max_tokens = server.engine.context, server.default_max_tokens
-        if chat:  # room for an answer: the request's max_tokens, at most half the context
-            room = min(field(body, "max_tokens", int, None) or default_max_tokens, context // 2)
+        if chat:  # room for an answer: what the request asks for, at most half the context
+            room = min(answer_limit(body, default_max_tokens), context // 2)
             ids, _, dropped = chat_prompt(chat_messages(body, server.max_messages), server.tok, context - room)
         else:
             ids = completion_prompt(body, server.tok)
-        settings = sampling(body, context, len(ids), default_max_tokens)
+        settings = sampling(body, context, len(ids), default_max_tokens, "messages" if chat else "prompt")
         request = Request(ids, min(settings["max_new_tokens"], context - len(ids)), settings["temperature"],
                           settings["top_p"], settings["seed"], stop_tokens=server.tok.stop_ids,
                           top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"])

@@ -103,3 +103,45 @@ def test_chunks_and_answers_have_the_openai_shapes():
     text = serve.full_response(serve.response_meta(False, "demo"), "你好", "stop", usage)
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "你好"
     assert serve.failure("stop") is None and serve.failure("shutdown").status == 503
+
+
+@pytest.mark.parametrize("body, param, phrase", [
+    ({"max_tokens": 10.0}, "max_tokens", "an integer >= 1"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens", "an integer >= 1"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty", "from 0.01 to 10"),
+])
+def test_a_bad_setting_is_a_400_naming_it(body, param, phrase):
+    with pytest.raises(serve.ApiError) as e:
+        serve.sampling(body, context=64, prompt_tokens=4, default_max_tokens=8)
+    assert e.value.status == 400 and e.value.param == param and phrase in e.value.message
+
+
+def test_the_answer_limit_and_an_overlong_prompt_name_the_fields_the_client_sent():
+    assert serve.answer_limit({"max_completion_tokens": 5}, 8) == 5  # room for it is kept in a long chat too
+    assert serve.answer_limit({"max_completion_tokens": 5, "max_tokens": 3}, 8) == 3
+    assert serve.answer_limit({}, 8) == 8
+    with pytest.raises(serve.ApiError) as e:
+        serve.sampling({}, context=64, prompt_tokens=64, default_max_tokens=8, prompt_field="prompt")
+    assert e.value.param == "prompt" and e.value.code == "context_length_exceeded"
+
+
+def test_bodies_that_are_not_json_text_are_400_and_one_that_stops_is_408(tiny_sft):
+    import socket
+    import threading
+    from test_serve import raw_http, start_server
+    proc, port = start_server(tiny_sft, "--idle_timeout=2")
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for body in (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', b"[" * 100_000 + b"]" * 100_000):
+            answer = raw_http(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                              % (len(body), body))
+            assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_json"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # 100 bytes announced, 10 sent
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"messages")
+            assert s.recv(65536).startswith(b"HTTP/1.1 408")
+        assert raw_http(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
