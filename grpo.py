@@ -28,7 +28,6 @@ evaluate.py's held-out tasks and the built-in benchmark beside the model it star
 card. Ctrl-C (or SIGTERM) saves at the end of the current iteration; --init_from=resume continues exactly.
 """
 import importlib
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ import demo
 import evaluate
 from checkpoint import model_to_tune
 from configurator import check_ranges, configure
+from data_formats import iter_file_inputs, read_records
 from device import run_main, setup_device
 from engine import Request, complete
 from lora import adapters_disabled
@@ -119,24 +119,37 @@ def load_verifier(spec, idiom_words):
     sys.path.insert(0, os.getcwd())  # a module beside where the user runs grpo.py
     try:
         function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as e:
-        raise SystemExit(f"error: --verifier={spec}: {e}")
-    return lambda task, question, reference, answer: float(function(question, answer, reference))
+    except Exception as e:  # not found, or the module's own error (a SyntaxError, what it raised on import)
+        raise SystemExit(f"error: --verifier={spec}: {type(e).__name__}: {e}")
+
+    def reward(task, question, reference, answer):
+        try:
+            value = function(question, answer, reference)
+        except Exception as e:
+            raise SystemExit(f"error: --verifier={spec} raised {type(e).__name__}: {e}, on the question "
+                             f"{question[:60]!r}")
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:  # None, a string, NaN, 5.0
+            raise SystemExit(f"error: --verifier={spec} returned {value!r} for the question {question[:60]!r}; a "
+                             f"reward is a number from 0 to 1")
+        return float(value)
+    return reward
 
 
 def read_questions(path):
-    """A JSONL of {"question", "reference"[, "task"]}: [(task, question, reference)]."""
-    if not os.path.exists(path):
+    """
+    A JSONL (or JSON, Parquet) of {"question", "reference"[, "task"]}: [(task, question, reference)], read as
+    prepare_data.py reads its inputs: a BOM, GB18030 and bad lines handled, other rows counted and skipped.
+    """
+    if not os.path.isfile(path):
         raise SystemExit(f"error: no file {path}; pass a JSONL of {{\"question\", \"reference\", \"task\"}} lines")
     found = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    item = json.loads(line)
-                    found.append((item.get("task", "custom"), item["question"], item["reference"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise SystemExit(f"error: {path} line {n} is not a JSON object with question and reference")
+    for item, counts in iter_file_inputs([path], read_records, "reading questions"):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item[k].strip()
+                                                 for k in ("question", "reference")):
+            counts["rows without a question and a reference (strings) skipped"] += 1
+            continue
+        counts["kept"] += 1
+        found.append((str(item.get("task") or "custom"), item["question"], item["reference"]))
     return found
 
 

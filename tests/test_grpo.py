@@ -214,3 +214,26 @@ def test_a_run_on_your_own_task_is_evaluated_and_resumed_on_that_task(demo_data,
     assert "--tasks=sentiment is ignored" in p.out and "--questions= is ignored" in p.out
     assert len((tmp_path / "calls.txt").read_text(encoding="utf-8").split()) >= again + 2 * 4 * 4
     assert [r["iter"] for r in read_log(out) if "reward" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("body, phrase", [("return 5.0", "returned 5.0 for the question"),
+                                          ("return float('nan')", "returned nan"),
+                                          ("return None", "returned None"),
+                                          ("raise KeyError('x')", "raised KeyError"),
+                                          ("return (", "SyntaxError")])
+def test_a_verifier_that_misbehaves_stops_the_run_in_one_line(demo_data, tiny_sft, tmp_path, body, phrase):
+    task = write_task(tmp_path, body)
+    p = run("grpo.py", f"--data_dir={demo_data}", f"--init_from={tiny_sft}", f"--out_dir={tmp_path / 'out'}",
+            *GRPO_TINY, *task, "--max_iters=2", check=False, extra_env={"PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 1 and "Traceback" not in p.out and phrase in p.out, p.out[-1500:]
+    assert "--verifier=my_checks:reward" in p.out and "diverged" not in p.out
+
+
+def test_question_files_are_read_as_prepare_data_reads_inputs(tmp_path):
+    rows = [{"question": "你好", "reference": "好", "task": "t"}, ["a", "list"], {"question": 3, "reference": "x"},
+            {"question": "再见", "reference": "见"}]
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\nnot json\n"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    (tmp_path / "gbk.jsonl").write_bytes(text.encode("gbk"))
+    for name in ("bom.jsonl", "gbk.jsonl"):
+        assert grpo.read_questions(str(tmp_path / name)) == [("t", "你好", "好"), ("custom", "再见", "见")]
