@@ -8,7 +8,7 @@ Draw the loss curves of one or more runs from their out_dir/log.jsonl into a PNG
 Left: training loss (lines) and val/test loss (dots) against iterations. Right: the val loss in bits
 per character against tokens seen, which compares runs with different tokenizers and batch sizes
 (pretraining logs have it; an SFT log has the test answer loss against answer tokens trained on; a DPO
-log has its held-out DPO loss against iterations only).
+log has its held-out DPO loss against iterations only; a GRPO log its mean reward and held-out pass@1).
 Needs matplotlib (pip install matplotlib), which nothing else in the kit needs.
 """
 import json
@@ -42,20 +42,25 @@ def plot_runs(runs, path):
 
     fig, (by_iter, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, records in runs.items():
-        train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
-        val = [r for r in records if "val_loss" in r]
-        line, = by_iter.plot(*zip(*train), label=f"{label} train", linewidth=1) if train else (None,)
+        if any("reward" in r for r in records):  # GRPO: the mean reward, and held-out pass@1 (1 - its "val loss")
+            train = [(r["iter"], r["reward"]) for r in records if "reward" in r]
+            val = [dict(r, val_loss=1 - r["val_loss"]) for r in records if "val_loss" in r]
+            names = ("mean reward", "held-out pass@1")
+        else:
+            train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+            val, names = [r for r in records if "val_loss" in r], ("train", "val")
+        line, = by_iter.plot(*zip(*train), label=f"{label} {names[0]}", linewidth=1) if train else (None,)
         color = line.get_color() if line else None
         if val:
             by_iter.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o--", color=color,
-                         label=f"{label} val", markersize=4)
+                         label=f"{label} {names[1]}", markersize=4)
             with_tokens = [r for r in val if "tokens" in r]
             if with_tokens:
                 key = "val_bpc" if all("val_bpc" in r for r in with_tokens) else "val_loss"
                 by_tokens.plot([r["tokens"] for r in with_tokens], [r[key] for r in with_tokens], "o-", color=color,
                                label=f"{label} ({'bits per character' if key == 'val_bpc' else 'val loss'})",
                                markersize=4)
-    by_iter.set(xlabel="iteration", ylabel="loss (nats per token)", title="loss")
+    by_iter.set(xlabel="iteration", ylabel="loss (nats per token); GRPO: reward, pass@1", title="loss")
     by_tokens.set(xlabel="tokens seen (SFT: answer tokens)", ylabel="val bits per character / val loss",
                   title="val against tokens")
     for ax in (by_iter, by_tokens):

@@ -25,3 +25,22 @@ def test_without_matplotlib_it_says_how_to_get_it(tiny_ckpt, tmp_path):
 def test_a_directory_without_a_log_is_a_one_line_error(tmp_path):
     p = run("plot.py", f"--out_dir={tmp_path}", check=False)
     assert p.returncode != 0 and "no log at" in p.out and "Traceback" not in p.out
+
+
+def test_a_grpo_run_is_drawn_as_its_reward_and_held_out_pass_at_1(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
+    import plot
+    records = [{"iter": 0, "val_loss": 0.6}, {"iter": 5, "loss": 0.0, "reward": 0.3},
+               {"iter": 10, "loss": 0.01, "reward": 0.5}, {"iter": 10, "val_loss": 0.4}]
+    drawn = {}
+
+    def recording_plot(self, xs, ys, *args, label=None, **kwargs):
+        drawn[label] = (list(xs), list(ys))
+        return original(self, xs, ys, *args, label=label, **kwargs)
+
+    from matplotlib.axes import Axes
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+    plot.plot_runs({"grpo": records}, tmp_path / "loss.png")
+    assert drawn["grpo mean reward"] == ([5, 10], [0.3, 0.5])
+    assert drawn["grpo held-out pass@1"] == ([0, 10], [pytest.approx(0.4), pytest.approx(0.6)])
