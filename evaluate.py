@@ -380,21 +380,24 @@ def main():
     if report_card and checkpoint_format(out_dir) != "ours":
         raise SystemExit(f"error: --report_card needs a run of this kit (out_dir/ckpt.pt) and {out_dir} holds none; "
                          f"an imported model has no run to report (--benchmark=True scores it)")
+    if chat not in ("auto", "True", "true", "False", "false", True, False):
+        raise SystemExit(f"error: --chat is auto, True or False, not {chat!r}")
+    report_path = report or os.path.join(out_dir, "exams.json" if folders else "eval.json")
+    # before minutes of answering: the questions exist, and what the run writes can be written
+    target = onpolicy_pairs or (os.path.join(out_dir, "report.md") if report_card else
+                                report_path if report or not benchmark else os.path.join(out_dir, "benchmark.json"))
+    target_dir = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(target_dir) or not writable(target_dir):
+        raise SystemExit(f"error: cannot write {target} ({target_dir} is not a writable directory); pass "
+                         + ("another --onpolicy_pairs" if onpolicy_pairs else "--report=somewhere/report.json"))
+    if not folders and not onpolicy_pairs and not benchmark and not report_card and load_tests(data_dir) is None:
+        raise SystemExit(f"error: no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on; pass the "
+                         f"--data_dir prepare_data.py wrote")
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt])
-    report_path = report or os.path.join(out_dir, "exams.json" if folders else "eval.json")
     if folders:
         run_exams(model, tok, checkpoint, folders, report_path)
         return
-    if not onpolicy_pairs and not benchmark and not report_card:
-        # before minutes of answering: the questions exist, the report is writable
-        if load_tests(data_dir) is None:
-            raise SystemExit(f"error: no {data_dir}/sft_test.jsonl: no held-out questions to evaluate on; pass the "
-                             f"--data_dir prepare_data.py wrote")
-        report_dir = os.path.dirname(os.path.abspath(report_path))
-        if not os.path.isdir(report_dir) or not writable(report_dir):
-            raise SystemExit(f"error: cannot write {report_path} ({report_dir} is not a writable directory); pass "
-                             f"--report=somewhere/eval.json")
     if base not in ("auto", "none") and not checkpoint_format(base):
         raise SystemExit(f"error: --base={base} is not a checkpoint directory or a Llama; pass an existing one, "
                          f"auto or none")
