@@ -43,7 +43,8 @@ def _convert(key, raw, kind):
                 value = None
             if value is not None and value.is_integer():
                 return int(value)
-            _fail(f"--{key} expects an integer, got {raw!r}")
+            hint = f" (--auto_{key}=True picks it)" if raw == "auto" and key == "batch_size" else ""
+            _fail(f"--{key} expects an integer, got {raw!r}{hint}")
     if kind is float:
         try:
             return float(raw)

@@ -98,7 +98,27 @@ def available_memory(run):
         return None, "this system does not report its available memory"
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # processes on this machine share its memory
     share = f", shared by {local} processes" if local > 1 else ""
+    limit = container_memory_left()
+    if limit is not None and limit < kb * 1024:  # a container's (Docker's, Slurm's) limit, below the machine's
+        return limit // local, f"this container has {limit / GB:.1f} GB left under its memory limit{share}"
     return kb * 1024 // local, f"this machine has {kb * 1024 / GB:.1f} GB available{share}"
+
+
+def container_memory_left(root="/sys/fs/cgroup"):
+    """Bytes this process's cgroup may still use (its memory limit less its use), or None without a limit:
+    cgroup v2's memory.max and memory.current, or v1's limit_in_bytes and usage_in_bytes."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(os.path.join(root, limit_file)) as f:
+                limit = f.read().strip()
+            with open(os.path.join(root, usage_file)) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number: no limit
+            return max(0, int(limit) - usage)
+    return None
 
 
 

@@ -339,6 +339,8 @@ class Handler(BaseHTTPRequestHandler):
         return path
 
     def do_GET(self):
+        if self.headers.get("Content-Length"):  # read a body nobody asked for, or it would read as the next request
+            self.drop_body()
         path, name = self.route(), self.server.name
         model_card = {"id": name, "object": "model", "created": 0, "owned_by": "llama2.zh"}
         if path == "/":
@@ -368,6 +370,8 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_OPTIONS(self):  # a browser's preflight before a cross-origin POST
+        if self.headers.get("Content-Length"):
+            self.drop_body()
         if not self.server.cors:
             self.send_json(405, ApiError(405, "OPTIONS is answered only with --cors_origin set",
                                          code="method_not_allowed").body(), {"Allow": "GET, HEAD, POST"})
@@ -562,12 +566,16 @@ def main():
     except KeyboardInterrupt:
         print("\nstopped")
     finally:
-        # every open answer ends with a last event saying why (never a cut stream), then the server closes
-        engine.close()
-        server.shutdown()
-        deadline = time.time() + 5
-        while server.open_answers and time.time() < deadline:
-            time.sleep(0.05)
+        # every open answer ends with a last event saying why (never a cut stream), then the server closes;
+        # a second Ctrl-C meanwhile leaves at once, without a traceback
+        try:
+            engine.close()
+            server.shutdown()
+            deadline = time.time() + 5
+            while server.open_answers and time.time() < deadline:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            print("stopped at once")
         server.server_close()
 
 

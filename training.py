@@ -411,6 +411,7 @@ def claim_out_dir(out_dir, fresh, overwrite, init_from=None):
                          f"another --out_dir, or pass --overwrite=True to replace it")
     if int(os.environ.get("RANK", 0)) != 0:
         return
+    created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, "lock"), "a+")
@@ -432,6 +433,19 @@ def claim_out_dir(out_dir, fresh, overwrite, init_from=None):
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     _out_dir_lock = lock
+    atexit.register(release_out_dir, out_dir, lock, created)
+
+
+def release_out_dir(out_dir, lock, created):
+    """At exit, the lock goes, and a directory this run created and left empty goes too: a run refused before it
+    wrote anything (its memory plan, its data) leaves nothing behind."""
+    lock.close()
+    try:
+        os.remove(os.path.join(out_dir, "lock"))
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+    except OSError:
+        pass
 
 
 class Logger:

@@ -70,7 +70,7 @@ def test_a_plan_that_cannot_fit_stops_in_one_line_before_writing_and_its_suggest
     assert p.returncode != 0 and "Traceback" not in p.out, p.out
     error = p.out.strip().splitlines()[-1]
     assert error.startswith("error: this run needs about") and "settings that fit:" in error, p.out
-    assert sorted(os.listdir(out)) in ([], ["lock"])  # no checkpoint, no log, no tokenizer copy
+    assert not out.exists()  # no checkpoint, no log, no tokenizer copy, not even the folder or its lock
     # the first suggestion keeps the tokens per step (8 x 2) with a smaller micro-batch
     batch, accumulation = map(int, re.search(r"--batch_size=(\d+) --gradient_accumulation_steps=(\d+)", error).groups())
     assert batch < 8 and batch * accumulation == 16
@@ -108,3 +108,17 @@ def test_every_training_stage_prints_its_plan_and_the_first_steps_timing(demo_da
     # a DPO micro-batch holds each pair twice (chosen and rejected) and the reference model beside it
     assert "2 x 128 tokens per micro-step" in p.out and "other " in p.out, p.out
     assert p.out.strip().splitlines()[-1].startswith("error: this run needs about"), p.out
+
+
+def test_the_cpu_plan_honours_a_containers_memory_limit(tmp_path):
+    from memory import container_memory_left
+    (tmp_path / "memory.max").write_text("2147483648\n")  # cgroup v2: a 2 GiB limit, 0.5 GiB of it in use
+    (tmp_path / "memory.current").write_text(str(512 * 2**20) + "\n")
+    assert container_memory_left(str(tmp_path)) == 1536 * 2**20
+    (tmp_path / "memory.max").write_text("max\n")  # no limit
+    assert container_memory_left(str(tmp_path)) is None
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()  # cgroup v1
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(2**30))
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text(str(2**29))
+    assert container_memory_left(str(tmp_path)) == 2**29
