@@ -167,6 +167,11 @@ def chat_loop(model, tok, checkpoint, context, settings):
               f"exits, Ctrl-C stops an answer", file=sys.stderr)
     turns = []
     budget = context - min(max_new_tokens, context // 2)
+    alone = len(tok.encode_chat(([{"role": "system", "content": system}] if system else [])
+                                + [{"role": "user", "content": ""}])[0])
+    if alone > budget:
+        raise SystemExit(f"error: --system takes {alone} tokens in the chat template, more than the {budget} the "
+                         f"{context}-token context keeps for a question before the answer; shorten it")
     while True:
         if prompt:
             user = prompt

@@ -521,3 +521,9 @@ def test_evaluate_refuses_a_bad_chat_flag_and_an_unwritable_report_before_any_wo
         p = run("evaluate.py", f"--out_dir={tiny_ckpt}", *flags, check=False)
         assert_one_line_error(p, "is not a writable directory")
         assert "built-in benchmark" not in p.out and "held-out task evaluation" not in p.out
+
+
+def test_a_system_prompt_longer_than_the_context_is_one_line(tiny_sft):
+    p = run("sample.py", f"--out_dir={tiny_sft}", "--chat", "--prompt=你好", "--system=" + "很长的系统提示。" * 100,
+            check=False)
+    assert_one_line_error(p, "--system takes", "shorten it")
