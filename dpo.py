@@ -265,7 +265,7 @@ def main():
     # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters
     # off; without, a copy, made before any step (and, resuming, from the base again)
     separate_reference = reference == "model" and not lora_rank
-    batch_size, gradient_accumulation_steps = preflight(
+    batch_size, gradient_accumulation_steps, plan = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations, rows_per_item=2,
         extra_bytes=model.num_params() * 4 if separate_reference else 0, fsdp=sharded, memory_gb=device_memory_gb,
@@ -313,7 +313,7 @@ def main():
               f"{run.world_size} processes" + (" (FSDP)" if sharded else "") + f": {max_iters:,} iterations are "
               f"{max_iters * batch_size * gradient_accumulation_steps * run.world_size / len(train_data):.2f} epochs; "
               f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, config)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, dict(config, preflight=plan))
 
     reference_logps = lambda batch: on_the_fly_reference(batch, ref_model, raw_model)  # noqa: E731
 

@@ -132,7 +132,8 @@ def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_d
     memory: its bytes count as available). rows_per_item: sequences per batch item (a DPO pair is two).
     extra_bytes: what else lives on the device (DPO's reference copy). memory_gb > 0 plans for that much
     memory instead of what the device reports. The optimizer state is counted as AdamW's two moments
-    (Muon keeps one for its matrices: an overestimate there). Returns (batch_size, accumulation).
+    (Muon keeps one for its matrices: an overestimate there). Returns (batch_size, accumulation, the plan:
+    its predicted GB by part and the memory it planned against, for the trackers).
     """
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params()
@@ -167,8 +168,10 @@ def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_d
               f"{(total - trained) / 1e6:.2f}M frozen), {batch_size} x {rows_per_item * seq_len} tokens per micro-step")
         print(f"pre-flight: predicted peak per device {gb(m['total'])} GB ({parts}"
               + (f", other {gb(extra_bytes)}" if extra_bytes else "") + f"); {source}")
+    plan = {f"{k}_gb": m[k] / GB for k in ("total", "weights", "optimizer", "gradients", "activations")}
+    plan["device_memory_gb"] = limit / GB if limit is not None else None
     if limit is None or m["total"] <= limit:
-        return batch_size, accumulation
+        return batch_size, accumulation, plan
     # what would fit instead, each change alone (then with checkpointing), keeping the tokens per step
     fixes = []
     per_step = batch_size * accumulation

@@ -196,7 +196,7 @@ def main():
     seq_len = context_length(block_size, model)
     train_data.check_fits(seq_len)
     val_data.check_fits(seq_len)
-    batch_size, gradient_accumulation_steps = preflight(
+    batch_size, gradient_accumulation_steps, plan = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,
         fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
@@ -233,7 +233,7 @@ def main():
               + (f", continuing the pretraining of {init_from}" if init_from not in ("scratch", "resume") else ""))
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed):
         return
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, config)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, dict(config, preflight=plan))
     peak = peak_flops(torch.cuda.get_device_name()) if run.device_type == "cuda" else None
 
     def train_batch(it, micro_step):

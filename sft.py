@@ -232,7 +232,7 @@ def main():
                                          base_dtype=lora_base_dtype(base_dtype, run.dtype), on_rank0=sharded)
     model_args = model.args
     seq_len = context_length(block_size, model)
-    batch_size, gradient_accumulation_steps = preflight(
+    batch_size, gradient_accumulation_steps, plan = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,
         fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
@@ -268,7 +268,7 @@ def main():
               f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
         return
-    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, config)
+    logger = open_out_dir(run, out_dir, data_dir, tok, max_iters, resumed, sessions, dict(config, preflight=plan))
     answer_tokens = [0, answers_seen]  # answer tokens trained on: since the last log line, and in the whole run
 
     def train_batch(it, micro_step):
