@@ -287,7 +287,7 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
                 compare_on_tasks(models, data_dir, per_task, os.path.join(out_dir, "eval.json"), tests=tests,
                                  score=score)
             exams.compare_on_benchmark(models, demo.benchmark_items(val_fraction, per_task),
-                                       os.path.join(out_dir, "benchmark.json"), val_fraction)
+                                       os.path.join(out_dir, "benchmark.json"), val_fraction, per_task)
         write_card(out_dir, trained, tok)
     except KeyboardInterrupt:
         raise SystemExit(f"\nevaluation interrupted; the model is saved: evaluate it any time with "
@@ -422,7 +422,7 @@ def main():
         if benchmark or report_card:
             exams.compare_on_benchmark(models, demo.benchmark_items(val_fraction, per_task),
                                        report if benchmark and report else os.path.join(out_dir, "benchmark.json"),
-                                       val_fraction)
+                                       val_fraction, per_task)
             if report_card:
                 write_card(out_dir, model, tok)
             return

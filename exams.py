@@ -250,11 +250,12 @@ def headline(results):
     return float(np.mean([centred(accuracy, chance) for accuracy, _, chance in results.values()]))
 
 
-def compare_on_benchmark(models, items, report_path, val_fraction):
+def compare_on_benchmark(models, items, report_path, val_fraction, per_task=0):
     """
     models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}, as
     evaluate.compare_on_tasks takes them. Every model on the built-in benchmark's items: prints the table of raw and
-    chance-centred scores with the headline (their mean centred score) and writes it to report_path.
+    chance-centred scores with the headline (their mean centred score) and writes it to report_path
+    (per_task: the bound the items were drawn with, recorded for the report card).
     Returns {name: {task: (accuracy, n, chance)}}.
     """
     t0 = time.time()
@@ -269,7 +270,7 @@ def compare_on_benchmark(models, items, report_path, val_fraction):
                         for a, n, c in (r[task] for r in results.values()))
         print(f"{task:<20}{next(iter(results.values()))[task][2] * 100:>7.0f}%{cells}")
     print(f"{'headline (centred)':<28}" + "".join(f"{headline(r) * 100:>22.1f}" for r in results.values()))
-    report = {"val_fraction": val_fraction, "models": {
+    report = {"val_fraction": val_fraction, "per_task": per_task, "models": {
         name: {"checkpoint": source, "headline": headline(results[name]), "tasks": {
             task: {"accuracy": a, "centred": centred(a, c), "chance": c, "n": n}
             for task, (a, n, c) in results[name].items()}}

@@ -314,6 +314,10 @@ def benchmark_section(card):
         lines.append(f"| {task} | {first[task]['chance'] * 100:.0f}% | " + " | ".join(cells) + " |")
     lines.append("| **headline** (mean centred) | | " + " | ".join(
         f"**{bench['models'][name]['headline'] * 100:.1f}**" for name in names) + " |")
+    tasks_bound, bench_bound = (card["evaluation"] or {}).get("per_task"), bench.get("per_task")
+    if card["evaluation"] and "per_task" in bench and tasks_bound != bench_bound:  # two runs of evaluate.py
+        lines += ["", f"Note: the held-out tasks were scored with --per_task={tasks_bound} and this benchmark with "
+                      f"--per_task={bench_bound} (0: all), in different runs."]
     return lines + [""]
 
 

@@ -93,3 +93,14 @@ def test_the_card_of_an_imported_model_is_refused_in_one_line(tmp_path):
     (tmp_path / "hf" / "config.json").write_text("{}")
     p = run("evaluate.py", f"--out_dir={tmp_path / 'hf'}", "--report_card=True", check=False)
     assert p.returncode != 0 and p.out.strip().splitlines()[-1].startswith("error: --report_card needs a run")
+
+
+def test_the_card_says_when_its_tasks_and_benchmark_were_bounded_differently():
+    import report
+    task = {"ner": {"metric": "name F1", "score": 0.4, "n": 200}}
+    bench = {"t": {"accuracy": 0.5, "centred": 1 / 3, "n": 50, "chance": 0.25}}
+    card = {"out_dir": "x", "evaluation": {"per_task": 200, "models": {"SFT": {"tasks": task}}},
+            "benchmark": {"per_task": 50, "models": {"SFT": {"headline": 1 / 3, "tasks": bench}}}}
+    assert any("--per_task=200" in line and "--per_task=50" in line for line in report.benchmark_section(card))
+    card["benchmark"]["per_task"] = 200
+    assert not any(line.startswith("Note") for line in report.benchmark_section(card))
