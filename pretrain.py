@@ -42,8 +42,9 @@ log_interval = 25                 # iterations per log line
 log_to = ""                       # also log to "wandb" and/or "tensorboard" (a comma list; tracking.py)
 run_name = ""                     # the tracked run's name; "": out_dir's
 wandb_project = "llama2.zh"       # the wandb project the run goes to
-evaluate_benchmark = True         # after training, the built-in benchmark (exams.py) and samples for the report
+evaluate_tasks = True             # after training, the built-in benchmark (exams.py) and samples for the report
                                   # card, out_dir/report.md (report.py); False: the card from the logs alone
+evaluate_benchmark: bool = None   # the old name of evaluate_tasks, still read (with a note)
 # model
 preset = "demo"                   # a size from model.PRESETS: demo, 9m, 24m, 58m, 134m, 256m
 dim: int = None                   # dim, n_layers, n_heads, n_kv_heads override the preset when set
@@ -150,8 +151,11 @@ def model_args_from_settings(vocab_size):
 
 
 def main():
-    global batch_size, gradient_accumulation_steps  # auto_batch_size may change them
+    global batch_size, gradient_accumulation_steps, evaluate_tasks  # auto_batch_size may change the first two
     config = configure(globals())
+    if evaluate_benchmark is not None:
+        print(f"note: --evaluate_benchmark is now --evaluate_tasks, as in the other stages; using {evaluate_benchmark}")
+        evaluate_tasks = evaluate_benchmark
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                                      "log_interval", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size"),
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
@@ -292,7 +296,7 @@ def main():
         # the training state goes before the evaluation's models come (closures see these names cleared)
         optimizer = scaler = model = eval_model = None
         evaluate.after_training("pretrained", None if sharded else raw_model.eval(), out_dir, base_path, None, tok,
-                                data_dir, 0, run, tasks=False, evaluate_models=evaluate_benchmark)
+                                data_dir, 0, run, tasks=False, evaluate_models=evaluate_tasks)
 
 
 @torch.no_grad()

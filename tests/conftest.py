@@ -38,7 +38,7 @@ def demo_data(tmp_path_factory):
 
 TINY_MODEL = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--block_size=32", "--batch_size=4",
               "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2",
-              "--evaluate_benchmark=False"]  # the report card without the benchmark's seconds (test_report.py runs it)
+              "--evaluate_tasks=False"]  # the report card without the benchmark's seconds (test_report.py runs it)
 
 
 @pytest.fixture(scope="session")

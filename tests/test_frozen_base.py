@@ -157,7 +157,7 @@ def test_mfu_counts_a_frozen_weight_at_four_flops_per_token_and_a_trained_one_at
 def test_continued_pretraining_with_lora_resumes_exactly_and_saves_a_plain_model(demo_data, tiny_ckpt, tmp_path):
     common = [f"--data_dir={demo_data}", "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
               "--learning_rate=1e-2", "--eval_interval=5", "--lr_decay_iters=10", "--lora_rank=4",
-              "--base_dtype=int8", "--block_size=32", "--evaluate_benchmark=False"]
+              "--base_dtype=int8", "--block_size=32", "--evaluate_tasks=False"]
     p = run("pretrain.py", f"--out_dir={tmp_path / 'straight'}", f"--init_from={tiny_ckpt}", *common, "--max_iters=10")
     assert "LoRA rank 4" in p.out and "optimizer AdamW" in p.out  # Muon is for whole matrices, not adapters
     run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", f"--init_from={tiny_ckpt}", *common, "--max_iters=5")

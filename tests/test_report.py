@@ -26,7 +26,7 @@ def test_a_pretraining_run_resumed_once_reports_both_sessions_its_losses_benchma
     out = str(tmp_path / "out")
     common = [f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, "--eval_interval=2"]
     run("pretrain.py", *common, "--max_iters=4")
-    p = run("pretrain.py", *common, "--max_iters=8", "--init_from=resume", "--evaluate_benchmark=True")
+    p = run("pretrain.py", *common, "--max_iters=8", "--init_from=resume", "--evaluate_tasks=True")
     card, md = read_card(out)
     assert f"report card: {out}/report.md" in p.out
 
