@@ -432,11 +432,12 @@ def test_stopping_the_server_ends_each_open_stream_with_an_error_event(tiny_sft,
     assert last["error"]["code"] == "shutting_down" and last["error"]["type"] == "server_error"
 
 
-def send_and_wait(page, text, answers):
+def send_and_wait(page, text, asked):
+    """Send text as the page's asked-th question, and wait until its answer (or failure) is over."""
     page.fill("#input", text)
     page.press("#input", "Enter")
     page.wait_for_function(f"document.getElementById('send').disabled === false && "
-                           f"document.querySelectorAll('.assistant').length === {answers}", timeout=60_000)
+                           f"document.querySelectorAll('.user').length === {asked}", timeout=60_000)
 
 
 def test_the_page_enter_while_composing_pinyin_does_not_send(server):
@@ -680,3 +681,21 @@ def test_a_burst_of_connections_waits_in_the_kernels_queue_instead_of_being_drop
         for client in clients:
             client.close()
         server.server_close()
+
+
+def test_the_page_says_the_server_is_unreachable_keeps_the_question_and_fits_a_phone(server):
+    playwright = playwright_api()
+    with playwright.sync_playwright() as p:
+        browser = browser_page(p)
+        page = browser.new_page(viewport={"width": 360, "height": 640})
+        page.goto(server + "/")
+        page.route("**/v1/chat/completions", lambda route: route.abort())  # as when serve.py has stopped
+        send_and_wait(page, "你好吗？", 1)
+        assert "server unreachable" in page.locator(".note").last.inner_text()
+        assert page.locator(".assistant").count() == 0  # no empty answer bubble
+        assert "unsent" in page.get_attribute(".user", "class") and page.input_value("#input") == "你好吗？"
+        assert page.evaluate("() => history") == []
+        # a phone's width: the input spans the page, the buttons are on screen
+        input_box, send_box = page.locator("#input").bounding_box(), page.locator("#send").bounding_box()
+        assert input_box["width"] > 300 and send_box["x"] + send_box["width"] <= 360
+        browser.close()
