@@ -287,8 +287,9 @@ def main():
     if reference == "precomputed":
         # the model before any DPO step is the reference: the base again when resuming. Before FSDP shards
         # the model: each process computes the pairs it will train on, a number of its own
-        reference_model = model if not resumed else model_to_tune(base_dir, tok, dict(config, lora_rank=0),
-                                                                  seed)[0].to(run.device)
+        # (resuming: built again as the first run had it, a LoRA base stored as then: an int8 one rounds alike)
+        reference_model = model if not resumed else model_to_tune(
+            base_dir, tok, config, seed, base_dtype=lora_base_dtype(base_dtype, run.dtype))[0].to(run.device)
         needed = sorted({i for it in range(iter_num, max_iters) for micro in range(gradient_accumulation_steps)
                          for i in train_data.pair_ids(stream_position(it, micro, run, gradient_accumulation_steps,
                                                                       batch_size), batch_size)})

@@ -129,10 +129,11 @@ def test_a_tiny_run_learns_its_preferences(demo_data, tiny_sft, tmp_path, refere
     assert ckpt["stage"] == "dpo" and ckpt["base"] == tiny_sft
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_dpo_resume_continues_exactly(demo_data, tiny_sft, tmp_path, lora):
+@pytest.mark.parametrize("lora, base_dtype", [(0, "auto"), (4, "auto"), (4, "int8")])
+def test_dpo_resume_continues_exactly(demo_data, tiny_sft, tmp_path, lora, base_dtype):
+    # the resumed run computes its reference log-probs again, from the base stored as the first run stored it
     common = [f"--data_dir={demo_data}", f"--init_from={tiny_sft}", *DPO_TINY, "--eval_interval=5",
-              "--lr_decay_iters=10", f"--lora_rank={lora}"]
+              "--lr_decay_iters=10", f"--lora_rank={lora}", f"--base_dtype={base_dtype}"]
     run("dpo.py", f"--out_dir={tmp_path / 'straight'}", *common, "--max_iters=10")
     run("dpo.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=5")
     run("dpo.py", f"--out_dir={tmp_path / 'resumed'}", *[a for a in common if not a.startswith("--init_from")],
