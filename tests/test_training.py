@@ -126,7 +126,7 @@ def test_the_import_graph_is_acyclic_and_the_shared_modules_never_import_a_stage
                 found.add(node.module.split(".")[0])
         imports[name] = found & set(modules) - {name}
     shared = {"configurator", "muon", "lora", "tokenizer", "engine", "model", "demo", "memory", "checkpoint",
-              "device", "training"}
+              "device", "training", "tracking", "data_formats"}
     assert shared <= set(modules)
     for name in shared:
         assert imports[name] <= shared, f"{name} imports the stage script(s) {imports[name] - shared}"
