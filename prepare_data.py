@@ -143,7 +143,9 @@ def parallel_map(fn, batches, n_workers, init_args):
     finally:
         if blocked:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    with pool:
+    # never Pool.terminate(): it was seen to hang for good when Ctrl-C came mid-stream (its task thread
+    # waiting on a queue lock). The workers ignore Ctrl-C, so the few batches in flight finish, then all leave
+    try:
         pending = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(fn, batch))
@@ -151,6 +153,9 @@ def parallel_map(fn, batches, n_workers, init_args):
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        pool.close()
+        pool.join()
 
 
 # ---------------------------------------------------------------------------- writing outputs
