@@ -93,6 +93,17 @@ def checkpoint_format(path):
     return None
 
 
+def require_model(path, flag="--out_dir"):
+    """The format of the model at path (checkpoint_format), or a one-line refusal saying how to get one."""
+    kind = checkpoint_format(path)
+    if kind is None:
+        if not os.path.exists(path) or os.path.isdir(path) and not os.listdir(path):
+            raise SystemExit(f"error: no checkpoint at {path}; train one with `python pretrain.py` (or sft.py), "
+                             f"or point {flag} at a directory that has one")
+        raise SystemExit(f"error: {path} is not a model this kit reads; {flag} takes {FORMATS}")
+    return kind
+
+
 def load_checkpoint(path, flag="--out_dir", merge=True):
     """
     A checkpoint dict, on the CPU: model (a state dict in our names), model_args, stage, tokenizer_sha,
@@ -101,12 +112,7 @@ def load_checkpoint(path, flag="--out_dir", merge=True):
     message when there is nothing there. A LoRA run's checkpoint holds its adapters and the path of its
     base: merged into a whole model here (merged_lora_model), unless merge=False (to resume it).
     """
-    kind = checkpoint_format(path)
-    if kind is None:
-        if not os.path.exists(path) or os.path.isdir(path) and not os.listdir(path):
-            raise SystemExit(f"error: no checkpoint at {path}; train one with `python pretrain.py` (or sft.py), "
-                             f"or point {flag} at a directory that has one")
-        raise SystemExit(f"error: {path} is not a model this kit reads; {flag} takes {FORMATS}")
+    kind = require_model(path, flag)
     if kind != "ours":
         return {"hf": read_hf, "meta": read_meta, "llama2c": read_llama2c}[kind](path)
     ckpt_path = os.path.join(path, "ckpt.pt")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import demo
 import exams
-from checkpoint import STAGES, checkpoint_format, load_model, stage_of, writable
+from checkpoint import STAGES, checkpoint_format, load_model, require_model, stage_of, writable
 from configurator import check_ranges, configure
 from device import PTDTYPE, resolve_device
 from engine import Request, complete, generate
@@ -377,7 +377,7 @@ def main():
     for kind, directory in folders:
         if not os.path.isdir(directory):
             raise SystemExit(f"error: --{kind}={directory} is not a folder; pass the local {kind} folder")
-    if report_card and checkpoint_format(out_dir) != "ours":
+    if require_model(out_dir) != "ours" and report_card:
         raise SystemExit(f"error: --report_card needs a run of this kit (out_dir/ckpt.pt) and {out_dir} holds none; "
                          f"an imported model has no run to report (--benchmark=True scores it)")
     if chat not in ("auto", "True", "true", "False", "false", True, False):
