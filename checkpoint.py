@@ -56,6 +56,11 @@ STAGES = {
 }
 
 
+def model_name(stage, unknown):
+    """The evaluation tables' name for a model of this stage (STAGES), or unknown for a stage not there."""
+    return STAGES[stage].model if stage in STAGES else unknown
+
+
 def stage_of(checkpoint):
     """The Stage row of a loaded checkpoint (an unknown or missing stage reads as pretraining's)."""
     return STAGES.get(checkpoint.get("stage"), STAGES["pretrain"])

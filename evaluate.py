@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import demo
 import exams
-from checkpoint import STAGES, checkpoint_format, load_model, require_model, stage_of, writable
+from checkpoint import checkpoint_format, load_model, model_name, require_model, stage_of, writable
 from configurator import check_ranges, configure
 from device import PTDTYPE, resolve_device
 from engine import Request, complete, generate
@@ -271,7 +271,7 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
     Ctrl-C here leaves the trained model as it is.
     """
     dtype = PTDTYPE[run.dtype]
-    base_name = STAGES[base_stage].model if base_stage in STAGES else "base"
+    base_name = model_name(base_stage, "base")
     base_name = "base" if base_name == name else base_name  # continued pretraining: "pretrained" twice
     try:
         if evaluate_models:
@@ -408,13 +408,12 @@ def main():
             raise SystemExit(f"error: --onpolicy_tasks: no demo task {sorted(unknown)[0]!r}")
         write_onpolicy_pairs(model, tok, onpolicy_pairs, tasks, val_fraction, batch_size)
         return
-    stage = checkpoint.get("stage")
-    models = {STAGES[stage].model if stage in STAGES else "model": (model, tok, out_dir)}
+    models = {model_name(checkpoint.get("stage"), "model"): (model, tok, out_dir)}
     base_dir = checkpoint.get("base") if base == "auto" else None if base == "none" else base
     if base_dir:
         if checkpoint_format(base_dir):
             base_model, base_tok, base_checkpoint = load_model(base_dir, dev, PTDTYPE[dt])
-            name = stage_of(base_checkpoint).model if base_checkpoint.get("stage") in STAGES else "base"
+            name = model_name(base_checkpoint.get("stage"), "base")
             models = {name if name not in models else "base": (base_model, base_tok, base_dir), **models}
         else:
             print(f"note: the base {base_dir} is gone; evaluating {out_dir} alone")

@@ -20,7 +20,10 @@ def open_trackers(log_to, out_dir, run_name, project, settings, resume):
         if name not in TRACKERS:
             raise SystemExit(f"error: --log_to={log_to}: {name!r} is not one of {', '.join(TRACKERS)}")
     ids_path = os.path.join(out_dir, "tracking.json")  # the wandb run id, so that a resumed run continues it
-    ids = json.load(open(ids_path)) if resume and os.path.exists(ids_path) else {}
+    ids = {}
+    if resume and os.path.exists(ids_path):
+        with open(ids_path) as f:
+            ids = json.load(f)
     trackers = [start_wandb(out_dir, run_name, project, settings, ids) if name == "wandb" else
                 start_tensorboard(out_dir, settings, resume) for name in names]
     if ids:
