@@ -22,7 +22,7 @@ WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
 
 def predict_memory(args, tokens, lora_rank=0, base_dtype="float32", compute="float32", checkpointing=False,
-                   processes=1, fsdp=False, vocab_rows=None, train_embeddings=False):
+                   processes=1, fsdp=False, vocab_rows=None, train_embeddings=False, reuse_freed=True):
     """
     Bytes one process holds at its peak while training args's model on `tokens` tokens per micro-step:
     a dict of weights, gradients, optimizer state, activations and the total. The counts (docs/memory.md):
@@ -40,7 +40,10 @@ def predict_memory(args, tokens, lora_rank=0, base_dtype="float32", compute="flo
       residual stream and in the norms, the compute dtype elsewhere. The classifier adds 4 logits-sized
       fp32 tensors (logits, log-softmax, and their gradients) where the loss is not chunked.
     - the peak: weights + optimizer state + the larger of (activations + logits) at the start of the
-      backward pass and (gradients + one fp32 temporary per trained parameter) at the optimizer step.
+      backward pass and (gradients + one fp32 temporary per trained parameter) at the optimizer step,
+      where freed memory is reused for what comes next (a GPU's caching allocator). reuse_freed=False
+      (the training scripts on a CPU, whose malloc keeps freed blocks: device.keep_freed_memory) adds the
+      two instead: measured, the step's moments and temporaries do not land in the activations' freed blocks.
     - FSDP over N processes: weights, gradients and optimizer state divided by N, plus the gathered
       weights in the compute dtype of the unsharded root (embedding, classifier) and two blocks (one
       computing, one prefetched). DDP: every process holds everything, plus its gradient buckets.
@@ -77,7 +80,8 @@ def predict_memory(args, tokens, lora_rank=0, base_dtype="float32", compute="flo
     if fsdp and processes > 1:
         gathered = (embeddings + norms + 2 * block_matrices // L) * c
         weights, gradients, optimizer = weights / processes + gathered, gradients / processes, optimizer / processes
-    peak = weights + optimizer + max(activations + logits, gradients + trained * 4 / (processes if fsdp else 1))
+    step = gradients + trained * 4 / (processes if fsdp else 1)
+    peak = weights + optimizer + (max(activations + logits, step) if reuse_freed else activations + logits + step)
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations + logits,
             "total": peak}
 
@@ -104,6 +108,15 @@ def available_memory(run):
     return kb * 1024 // local, f"this machine has {kb * 1024 / GB:.1f} GB available{share}"
 
 
+def resident_bytes():
+    """This process's resident memory now (Linux's /proc/self/status VmRSS), or None where it is not known."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def container_memory_left(root="/sys/fs/cgroup"):
     """Bytes this process's cgroup may still use (its memory limit less its use), or None without a limit:
     cgroup v2's memory.max and memory.current, or v1's limit_in_bytes and usage_in_bytes."""
@@ -123,14 +136,16 @@ def container_memory_left(root="/sys/fs/cgroup"):
 
 
 def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_dtype="float32",
-              checkpointing=False, fsdp=False, rows_per_item=1, extra_bytes=0, memory_gb=0.0, auto_batch=False):
+              checkpointing=False, fsdp=False, rows_per_item=1, extra_bytes=0, memory_gb=0.0, auto_batch=False,
+              extra_rows=0):
     """
     Print the plan (parameters, the predicted peak per device, the device's memory) and stop, in one line
     naming settings that fit, when the prediction exceeds the memory; with auto_batch, first pick the
     largest micro-batch that fits among the divisors of batch_size x accumulation, keeping their product
     (the tokens per optimizer step). model: built, not yet on the device (on the CPU it is already in
     memory: its bytes count as available). rows_per_item: sequences per batch item (a DPO pair is two).
-    extra_bytes: what else lives on the device (DPO's reference copy). memory_gb > 0 plans for that much
+    extra_bytes: what else lives on the device (DPO's reference model). extra_rows: sequences each
+    micro-step adds beside the batch (SFT's replayed text). memory_gb > 0 plans for that much
     memory instead of what the device reports. The optimizer state is counted as AdamW's two moments
     (Muon keeps one for its matrices: an overestimate there). Returns (batch_size, accumulation, the plan:
     its predicted GB by part and the memory it planned against, for the trackers).
@@ -139,20 +154,28 @@ def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_d
     total = model.num_params()
     train_embeddings = bool(lora_rank) and model.tok_embeddings.weight.requires_grad
 
+    # on the CPU the device is this process: its peak is also Python, torch and the data it has read (all
+    # it holds now but the model, which is already in memory here), and its malloc keeps freed blocks.
+    # memory_gb plans for a device of that size (a GPU one does not have): the tensors alone
+    on_cpu = run.device_type == "cpu" and not memory_gb > 0
+    model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    now = resident_bytes() if on_cpu else None
+    process = max(0, now - model_bytes) if now is not None else 0
+
     def predict(batch=None, **changes):
         settings = dict(lora_rank=lora_rank, base_dtype=base_dtype, checkpointing=checkpointing,
-                        processes=run.world_size, fsdp=fsdp)
+                        processes=run.world_size, fsdp=fsdp, reuse_freed=not on_cpu)
         settings.update(changes)
-        m = predict_memory(model.args, (batch or batch_size) * rows_per_item * seq_len, compute=run.dtype,
-                           train_embeddings=train_embeddings, **settings)
-        return dict(m, total=m["total"] + extra_bytes)
+        tokens = ((batch or batch_size) * rows_per_item + extra_rows) * seq_len
+        m = predict_memory(model.args, tokens, compute=run.dtype, train_embeddings=train_embeddings, **settings)
+        return dict(m, total=m["total"] + extra_bytes + process)
 
     if memory_gb > 0:
         limit, source = memory_gb * GB, f"--device_memory_gb={memory_gb:g}"
     else:
         limit, source = available_memory(run)
-        if limit is not None and run.device_type == "cpu":
-            limit += sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        if limit is not None and on_cpu:  # what this process holds now is not available, and counted above
+            limit += now if now is not None else model_bytes
     if auto_batch and limit is not None:
         per_step = batch_size * accumulation
         fitting = [b for b in range(per_step, 0, -1) if per_step % b == 0 and predict(b)["total"] <= limit]
@@ -165,9 +188,11 @@ def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_d
     if run.master:
         parts = ", ".join(f"{k} {gb(m[k])}" for k in ("weights", "optimizer", "gradients", "activations"))
         print(f"pre-flight: {total / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained, "
-              f"{(total - trained) / 1e6:.2f}M frozen), {batch_size} x {rows_per_item * seq_len} tokens per micro-step")
+              f"{(total - trained) / 1e6:.2f}M frozen), {batch_size} x {rows_per_item * seq_len} tokens per micro-step"
+              + (f" + {extra_rows} x {seq_len} replayed" if extra_rows else ""))
         print(f"pre-flight: predicted peak per device {gb(m['total'])} GB ({parts}"
-              + (f", other {gb(extra_bytes)}" if extra_bytes else "") + f"); {source}")
+              + (f", a second model {gb(extra_bytes)}" if extra_bytes else "")
+              + (f", the process itself {gb(process)}" if process else "") + f"); {source}")
     plan = {f"{k}_gb": m[k] / GB for k in ("total", "weights", "optimizer", "gradients", "activations")}
     plan["device_memory_gb"] = limit / GB if limit is not None else None
     if limit is None or m["total"] <= limit:
