@@ -48,7 +48,7 @@ memory_seq = "512,2048"      # memory: sequence lengths (one sequence per GPU pe
 memory_check = True          # memory: measure real CPU training steps of a few-hundred-MB model against the formula
 memory_vocab = 49953         # memory: the recipe rows' vocabulary (Llama 2's extended with Chinese), embeddings trained
 device = "auto"              # auto: cuda, then mps, then cpu
-dtype = "auto"               # auto: bfloat16 where supported, float32 on CPU
+dtype = "auto"               # auto: as pretrain.py picks it (device.auto_dtype)
 compile: bool = None       # torch.compile; None: on for CUDA, off elsewhere
 # -----------------------------------------------------------------------------
 
@@ -99,20 +99,26 @@ def bench_prep():
 def bench_train():
     from model import PRESETS, ModelArgs, Transformer, peak_flops
     from tokenizer import Tokenizer
-    from device import keep_freed_memory, setup_device
-    run = setup_device(device, dtype, compile, keep_memory=False)  # on CPU: measured both ways below
+    from device import cpu_has_bf16, keep_freed_memory, setup_device
+    run = setup_device(device, dtype, compile, keep_memory=False, cpu_bf16=True)  # CPU: settings and dtypes below
     vocab = vocab_size or Tokenizer(os.path.join(data_dir, "tokenizer.model")).n_words
     name = torch.cuda.get_device_name() if run.device_type == "cuda" else "cpu"
     peak = peak_flops(name) if run.device_type == "cuda" else None
-    print(f"== training throughput on {name} ({run.dtype}, compile {run.compile}), vocab {vocab}, batch {batch_size}")
+    print(f"== training throughput on {name} ({run.dtype if run.device_type != 'cpu' else 'float32 unless bf16 said'}, "
+          f"compile {run.compile}), vocab {vocab}, batch {batch_size}")
     # on CPU, each preset is timed with glibc malloc's defaults first, then as training runs it:
     # keep_freed_memory() (mallopt) cannot be undone in a process, so the order is fixed
-    # the optimizer is AdamW, then Muon + AdamW (pretrain.py's default) with the same memory setting
+    # the optimizer is AdamW, then Muon + AdamW (pretrain.py's default) with the same memory setting; all in
+    # float32, then, where the CPU has bf16 instructions, Muon under bf16 autocast beside it (dtype=auto's choice)
     settings = ["malloc default", "keep_freed_memory", "keep_freed_memory, Muon"] if run.device_type == "cpu" \
         else ["AdamW", "Muon"]
+    if run.device_type == "cpu" and cpu_has_bf16():
+        settings.append("keep_freed_memory, Muon, bf16 autocast")
     for setting in settings:
         if setting == "keep_freed_memory":
             keep_freed_memory()
+        autocast = run.autocast if run.device_type != "cpu" else \
+            torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in setting else contextlib.nullcontext()
         for preset in presets.split(","):
             args = ModelArgs(**PRESETS[preset], vocab_size=vocab)
             model = Transformer(args).to(run.device)
@@ -124,7 +130,7 @@ def bench_train():
                     if run.device_type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.time()
-                with run.autocast:
+                with autocast:
                     _, loss = step_model(x, x)
                 loss.backward()
                 optimizer.step()

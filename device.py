@@ -36,9 +36,11 @@ class Run(NamedTuple):
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device, dtype):
-    """(device, dtype) with "auto" resolved: cuda, then mps, then cpu; bfloat16 where the GPU supports it,
-    float16 on older GPUs, float32 elsewhere (CPU autocast to bf16 is slower than fp32 on most CPUs)."""
+def resolve_device(device, dtype, cpu_bf16=False):
+    """
+    (device, dtype) with "auto" resolved: cuda, then mps, then cpu; bfloat16 where the GPU supports it,
+    float16 on older GPUs; with cpu_bf16, bfloat16 on CPUs with bf16 instructions (auto_dtype); float32 elsewhere.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = device.split(":")[0]
@@ -50,7 +52,8 @@ def resolve_device(device, dtype):
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("error: --device=mps but this machine has no Apple GPU; use --device=cpu")
     if dtype == "auto":
-        dtype = auto_dtype(device_type, gpu_facts(device)[0] if device_type == "cuda" else None)
+        dtype = auto_dtype(device_type, gpu_facts(device)[0] if device_type == "cuda" else None,
+                           cpu_bf16 and device_type == "cpu" and cpu_has_bf16())
     if dtype not in PTDTYPE:
         raise SystemExit(f"error: --dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     return device, dtype
@@ -61,16 +64,26 @@ def gpu_facts(device):
     return torch.cuda.get_device_capability(device), importlib.util.find_spec("triton") is not None
 
 
-def auto_dtype(device_type, capability):
+def auto_dtype(device_type, capability, cpu_bf16=False):
     """
     bfloat16 on GPUs that compute it natively (compute capability 8.0 and up: A100, RTX 30/40, H100, ...);
     float16 with a GradScaler on older ones (T4, V100, P100), where torch.cuda.is_bf16_supported() says
     yes only by emulation: no tensor cores, no flash attention, and Inductor skips bf16 graphs there.
-    float32 on CPU and MPS (CPU autocast to bf16 is slower than fp32 on most CPUs).
+    On CPU, bfloat16 autocast where the CPU computes bf16 itself and the stage asks for it (cpu_bf16:
+    pretraining, faster at the same loss on AVX-512 BF16 / AMX; SFT's small answer-gathered batches were
+    slower: docs/experiments.md), float32 where it would be emulated (slower) and for every other stage.
+    The decoders (sample, serve, evaluate) stay in float32 on CPU: their greedy answers match the exports'.
+    float32 on MPS.
     """
     if device_type == "cuda":
         return "bfloat16" if capability >= (8, 0) else "float16"
-    return "float32"
+    return "bfloat16" if device_type == "cpu" and cpu_bf16 else "float32"
+
+
+def cpu_has_bf16():
+    """Whether this CPU has bf16 instructions (x86 AVX-512 BF16 or AMX), as PyTorch's oneDNN sees them."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
 
 
 def auto_compile(device_type, capability, has_triton):
@@ -88,13 +101,14 @@ def auto_compile(device_type, capability, has_triton):
     return True, None
 
 
-def setup_device(device, dtype, compile, keep_memory=True):
+def setup_device(device, dtype, compile, keep_memory=True, cpu_bf16=False):
     """
     Resolve "auto" settings and start torch.distributed when launched by torchrun. On CPU, keep_memory
-    lets malloc keep freed memory for reuse (see keep_freed_memory). Returns a Run.
+    lets malloc keep freed memory for reuse (see keep_freed_memory), and cpu_bf16 lets dtype=auto pick bf16
+    autocast where the CPU has bf16 instructions (auto_dtype). Returns a Run.
     """
     ddp = int(os.environ.get("RANK", -1)) != -1
-    device, dtype = resolve_device(device, dtype)
+    device, dtype = resolve_device(device, dtype, cpu_bf16)
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])

@@ -32,8 +32,8 @@ from device import run_main, setup_device
 from lora import adapters_disabled
 from memory import preflight
 from tokenizer import Tokenizer
-from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, lora_base_dtype,
-                      make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
+from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
+                      lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
                       stream_position, to_device, train_step)
 
 # -----------------------------------------------------------------------------
@@ -77,10 +77,12 @@ lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A 
 lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
 train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
-base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as dtype
+base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as
+                                  # dtype on GPUs, float32 on CPUs
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
-dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+dtype = "auto"                    # auto: bfloat16 on recent GPUs, float16 on older ones, float32 on CPU
+                                  # (device.auto_dtype; bf16 autocast was slower for these batches there)
 checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
 fsdp = False                      # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
 compile: bool = None              # torch.compile; None: on for CUDA where Triton runs, off elsewhere
@@ -241,7 +243,7 @@ def main():
     if loss_type not in ("sigmoid", "ipo") or reference not in ("precomputed", "model") or label_smoothing >= 0.5:
         raise SystemExit("error: --loss_type is sigmoid or ipo, --reference precomputed or model, and "
                          "--label_smoothing below 0.5")
-    lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
+    lora_base_dtype(base_dtype)  # a bad --base_dtype is refused before anything is touched
     resumed = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite, init_from=None if resumed else init_from)
     run = setup_device(device, dtype, compile)
@@ -259,17 +261,21 @@ def main():
     # sharded, only rank 0 reads the base, unless every process computes its pairs' reference log-probs first
     on_rank0 = sharded and reference != "precomputed"
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
-                                         base_dtype=lora_base_dtype(base_dtype, run.dtype), on_rank0=on_rank0)
+                                         base_dtype=lora_base_dtype(base_dtype, run), on_rank0=on_rank0)
     model_args = model.args
     seq_len = context_length(block_size, model)
     # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters
     # off; without, a copy, made before any step (and, resuming, from the base again)
     separate_reference = reference == "model" and not lora_rank
+    # the plan counts a second model where one lives beside the policy: the copy above, or the base that a
+    # resumed run loads again to precompute the reference's log-probs (built as the policy is: same storage)
+    stored = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
+    second_model = model.num_params() * 4 if separate_reference else \
+        sum(stored.values()) if resumed and reference == "precomputed" else 0
     batch_size, gradient_accumulation_steps, plan = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
-        base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations, rows_per_item=2,
-        extra_bytes=model.num_params() * 4 if separate_reference else 0, fsdp=sharded, memory_gb=device_memory_gb,
-        auto_batch=auto_batch_size)
+        base_dtype=lora_base_dtype(base_dtype, run), checkpointing=checkpoint_activations, rows_per_item=2,
+        extra_bytes=second_model, fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     if not on_rank0:  # (else FSDP moves each block to the device as it shards it)
         model.to(run.device)
@@ -289,7 +295,7 @@ def main():
         # the model: each process computes the pairs it will train on, a number of its own
         # (resuming: built again as the first run had it, a LoRA base stored as then: an int8 one rounds alike)
         reference_model = model if not resumed else model_to_tune(
-            base_dir, tok, config, seed, base_dtype=lora_base_dtype(base_dtype, run.dtype))[0].to(run.device)
+            base_dir, tok, config, seed, base_dtype=lora_base_dtype(base_dtype, run))[0].to(run.device)
         needed = sorted({i for it in range(iter_num, max_iters) for micro in range(gradient_accumulation_steps)
                          for i in train_data.pair_ids(stream_position(it, micro, run, gradient_accumulation_steps,
                                                                       batch_size), batch_size)})
@@ -340,8 +346,7 @@ def main():
     with Stopper(run, out_dir, checkpoint_now, sharded, "held-out DPO loss", best_val_loss) as stopper:
         while stopper.go(iter_num):
             lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            apply_schedule(optimizer, lr)
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
                 metrics = evaluate_pairs(eval_model, test_data, ref_test, reference_logps, 4 * batch_size, run)

@@ -270,7 +270,8 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
     the logs (with samples when trained is given). tests, score: compare_on_tasks's (grpo.py's own task).
     Ctrl-C here leaves the trained model as it is.
     """
-    dtype = PTDTYPE[run.dtype]
+    # the decoders' dtype: on CPU float32 even after bf16 training, so the answers are evaluate.py's
+    dtype = PTDTYPE[run.dtype if run.device_type != "cpu" else "float32"]
     base_name = model_name(base_stage, "base")
     base_name = "base" if base_name == name else base_name  # continued pretraining: "pretrained" twice
     try:

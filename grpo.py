@@ -45,8 +45,8 @@ from device import run_main, setup_device
 from engine import Request, complete
 from lora import adapters_disabled
 from tokenizer import Tokenizer
-from training import (Stopper, claim_out_dir, compile_and_wrap, cosine_lr, lora_base_dtype, make_optimizer,
-                      nothing_to_do, open_out_dir, resume, save_run, seed_step, train_step)
+from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, cosine_lr, lora_base_dtype,
+                      make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step, train_step)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -94,10 +94,12 @@ lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A 
 lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
 train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
-base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as dtype
+base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as
+                                  # dtype on GPUs, float32 on CPUs
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
-dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+dtype = "auto"                    # auto: bfloat16 on recent GPUs, float16 on older ones, float32 on CPU
+                                  # (device.auto_dtype; bf16 autocast was slower for these batches there)
 compile: bool = None              # torch.compile of the training step; None: on for CUDA where Triton runs
 seed = 1337                       # the questions' order and every rollout: a run is a function of it
 # -----------------------------------------------------------------------------
@@ -253,7 +255,7 @@ def main():
                  positive=("learning_rate", "top_p"))
     if group_size < 2:
         raise SystemExit("error: --group_size must be at least 2: the advantage compares answers to one question")
-    lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
+    lora_base_dtype(base_dtype)  # a bad --base_dtype is refused before anything is touched
     resumed = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite, init_from=None if resumed else init_from)
     run = setup_device(device, dtype, compile)
@@ -267,7 +269,7 @@ def main():
         sessions = checkpoint.get("sessions", [])
     base_dir = checkpoint["base"] if resumed else init_from
     model, base_stage, _ = model_to_tune(base_dir, tok, dict(config, dropout=0.0), seed, resumed=checkpoint,
-                                         verbose=run.master, base_dtype=lora_base_dtype(base_dtype, run.dtype))
+                                         verbose=run.master, base_dtype=lora_base_dtype(base_dtype, run))
     model.to(run.device)
     ref_model = None  # the reference: with LoRA the same model with its adapters off, else a frozen copy
     if not lora_rank:
@@ -318,8 +320,7 @@ def main():
     with Stopper(run, out_dir, checkpoint_now, False, "held-out error (1 - mean greedy pass@1)", best_error) as stopper:
         while stopper.go(iter_num):
             lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            apply_schedule(optimizer, lr)
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
                 passed = {task: p for task, (p, _) in evaluate.evaluate_on_tasks(

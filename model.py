@@ -181,6 +181,16 @@ class Transformer(nn.Module):
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
 
+    def zero_output_projections(self):
+        """
+        Zero each block's output projections (wo, w2): every block starts as the identity on the residual
+        stream and learns what to add (modded-nanogpt's and nanochat's init; docs/experiments.md).
+        """
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.attention.wo.weight.zero_()
+                layer.feed_forward.w2.weight.zero_()
+
     def init_rope(self, device=None):
         """The rotary tables (not saved: a function of the args), computed in fp32 on the CPU or device."""
         cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len, self.args.rope_theta)
@@ -285,10 +295,12 @@ class Transformer(nn.Module):
         loss = (losses * weights).sum() / weights.sum().clamp(min=1)
         return (logits if self.gather_masked else logits.view(B, T, -1)), loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=True, shard=False):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=True, shard=False,
+                             embedding_lr_scale=1.0):
         """
-        muon: Muon for the blocks' weight matrices and AdamW for the embedding and norms (muon.py);
-        else AdamW for all. Norm gains are never decayed. shard: under DDP, each process orthogonalizes
+        muon: Muon for the blocks' weight matrices and AdamW for the embedding and norms (muon.py), the
+        embedding's group with "lr_scale" embedding_lr_scale (the loop sets its lr to the schedule's times
+        that); else AdamW for all. Norm gains are never decayed. shard: under DDP, each process orthogonalizes
         only its share of Muon's matrices (on GPUs, in bf16 and batched by shape).
         """
         params = [p for p in self.parameters() if p.requires_grad]
@@ -296,7 +308,8 @@ class Transformer(nn.Module):
             matrices = {id(p) for p in self.layers.parameters() if p.dim() == 2}
             groups = [
                 {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay, "muon": True},
-                {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": weight_decay,
+                 "lr_scale": embedding_lr_scale},
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
             ]
             on_gpu = device_type == "cuda"

@@ -36,6 +36,11 @@ def orthogonalize(G, steps=5, dtype=torch.float32):
     return (X.mT if tall else X).to(G.dtype)
 
 
+def muon_momentum(it, warmup_iters, start=0.85, end=0.95):
+    """Muon's momentum at iteration it: rising linearly from start to end over warmup_iters (0: end throughout)."""
+    return start + (end - start) * min(1.0, it / warmup_iters) if warmup_iters else end
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """
     Parameter groups with "muon": True take Muon steps (Nesterov momentum, orthogonalized), the others

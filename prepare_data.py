@@ -47,6 +47,7 @@ text_field = ""             # the JSON field or Parquet column holding a documen
 data_dir = "data"           # where the tokenizer and token files go (the data_dir of every later stage)
 out_dir: str = None         # the old name of data_dir, still read (with a note)
 vocab_size = 8192           # size of the tokenizer to train (at most 65535: token files are uint16)
+character_coverage = 0.9995  # the share of the text's characters that get a piece; rarer ones are spelled in bytes
 tokenizer_model = ""        # an existing sentencepiece .model to use instead of training one
 extend_tokenizer = ""       # a .model (e.g. Llama 2's) to extend with Chinese pieces learned from --input
 tokenizer_train_chars = 100_000_000  # the tokenizer trains on the first this many characters of train text
@@ -232,7 +233,8 @@ def batched(items, max_chars=BATCH_CHARS, max_items=4096):
         yield batch
 
 
-def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction, train_chars, workers, extend=""):
+def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction, train_chars, workers, extend="",
+                      coverage=0.9995):
     """
     The tokenizer written to path: a copy of tokenizer_model, one trained on the train documents, or
     (extend) that existing tokenizer with Chinese pieces trained on them appended.
@@ -282,7 +284,7 @@ def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction
             print(f"warning: {extend}: {w}")
         return tok
     print(f"training a {vocab_size}-piece BPE tokenizer...")
-    train_tokenizer(train_lines(), path, vocab_size, num_threads=workers)
+    train_tokenizer(train_lines(), path, vocab_size, num_threads=workers, character_coverage=coverage)
     tok = Tokenizer(path)
     print(f"trained the tokenizer ({tok.n_words} pieces, sha {tok.sha}) in {time.time() - t0:.1f}s")
     return tok
@@ -419,7 +421,7 @@ def main():
         tmp_paths = []
         if documents is not None or tokenizer_model:
             tok = prepare_tokenizer(tokenizer_path + ".tmp", documents, tokenizer_model, vocab_size, val_fraction,
-                                    tokenizer_train_chars, workers, extend_tokenizer)
+                                    tokenizer_train_chars, workers, extend_tokenizer, character_coverage)
             tmp_paths.append(tok.model_path)
         else:
             tok = Tokenizer(tokenizer_path)

@@ -9,25 +9,26 @@ Every eval_interval iterations it measures the val loss (and bits per character,
 across tokenizers) and writes out_dir/ckpt.pt; --init_from=resume continues from there exactly.
 Ctrl-C (or SIGTERM) saves at the end of the current iteration.
 """
-import glob
-import json
 import math
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
 import evaluate
-from checkpoint import check_tokenizer, model_from_checkpoint, model_to_tune
+from checkpoint import model_from_checkpoint, model_to_tune
 from configurator import check_ranges, configure
 from device import run_main, setup_device
 from memory import preflight
 from model import PRESETS, ModelArgs, Transformer, peak_flops
+from shards import TokenShards
 from tokenizer import Tokenizer
-from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, lora_base_dtype,
-                      make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
-                      to_device, train_step)
+from muon import muon_momentum
+from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
+                      lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
+                      to_device, train_step, warmdown_lr)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -57,11 +58,17 @@ tie_embeddings = True             # the classifier shares the input embedding's 
 # optimization
 batch_size = 8                    # sequences per micro-step, per process
 gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
-max_iters = 1700                  # optimizer steps in the whole run
+max_iters = 1800                  # optimizer steps in the whole run
 learning_rate = 5e-3              # peak, after warmup
-min_lr = 5e-4                     # at the end of the cosine decay
+min_lr = 0.0                      # at the end of the decay
 warmup_iters = 50                 # iterations of linear warmup to learning_rate
 lr_decay_iters: int = None        # None: max_iters
+lr_schedule = "warmdown"          # "warmdown": constant, then linear to min_lr over the last warmdown_fraction of
+warmdown_fraction = 0.4           # lr_decay_iters (docs/experiments.md); or "cosine": decay to min_lr all along
+embedding_lr_scale = 2.0          # Muon: the embedding's AdamW learning rate is learning_rate times this
+muon_momentum_warmup = 300        # Muon: iterations over which its momentum rises from 0.85 to 0.95; 0: 0.95
+zero_init_projections = False     # blocks' output projections (wo, w2) start at zero: each block starts as the identity
+document_rows = False             # every row starts at a document's first token (else anywhere)
 weight_decay = 0.1                # decoupled, on matrices and embeddings (never on norms)
 beta1 = 0.9                       # AdamW (and Muon's AdamW half): decay of the first moment
 beta2 = 0.95                      # and of the second moment
@@ -73,10 +80,12 @@ lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A 
 lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
 train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
-base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as dtype
+base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as
+                                  # dtype on GPUs, float32 on CPUs
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
-dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+dtype = "auto"                    # auto: bfloat16 on recent GPUs and CPUs with bf16 instructions, float16 on older
+                                  # GPUs, else float32 (device.auto_dtype)
 checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
 fsdp = False                      # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
@@ -91,46 +100,6 @@ MUON_UNDER_FSDP = ("error: Muon orthogonalizes whole weight matrices, which FSDP
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "dropout", "tie_embeddings",
                    "muon", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "base_dtype")
-
-
-class TokenShards:
-    """One split's uint16 shards ({split}_000.bin, ...), read as random windows without loading them."""
-
-    def __init__(self, data_dir, split, tokenizer_sha):
-        self.paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_[0-9][0-9][0-9].bin")))
-        if not self.paths:
-            raise SystemExit(f"error: no {split} token files in {data_dir}/; run `python prepare_data.py` "
-                             f"first (or point --data_dir at its output)")
-        self.sizes, self.chars = [], 0
-        for path in self.paths:
-            meta_path = path[:-len(".bin")] + ".json"
-            if not os.path.exists(meta_path):
-                raise SystemExit(f"error: {path} has no sidecar {meta_path}; re-run prepare_data.py")
-            with open(meta_path) as f:
-                meta = json.load(f)
-            check_tokenizer(meta["tokenizer_sha"], tokenizer_sha, path)
-            self.sizes.append(os.path.getsize(path) // 2)
-            self.chars += meta["chars"]
-        self.sizes = np.array(self.sizes)
-        self.tokens_per_char = self.sizes.sum() / max(1, self.chars)
-
-    def check_fits(self, block_size):
-        if (self.sizes > block_size + 1).sum() == 0:
-            raise SystemExit(f"error: block_size={block_size} does not fit the data in {self.paths[0]} "
-                             f"({self.sizes.max()} tokens); lower --block_size or prepare more data")
-
-    def batch(self, rng, batch_size, block_size):
-        """(x, y) int64 arrays (batch_size, block_size): random windows, y shifted by one token."""
-        starts_per_shard = np.maximum(self.sizes - block_size - 1, 0)  # a window must fit inside its shard
-        shard = rng.choice(len(self.paths), size=batch_size, p=starts_per_shard / starts_per_shard.sum())
-        offset = rng.integers(0, starts_per_shard[shard])
-        windows = np.empty((batch_size, block_size + 1), dtype=np.int64)
-        for s in np.unique(shard):
-            # a fresh memmap per batch: a long-lived one keeps every page it touched in RSS
-            data = np.memmap(self.paths[s], dtype=np.uint16, mode="r")
-            for row in np.flatnonzero(shard == s):
-                windows[row] = data[offset[row]:offset[row] + block_size + 1]
-        return windows
 
 
 def model_args_from_settings(vocab_size):
@@ -159,8 +128,11 @@ def main():
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                                      "log_interval", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size"),
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
-                             "dropout"), positive=("learning_rate",))
-    lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
+                             "dropout", "muon_momentum_warmup"),
+                 positive=("learning_rate", "embedding_lr_scale", "warmdown_fraction"))
+    if lr_schedule not in ("cosine", "warmdown"):
+        raise SystemExit(f"error: --lr_schedule must be cosine or warmdown, not {lr_schedule!r}")
+    lora_base_dtype(base_dtype)  # a bad --base_dtype is refused before anything is touched
     if fsdp and muon and not lora_rank and init_from != "resume":
         raise SystemExit(MUON_UNDER_FSDP)
     if lora_rank and init_from == "scratch":
@@ -168,7 +140,7 @@ def main():
     resumed = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite,
                   init_from=None if init_from in ("scratch", "resume") else init_from)
-    run = setup_device(device, dtype, compile)
+    run = setup_device(device, dtype, compile, cpu_bf16=True)  # bf16 autocast on CPUs with bf16 instructions
     torch.manual_seed(seed + run.rank)
 
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
@@ -189,20 +161,23 @@ def main():
         with torch.random.fork_rng():  # the same initial weights whatever the number of processes
             torch.manual_seed(seed)
             model = Transformer(model_args_from_settings(tok.n_words))
+            if zero_init_projections:
+                model.zero_output_projections()
     else:  # continued pretraining of one of our checkpoints or of an imported Llama, in full or with adapters
         if run.master and not resumed:
             for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
                 if config[key] is not None:
                     print(f"warning: --{key} is ignored: the model comes from {init_from}")
         model = model_to_tune(base_path, tok, config, seed, resumed=checkpoint, verbose=run.master and not resumed,
-                              base_dtype=lora_base_dtype(base_dtype, run.dtype), on_rank0=sharded)[0]
+                              base_dtype=lora_base_dtype(base_dtype, run), on_rank0=sharded)[0]
     model_args = model.args
     seq_len = context_length(block_size, model)
     train_data.check_fits(seq_len)
     val_data.check_fits(seq_len)
+    doc_starts = train_data.document_starts(tok.bos_id, seq_len) if document_rows else None
     batch_size, gradient_accumulation_steps, plan = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
-        base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,
+        base_dtype=lora_base_dtype(base_dtype, run), checkpointing=checkpoint_activations,
         fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     model.checkpoint_activations = checkpoint_activations
@@ -213,13 +188,15 @@ def main():
     if sharded and use_muon:
         raise SystemExit(MUON_UNDER_FSDP)
     optimizer, scaler = make_optimizer(model, run, sharded, checkpoint, weight_decay, learning_rate, (beta1, beta2),
-                                       use_muon)
+                                       use_muon, embedding_lr_scale)
     checkpoint = None  # its weights and optimizer state now live in model and optimizer
     raw_model = model  # the plain module: what we save and count
     model, eval_model = compile_and_wrap(model, run, sharded)
 
     tokens_per_iter = batch_size * seq_len * gradient_accumulation_steps * run.world_size
     decay_iters = lr_decay_iters or max_iters
+    lr_at = cosine_lr if lr_schedule == "cosine" else \
+        partial(warmdown_lr, warmdown_iters=warmdown_fraction * decay_iters)
     if run.master:
         print(f"model: {model_args.dim} dim, {model_args.n_layers} layers, {model_args.n_heads} heads "
               f"({model_args.n_kv_heads or model_args.n_heads} kv), context {seq_len}, vocab {model_args.vocab_size}: "
@@ -244,7 +221,8 @@ def main():
         # a function of (seed, iteration, global micro-batch index) alone: a resumed run sees the same
         # batches, and N processes see the same batches as one process with N times the accumulation
         micro = run.rank * gradient_accumulation_steps + micro_step
-        windows = to_device(train_data.batch(np.random.default_rng([seed, 0, it, micro]), batch_size, seq_len), run)
+        rng = np.random.default_rng([seed, 0, it, micro])
+        windows = to_device(train_data.batch(rng, batch_size, seq_len, doc_starts), run)
         return {"tokens": windows[:, :-1], "targets": windows[:, 1:]}  # (B, T) each: y is x shifted by one
 
     def checkpoint_now(it, val_loss):
@@ -256,9 +234,8 @@ def main():
     with Stopper(run, out_dir, checkpoint_now, sharded, "val loss", best_val_loss,
                  advice="lower --learning_rate, or use bfloat16 where float16 overflows") as stopper:
         while stopper.go(iter_num):
-            lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
+            apply_schedule(optimizer, lr, muon_momentum(iter_num, muon_momentum_warmup))
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
                 val_loss = evaluate_loss(eval_model, val_data, eval_iters, batch_size, seq_len, seed, run)

@@ -11,6 +11,7 @@ validity, name-extraction F1, exact match on the rest) for the SFT model and for
 model prompted with the same template, so the gain from SFT is visible. Ctrl-C (or SIGTERM) saves
 at the end of the current iteration.
 """
+import glob
 import json
 import os
 import time
@@ -24,9 +25,10 @@ from configurator import check_ranges, configure
 from device import run_main, setup_device
 from memory import preflight
 from model import peak_flops
+from shards import TokenShards
 from tokenizer import Tokenizer, turn_boundary_cut
-from training import (Stopper, claim_out_dir, compile_and_wrap, context_length, cosine_lr, lora_base_dtype,
-                      make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
+from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
+                      lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
                       stream_position, to_device, train_step)
 
 # -----------------------------------------------------------------------------
@@ -49,9 +51,11 @@ eval_per_task = 1000              # held-out questions per task in that evaluati
 block_size: int = None            # tokens per row; None: the model's context
 batch_size = 4                    # rows per micro-step, per process
 packing = True                    # pack several conversations into each row (True) or pad each batch to its longest
+replay_rows = 1                   # rows of pretraining text (data_dir's train_*.bin) added to each micro-batch, every
+                                  # token trained: SFT forgets less of what pretraining taught; 0: none
 gradient_accumulation_steps = 1   # micro-steps per optimizer step, per process
 # optimization
-max_iters = 3200                  # 1.46 epochs of the demo SFT set
+max_iters = 2450                  # 1.12 epochs of the demo SFT set, beside replay_rows of pretraining text
 learning_rate = 1e-3              # higher rates undo what pretraining taught (docs/experiments.md)
 min_lr = 1e-4                     # at the end of the cosine decay
 warmup_iters = 30                 # iterations of linear warmup to learning_rate
@@ -67,10 +71,12 @@ lora_alpha = 16.0                 # adapters add (lora_alpha / lora_rank) * B A 
 lora_dropout = 0.0                # dropout on the adapters' input
 lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # the Linear layers that get adapters
 train_embeddings: bool = None     # LoRA: also train embedding and classifier in full; None: when rows were added
-base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as dtype
+base_dtype = "auto"               # LoRA: the frozen weights stored as float32, bfloat16, float16 or int8; auto: as
+                                  # dtype on GPUs, float32 on CPUs
 # system
 device = "auto"                   # auto: cuda, then mps, then cpu
-dtype = "auto"                    # auto: bfloat16 where supported, float16 on older GPUs, float32 on CPU
+dtype = "auto"                    # auto: bfloat16 on recent GPUs, float16 on older ones, float32 on CPU
+                                  # (device.auto_dtype; bf16 autocast was slower for these batches there)
 checkpoint_activations = False    # keep only each block's input, recompute the rest in the backward pass: less memory
 fsdp = False                      # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2)
 compile: bool = None              # torch.compile; None: on for CUDA, off elsewhere
@@ -205,14 +211,28 @@ class Conversations:
         return batch
 
 
+def with_text_rows(batch, windows):
+    """
+    A conversation batch (Conversations.batch) with plain-text rows appended: windows (R, T + 1), every
+    token trained, positions from 0 and one causal segment per row.
+    """
+    R, T = windows.shape[0], windows.shape[1] - 1
+    rows = {"tokens": windows[:, :-1], "targets": windows[:, 1:], "loss_mask": np.ones((R, T), dtype=np.float32)}
+    if "positions" in batch:
+        rows["positions"] = np.broadcast_to(np.arange(T), (R, T))
+        rows["attn_mask"] = np.broadcast_to(np.tril(np.ones((T, T), dtype=bool)), (R, 1, T, T))
+    return {key: np.concatenate([batch[key], rows[key]]) for key in batch}
+
+
 def main():
     global batch_size, gradient_accumulation_steps  # auto_batch_size may change them
     config = configure(globals())
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                                      "log_interval", "block_size"),
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
-                             "dropout", "lora_rank", "lora_dropout", "eval_per_task"), positive=("learning_rate",))
-    lora_base_dtype(base_dtype, "float32")  # a bad --base_dtype is refused before anything is touched
+                             "dropout", "lora_rank", "lora_dropout", "eval_per_task", "replay_rows"),
+                 positive=("learning_rate",))
+    lora_base_dtype(base_dtype)  # a bad --base_dtype is refused before anything is touched
     resumed = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite, init_from=None if resumed else init_from)
     run = setup_device(device, dtype, compile)
@@ -229,13 +249,21 @@ def main():
     base_dir = checkpoint["base"] if resumed else init_from
     sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
-                                         base_dtype=lora_base_dtype(base_dtype, run.dtype), on_rank0=sharded)
+                                         base_dtype=lora_base_dtype(base_dtype, run), on_rank0=sharded)
     model_args = model.args
     seq_len = context_length(block_size, model)
+    replay_text = None
+    if replay_rows and not glob.glob(os.path.join(data_dir, "train_[0-9][0-9][0-9].bin")):
+        if run.master:
+            print(f"note: {data_dir}/ holds no pretraining text (train_*.bin) to replay: SFT on the conversations "
+                  f"alone")
+    elif replay_rows:
+        replay_text = TokenShards(data_dir, "train", tok.sha)
     batch_size, gradient_accumulation_steps, plan = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
-        base_dtype=lora_base_dtype(base_dtype, run.dtype), checkpointing=checkpoint_activations,
-        fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
+        base_dtype=lora_base_dtype(base_dtype, run), checkpointing=checkpoint_activations,
+        fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size,
+        extra_rows=replay_rows if replay_text else 0)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     if not sharded:  # FSDP moves each block to the device as it shards it: never the whole model on one device
         model.to(run.device)
@@ -275,6 +303,9 @@ def main():
         batch = train_data.batch(stream_position(it, micro_step, run, gradient_accumulation_steps, batch_size),
                                  batch_size)
         answer_tokens[0] += int(batch["loss_mask"].sum())
+        if replay_text is not None:  # a function of (seed, iteration, micro-batch): resumes exactly
+            rng = np.random.default_rng([seed, 2, it, run.rank * gradient_accumulation_steps + micro_step])
+            batch = with_text_rows(batch, replay_text.batch(rng, replay_rows, batch["tokens"].shape[1]))
         return to_device(batch, run)
 
     @torch.no_grad()
@@ -300,8 +331,7 @@ def main():
     with Stopper(run, out_dir, checkpoint_now, sharded, "test answer loss", best_val_loss) as stopper:
         while stopper.go(iter_num):
             lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            apply_schedule(optimizer, lr)
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
                 val_loss = evaluate_loss()
@@ -324,17 +354,19 @@ def main():
 
             if run.master and iter_num % log_interval == 0:
                 train_loss = loss.item()  # this process's mean over the step's micro-batches
-                stopper.check_loss(train_loss, "training answer loss", iter_num)
+                stopper.check_loss(train_loss, "training loss", iter_num)
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()
                 answers_per_s = answer_tokens[0] * run.world_size / (dt * log_interval)
                 answer_tokens[1] += answer_tokens[0] * run.world_size
                 answer_tokens[0] = 0
                 # MFU over every position computed (packed rows are full); padded rows vary, so no MFU there
-                tokens_per_s = batch_size * seq_len * gradient_accumulation_steps * run.world_size / dt
+                rows = batch_size + (replay_rows if replay_text else 0)
+                tokens_per_s = rows * seq_len * gradient_accumulation_steps * run.world_size / dt
                 mfu = raw_model.flops_per_token(seq_len) * tokens_per_s / (peak * run.world_size) \
                     if peak and packing else None
-                print(f"iter {iter_num}: answer loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                print(f"iter {iter_num}: {'loss (answers and replayed text)' if replay_text else 'answer loss'} "
+                      f"{train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"{answers_per_s:,.0f} answer tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu else "")
                       + f", ETA {logger.eta(iter_num)}")
                 logger.log({"iter": iter_num, "tokens": answer_tokens[1], "loss": train_loss, "lr": lr,

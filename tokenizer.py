@@ -37,15 +37,21 @@ def render_user_turn(user, system=None):
     return f"{B_INST} {user} {E_INST}"
 
 
-def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
-    """Train a BPE model on an iterable of strings (one line of text each) and write it to model_path."""
+def train_tokenizer(sentences, model_path, vocab_size, num_threads=None, character_coverage=0.9995):
+    """
+    Train a BPE model on an iterable of strings (one line of text each) and write it to model_path. The
+    characters covering character_coverage of the text become pieces; the rarer rest are spelled in bytes.
+    """
     if vocab_size > UINT16_MAX_IDS:
         raise SystemExit(f"error: vocab_size={vocab_size} does not fit uint16 token files (at most {UINT16_MAX_IDS})")
+    if not 0.9 <= character_coverage <= 1.0:
+        raise SystemExit(f"error: character_coverage={character_coverage} must be within 0.9..1.0 (the share of the "
+                         f"text's characters that get their own piece)")
     if vocab_size < 300:
         raise SystemExit(f"error: vocab_size={vocab_size} is too small: 259 ids are taken by <unk>, <s>, </s> "
                          f"and the 256 bytes")
     try:
-        proto = _train_bpe(sentences, vocab_size, num_threads)
+        proto = _train_bpe(sentences, vocab_size, num_threads, character_coverage)
     except RuntimeError as e:
         if "KeyboardInterrupt" in str(e):  # Ctrl-C inside the sentence iterator, wrapped by sentencepiece's C++
             raise KeyboardInterrupt from None
@@ -60,7 +66,7 @@ def train_tokenizer(sentences, model_path, vocab_size, num_threads=None):
     os.replace(tmp, model_path)
 
 
-def _train_bpe(sentences, vocab_size, num_threads):
+def _train_bpe(sentences, vocab_size, num_threads, character_coverage=0.9995):
     """The serialized model sentencepiece trains with our settings; its RuntimeError passes through."""
     # the template's literal strings, often enough that they become cheap pieces
     template_lines = [render_user_turn("你好", "你是一个助手") for _ in range(2000)]
@@ -77,7 +83,7 @@ def _train_bpe(sentences, vocab_size, num_threads):
         byte_fallback=True,
         split_digits=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        character_coverage=0.9995,  # ~all common hanzi become whole pieces; the rare rest fall back to bytes
+        character_coverage=character_coverage,
         max_sentence_length=16384,  # bytes; news paragraphs exceed the default 4192
         input_sentence_size=2_000_000, shuffle_input_sentence=True,
         num_threads=num_threads or os.cpu_count(),

@@ -13,7 +13,7 @@ tells only its own stage. A stage's main, in order:
     logger = open_out_dir(...)                          # log.jsonl, the tokenizer beside the checkpoint
     with Stopper(run, out_dir, save, ...) as stopper:   # Ctrl-C/SIGTERM, divergence, the end-of-run words
         while stopper.go(iter_num):
-            ... cosine_lr, stopper.eval_due -> stopper.evaluated (save_run), seed_step, train_step ...
+            ... cosine_lr -> apply_schedule, stopper.eval_due -> stopper.evaluated (save_run), seed_step, train_step ...
     evaluate.after_training(...)                        # when stopper.finished
 
 Here: the optimizer and its state (full_state, make_optimizer), resuming, the guard on out_dir, batches
@@ -55,14 +55,16 @@ def full_state(model, optimizer, sharded, trained_only=False):
     return (trainable_state_dict(model, state) if trained_only else state), optimizer_state
 
 
-def make_optimizer(model, run, sharded, resumed, weight_decay, learning_rate, betas, muon=False):
+def make_optimizer(model, run, sharded, resumed, weight_decay, learning_rate, betas, muon=False,
+                   embedding_lr_scale=1.0):
     """
     (optimizer, grad scaler) for a training stage: under FSDP the model is sharded first, so that the
     optimizer sees each process's shard; a resumed run's checkpoint (else None) gives its optimizer state.
     """
     if sharded:
         wrap_fsdp(model, run)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type, muon, shard=run.ddp)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type, muon, shard=run.ddp,
+                                           embedding_lr_scale=embedding_lr_scale)
     if resumed is not None:
         load_optimizer_state(model, optimizer, resumed["optimizer"], sharded)
     return optimizer, torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
@@ -95,11 +97,17 @@ def seed_step(seed, rank, it):
 BASE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
-def lora_base_dtype(setting, run_dtype):
-    """How a LoRA run stores its frozen base weights: "auto" is the run's compute dtype (fp32 on CPU)."""
+def lora_base_dtype(setting, run=None):
+    """
+    How a LoRA run stores its frozen base weights: "auto" is the run's compute dtype on GPUs and float32 on
+    CPUs (bf16 autocast there is for speed: the base stays exact, as exported adapters expect it). Without
+    a run: only checks the setting.
+    """
     if setting not in BASE_DTYPES:
         raise SystemExit(f"error: --base_dtype must be one of {', '.join(BASE_DTYPES)}, not {setting!r}")
-    return run_dtype if setting == "auto" else setting
+    if setting != "auto" or run is None:
+        return setting
+    return run.dtype if run.device_type != "cpu" else "float32"
 
 
 def resume(out_dir, stage, tok, run, settings, config, fixed):
@@ -207,6 +215,26 @@ def cosine_lr(it, learning_rate, min_lr, warmup_iters, decay_iters):
         return min_lr
     progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def apply_schedule(optimizer, lr, momentum=None):
+    """The schedule's values into the optimizer: lr times each group's lr_scale, and Muon groups' momentum."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if momentum is not None and group.get("muon"):
+            group["momentum"] = momentum
+
+
+def warmdown_lr(it, learning_rate, min_lr, warmup_iters, decay_iters, warmdown_iters):
+    """Linear warmup to learning_rate, constant, then linear to min_lr over the warmdown_iters before decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    left = decay_iters - it  # iterations to the end of the decay
+    if left >= warmdown_iters:
+        return learning_rate
+    return min_lr + (learning_rate - min_lr) * left / max(1, warmdown_iters)
 
 
 def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, grad_clip, count=None, loss_fn=None):

@@ -19,4 +19,5 @@ max_iters = 3000
 learning_rate = 2e-4
 min_lr = 2e-5
 warmup_iters = 100
+replay_rows = 0  # the conversations alone, as the memory figures (docs/memory.md) count them
 eval_interval = 500

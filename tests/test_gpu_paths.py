@@ -19,7 +19,7 @@ import model as model_module
 from conftest import ROOT, TINY_MODEL, read_log, run, tiny
 from engine import generate
 from model import chunked_cross_entropy, peak_flops
-from device import auto_compile, auto_dtype
+from device import auto_compile, auto_dtype, cpu_has_bf16, resolve_device
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -31,6 +31,15 @@ def test_bfloat16_only_where_the_gpu_computes_it_natively(capability, dtype):
     # P100, V100, T4 emulate bf16 (torch.cuda.is_bf16_supported() says yes there): float16 + GradScaler
     assert auto_dtype("cuda", capability) == dtype
     assert auto_dtype("cpu", None) == "float32" and auto_dtype("mps", None) == "float32"
+
+
+def test_cpu_pretraining_takes_bfloat16_only_where_the_cpu_has_bf16_instructions():
+    assert auto_dtype("cpu", None, cpu_bf16=True) == "bfloat16"   # AVX-512 BF16 / AMX: faster, same loss
+    assert auto_dtype("cpu", None, cpu_bf16=False) == "float32"   # emulated bf16 would be slower
+    assert auto_dtype("mps", None, cpu_bf16=True) == "float32"
+    pretraining = resolve_device("cpu", "auto", cpu_bf16=True)[1]
+    assert pretraining == ("bfloat16" if cpu_has_bf16() else "float32")
+    assert resolve_device("cpu", "auto")[1] == "float32"  # the other stages and the decoders (exact exports' answers)
 
 
 def test_compile_only_where_triton_can_run():
@@ -120,7 +129,7 @@ def test_compiled_sft_compiles_once_for_batches_of_varying_answer_counts(demo_da
 def test_two_processes_weigh_sft_tokens_like_one_process_with_twice_the_accumulation(demo_data, tiny_ckpt, tmp_path):
     common = [f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", "--batch_size=2", "--eval_iters=2",
               "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2", "--evaluate_tasks=False",
-              "--max_iters=6", "--eval_interval=3", "--device=cpu"]
+              "--max_iters=6", "--eval_interval=3", "--device=cpu", "--dtype=float32"]  # exact whatever the threads
     run("sft.py", f"--out_dir={tmp_path / 'one'}", *common, "--gradient_accumulation_steps=2")
     run("sft.py", f"--out_dir={tmp_path / 'two'}", *common, "--gradient_accumulation_steps=1", launcher=TORCHRUN,
         extra_env=ONE_THREAD)

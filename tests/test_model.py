@@ -160,6 +160,15 @@ def test_the_fixed_shape_decode_step_generates_what_the_cached_step_does_in_one_
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph for every position
 
 
+def test_zeroed_output_projections_make_every_block_the_identity():
+    model = tiny()
+    model.zero_output_projections()
+    x = torch.randn(2, 7, 64)
+    cos, sin = model.rope_cos[:7], model.rope_sin[:7]
+    for layer in model.layers:
+        assert torch.equal(layer(x, cos, sin), x)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_new_vocabulary_rows_are_as_likely_as_unk_and_leave_the_old_ids_as_they_were(tied):
     torch.manual_seed(0)

@@ -5,10 +5,13 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL, read_log, run
+from shards import TokenShards
+from tokenizer import Tokenizer
 
 
 def train_losses(out_dir):
@@ -30,9 +33,14 @@ def test_a_tiny_run_lowers_the_val_loss_and_writes_a_loadable_checkpoint(demo_da
     assert not os.path.exists(out / "ckpt.pt.tmp")
 
 
-@pytest.mark.parametrize("muon", [True, False])
-def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path, muon):
-    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--eval_interval=6", "--lr_decay_iters=12", "--dropout=0.1"]
+RECIPE = ["--lr_schedule=warmdown", "--min_lr=0", "--embedding_lr_scale=2", "--muon_momentum_warmup=8",
+          "--zero_init_projections=True", "--document_rows=True"]
+
+
+@pytest.mark.parametrize("muon, recipe", [(True, []), (False, []), (True, RECIPE)])
+def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path, muon, recipe):
+    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--eval_interval=6", "--lr_decay_iters=12", "--dropout=0.1",
+              *recipe]  # the recipe's schedules and document rows are functions of the iteration: they resume too
     run("pretrain.py", f"--out_dir={tmp_path / 'straight'}", *common, "--max_iters=12", f"--muon={muon}")
     run("pretrain.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=6", f"--muon={muon}")
     # no --muon when resuming: the run keeps the optimizer its checkpoint was made with
@@ -44,8 +52,25 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path,
         assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
 
 
+def test_document_rows_start_at_a_document_and_the_recipe_trains(demo_data, tmp_path):
+    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
+    shards = TokenShards(demo_data, "train", tok.sha)
+    starts = shards.document_starts(tok.bos_id, 32)
+    windows = shards.batch(np.random.default_rng(0), 64, 32, starts)
+    assert windows.shape == (64, 33) and (windows[:, 0] == tok.bos_id).all()
+    assert (shards.batch(np.random.default_rng(0), 64, 32)[:, 0] != tok.bos_id).any()  # else anywhere
+    out = tmp_path / "out"
+    run("pretrain.py", f"--data_dir={demo_data}", f"--out_dir={out}", *TINY_MODEL, *RECIPE, "--max_iters=40",
+        "--eval_interval=20")
+    val = val_losses(out)
+    assert val[40] < val[20] < val[0] and val[40] < val[0] - 0.5
+    lrs = {r["iter"]: r["lr"] for r in read_log(out) if "lr" in r}
+    assert lrs[10] == lrs[20] == 1e-2 and lrs[40] < lrs[30] < lrs[20]  # the peak held, then the warmdown
+
+
 def test_two_processes_match_one_process_with_twice_the_accumulation(demo_data, tmp_path):
-    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--max_iters=10", "--eval_interval=5", "--device=cpu"]
+    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--max_iters=10", "--eval_interval=5", "--device=cpu",
+              "--dtype=float32"]  # bf16 autocast (a CPU with bf16 instructions) rounds by thread count
     run("pretrain.py", f"--out_dir={tmp_path / 'one'}", *common, "--gradient_accumulation_steps=2")
     p = run("pretrain.py", f"--out_dir={tmp_path / 'two'}", *common, "--gradient_accumulation_steps=1",
             launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
@@ -63,7 +88,8 @@ def test_a_two_node_job_matches_one_process_with_twice_the_accumulation(demo_dat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--max_iters=10", "--eval_interval=5", "--device=cpu"]
+    common = [f"--data_dir={demo_data}", *TINY_MODEL, "--max_iters=10", "--eval_interval=5", "--device=cpu",
+              "--dtype=float32"]  # bf16 autocast (a CPU with bf16 instructions) rounds by thread count
     run("pretrain.py", f"--out_dir={tmp_path / 'one'}", *common, "--gradient_accumulation_steps=2")
     nodes = []
     for node_rank in (0, 1):

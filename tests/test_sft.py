@@ -8,7 +8,8 @@ import torch
 
 from conftest import read_log, run, tiny
 from lora import add_lora, merged_state_dict
-from sft import Conversations
+from sft import Conversations, with_text_rows
+from shards import TokenShards
 from tokenizer import Tokenizer
 
 SFT_TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2",
@@ -103,6 +104,21 @@ def test_long_conversations_are_cut_after_a_whole_answer_or_skipped(demo_data):
     assert (tokens[data.ends - 1] == tok.eos_id).all()  # every kept conversation ends with a whole answer
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_replayed_text_rows_are_trained_on_every_token_and_see_only_themselves(demo_data, packed):
+    tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
+    batch = Conversations(demo_data, "train", 64, tok, packed=packed).batch(0, 3)
+    T = batch["tokens"].shape[1]
+    text = TokenShards(demo_data, "train", tok.sha).batch(np.random.default_rng(0), 2, T)
+    mixed = with_text_rows(batch, text)
+    assert mixed.keys() == batch.keys() and all(len(v) == 5 for v in mixed.values())
+    assert (mixed["tokens"][3:] == text[:, :-1]).all() and (mixed["targets"][3:] == text[:, 1:]).all()
+    assert (mixed["loss_mask"][3:] == 1).all() and (mixed["loss_mask"][:3] == batch["loss_mask"]).all()
+    if packed:  # one causal segment from position 0, as in pretraining
+        assert (mixed["positions"][3:] == np.arange(T)).all()
+        assert (mixed["attn_mask"][3:, 0] == np.tril(np.ones((T, T), dtype=bool))).all()
+
+
 def test_lora_merged_forward_equals_the_adapted_forward():
     model = tiny_model()
     add_lora(model, {"wq", "wv", "w2"}, rank=4, alpha=8, dropout=0.0)
@@ -130,10 +146,10 @@ def test_a_tiny_sft_run_lowers_the_answer_loss(demo_data, tiny_ckpt, tmp_path):
     assert ckpt["stage"] == "sft" and ckpt["base"] == tiny_ckpt
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_sft_resume_continues_exactly(demo_data, tiny_ckpt, tmp_path, lora):
+@pytest.mark.parametrize("lora, replay", [(0, 0), (4, 0), (0, 1)])
+def test_sft_resume_continues_exactly(demo_data, tiny_ckpt, tmp_path, lora, replay):
     common = [f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", *SFT_TINY, "--eval_interval=5",
-              "--lr_decay_iters=10", f"--lora_rank={lora}"]
+              "--lr_decay_iters=10", f"--lora_rank={lora}", f"--replay_rows={replay}"]
     run("sft.py", f"--out_dir={tmp_path / 'straight'}", *common, "--max_iters=10")
     run("sft.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=5")
     run("sft.py", f"--out_dir={tmp_path / 'resumed'}", *[a for a in common if not a.startswith("--init_from")],

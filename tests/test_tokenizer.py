@@ -69,6 +69,21 @@ def test_an_nfkc_tokenizer_is_flagged_as_incompatible(tmp_path):
     assert any("normalization" in w for w in warnings)
 
 
+def test_characters_below_the_coverage_are_spelled_in_bytes(tmp_path):
+    rng = random.Random(0)
+    common = "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会"
+    lines = ["".join(rng.choice(common) for _ in range(40)) for _ in range(2000)] + ["霜霜霜霜"] * 10 + ["龘"]
+    for coverage, rare_as_bytes in ((1.0, False), (0.99, True)):
+        path = str(tmp_path / f"{coverage}.model")
+        train_tokenizer(iter(lines), path, 400, character_coverage=coverage)
+        tok = Tokenizer(path)
+        for ch in "霜龘":
+            assert (min(tok.encode(ch)[1:]) < 259) == rare_as_bytes, (coverage, ch)  # ids 3..258 are bytes
+        assert tok.decode(tok.encode("霜龘的")) == "霜龘的"
+    with pytest.raises(SystemExit, match="character_coverage"):
+        train_tokenizer(iter(lines), str(tmp_path / "x.model"), 400, character_coverage=0.5)
+
+
 def test_training_refuses_a_vocabulary_that_does_not_fit_uint16(tmp_path):
     with pytest.raises(SystemExit, match="uint16"):
         train_tokenizer(iter(["你好"]), str(tmp_path / "t.model"), 70000)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from device import resolve_device, setup_device
-from training import Logger, Stopper, claim_out_dir, cosine_lr
+from training import Logger, Stopper, claim_out_dir, cosine_lr, warmdown_lr
 
 
 def test_cosine_lr_warms_up_decays_and_stays_at_the_minimum():
@@ -18,6 +18,14 @@ def test_cosine_lr_warms_up_decays_and_stays_at_the_minimum():
     assert lr(60) == pytest.approx(0.55)          # halfway through the decay: halfway between peak and minimum
     assert lr(110) == pytest.approx(0.1) and lr(5000) == 0.1
     assert all(lr(i) >= lr(i + 1) for i in range(10, 200))
+
+
+def test_warmdown_lr_holds_the_peak_then_falls_linearly_to_the_minimum():
+    lr = lambda it: warmdown_lr(it, 1.0, 0.0, warmup_iters=10, decay_iters=110, warmdown_iters=40)  # noqa: E731
+    assert lr(0) == pytest.approx(1 / 11) and lr(9) < lr(10)
+    assert all(lr(i) == 1.0 for i in range(10, 71))        # constant until the last 40 iterations
+    assert lr(90) == pytest.approx(0.5) and lr(109) == pytest.approx(1 / 40)  # a straight line down
+    assert lr(110) == 0.0 and lr(500) == 0.0
 
 
 def test_auto_resolves_to_what_this_machine_has():
@@ -126,7 +134,7 @@ def test_the_import_graph_is_acyclic_and_the_shared_modules_never_import_a_stage
                 found.add(node.module.split(".")[0])
         imports[name] = found & set(modules) - {name}
     shared = {"configurator", "muon", "lora", "tokenizer", "engine", "model", "demo", "memory", "checkpoint",
-              "device", "training", "tracking", "data_formats"}
+              "device", "training", "tracking", "data_formats", "shards"}
     assert shared <= set(modules)
     for name in shared:
         assert imports[name] <= shared, f"{name} imports the stage script(s) {imports[name] - shared}"
