@@ -43,6 +43,7 @@ data_dir = "data"                 # prepare_data.py's output: dpo_train.*, dpo_t
 init_from = "out-sft"             # the SFT model to align (a checkpoint directory or an imported Llama), or "resume"
 overwrite = False                 # a new run into an out_dir that holds a checkpoint: replace it (else refused)
 eval_interval = 100               # held-out pair metrics and a checkpoint every this many iterations
+eval_iters = 0                    # held-out batches (of 4 x batch_size pairs) per evaluation; 0: every held-out pair
 log_interval = 25                 # iterations per log line
 log_to = ""                       # also log to "wandb" and/or "tensorboard" (a comma list; tracking.py)
 run_name = ""                     # the tracked run's name; "": out_dir's
@@ -238,7 +239,7 @@ def main():
                                      "block_size"),
                  at_least_0=("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
                              "dropout", "lora_rank", "lora_dropout", "eval_per_task", "label_smoothing",
-                             "sft_weight"),
+                             "sft_weight", "eval_iters"),
                  positive=("learning_rate", "beta"))
     if loss_type not in ("sigmoid", "ipo") or reference not in ("precomputed", "model") or label_smoothing >= 0.5:
         raise SystemExit("error: --loss_type is sigmoid or ipo, --reference precomputed or model, and "
@@ -349,7 +350,8 @@ def main():
             apply_schedule(optimizer, lr)
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
-                metrics = evaluate_pairs(eval_model, test_data, ref_test, reference_logps, 4 * batch_size, run)
+                metrics = evaluate_pairs(eval_model, test_data, ref_test, reference_logps, 4 * batch_size, run,
+                                         eval_iters)
                 if stopper.check_loss(metrics["val_loss"], "held-out DPO loss", iter_num):
                     if run.master:
                         print(f"iter {iter_num}: held-out DPO loss {metrics['val_loss']:.4f}, reward accuracy "
@@ -393,15 +395,19 @@ def precompute_reference(reference_model, train_data, test_data, needed, batch_s
 
 
 @torch.no_grad()
-def evaluate_pairs(eval_model, test_data, ref_test, reference_logps, batch_size, run):
-    """Held-out pairs: loss, reward accuracy, mean reward margin, and how far the log-probs moved."""
-    policy = all_answer_logps(eval_model, test_data, batch_size, run)[test_data.fits]
+def evaluate_pairs(eval_model, test_data, ref_test, reference_logps, batch_size, run, batches=0):
+    """
+    Held-out pairs (the first batches x batch_size of them, or every one with batches 0): loss, reward
+    accuracy, mean reward margin, and how far the log-probs moved.
+    """
+    asked = test_data.fits[:batches * batch_size] if batches else test_data.fits
+    policy = all_answer_logps(eval_model, test_data, batch_size, run, list(asked))[asked]
     if ref_test is not None:
-        ref = ref_test[test_data.fits]
+        ref = ref_test[asked]
     else:
         ref = torch.zeros_like(policy)
-        for i in range(0, len(test_data), batch_size):
-            ids = list(test_data.fits[i:i + batch_size])
+        for i in range(0, len(asked), batch_size):
+            ids = list(asked[i:i + batch_size])
             logps = reference_logps(to_device(test_data.batch(ids), run)).float().cpu()
             ref[i:i + len(ids), 0], ref[i:i + len(ids), 1] = logps[:len(ids)], logps[len(ids):]
     eval_model.train()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import data_formats
+import dpo
 from conftest import read_log, run, tiny
 from dpo import Pairs, answer_logps, batch_loss, dpo_loss
 from lora import adapters_disabled, add_lora
@@ -58,6 +59,20 @@ def test_log_probs_are_summed_over_the_answer_tokens_only(pairs):
     torch.testing.assert_close(answer_logps(model, batch), torch.stack(expected), atol=1e-4, rtol=1e-5)
     # rows 0..2 are the chosen answers and 3..5 the rejected ones of the same prompts
     assert torch.equal(batch["tokens"][0][:5], batch["tokens"][3][:5])
+
+
+def test_eval_iters_evaluates_the_first_batches_of_held_out_pairs(pairs):
+    from device import setup_device
+    run = setup_device("cpu", "float32", False, keep_memory=False)
+    policy = tiny(dim=32, vocab_size=8192, max_seq_len=128)
+    reference = tiny(dim=32, vocab_size=8192, max_seq_len=128, n_layers=1)  # another model: margins vary per pair
+    ref_all = dpo.all_answer_logps(reference, pairs, 8, run)
+    every = dpo.evaluate_pairs(policy, pairs, ref_all, None, 8, run)
+    first = dpo.evaluate_pairs(policy, pairs, ref_all, None, 8, run, batches=2)
+    asked = pairs.fits[:16]  # 2 batches of 8 pairs
+    expected = dpo.pair_metrics(dpo.all_answer_logps(policy, pairs, 8, run, list(asked))[asked], ref_all[asked],
+                                dpo.beta, dpo.loss_type, dpo.label_smoothing)
+    assert first == pytest.approx(expected) and first != pytest.approx(every)
 
 
 def test_the_reference_gets_no_gradient_and_never_moves(pairs):
