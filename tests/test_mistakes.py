@@ -131,8 +131,11 @@ def interrupt_after(args, seconds, timeout=60):
     """Start a script in its own process group, Ctrl-C the whole group (as a terminal does) `seconds`
     after it first prints (its imports done: how long they take depends on the machine), and return
     (exit code, output, seconds it took to exit after the signal)."""
+    # Ctrl-C's default action restored in the child, as a terminal's foreground job has it: a shell without
+    # job control (`bash .ci/run &`) starts its background jobs with SIGINT ignored, and Python keeps that
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2"))
     first = proc.stdout.read(1)
     time.sleep(seconds)
