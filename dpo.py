@@ -30,7 +30,8 @@ from checkpoint import check_tokenizer, model_to_tune
 from configurator import check_ranges, configure
 from device import run_main, setup_device
 from lora import adapters_disabled
-from memory import preflight
+from memory import preflight, stored_bytes
+from model import answer_logprobs
 from tokenizer import Tokenizer
 from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
                       lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
@@ -159,8 +160,7 @@ class Pairs:
 
 def answer_logps(model, batch):
     """Each row's log-probability of its answer: the sum over its answer tokens and their EOS, (2n,)."""
-    _, logps = model(batch["tokens"], batch["targets"], loss_mask=batch["loss_mask"], per_token=True)  # (2n, T)
-    return (logps * batch["loss_mask"]).sum(-1)
+    return answer_logprobs(model, batch).sum(-1)
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
@@ -270,9 +270,8 @@ def main():
     separate_reference = reference == "model" and not lora_rank
     # the plan counts a second model where one lives beside the policy: the copy above, or the base that a
     # resumed run loads again to precompute the reference's log-probs (built as the policy is: same storage)
-    stored = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
     second_model = model.num_params() * 4 if separate_reference else \
-        sum(stored.values()) if resumed and reference == "precomputed" else 0
+        stored_bytes(model) if resumed and reference == "precomputed" else 0
     batch_size, gradient_accumulation_steps, plan = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run), checkpointing=checkpoint_activations, rows_per_item=2,
@@ -297,10 +296,8 @@ def main():
         # (resuming: built again as the first run had it, a LoRA base stored as then: an int8 one rounds alike)
         reference_model = model if not resumed else model_to_tune(
             base_dir, tok, config, seed, base_dtype=lora_base_dtype(base_dtype, run))[0].to(run.device)
-        needed = sorted({i for it in range(iter_num, max_iters) for micro in range(gradient_accumulation_steps)
-                         for i in train_data.pair_ids(stream_position(it, micro, run, gradient_accumulation_steps,
-                                                                      batch_size), batch_size)})
-        ref_train, ref_test = precompute_reference(reference_model, train_data, test_data, needed, batch_size, run)
+        ref_train, ref_test = precompute_reference(reference_model, train_data, test_data, iter_num, max_iters,
+                                                   gradient_accumulation_steps, batch_size, run)
         del reference_model
     t_ref = time.time() - t_ref
 
@@ -387,8 +384,15 @@ def main():
                                 data_dir, eval_per_task, run, evaluate_models=evaluate_tasks)
 
 
-def precompute_reference(reference_model, train_data, test_data, needed, batch_size, run):
-    """The reference's answer log-probs (its adapters off) of the training pairs needed and of every test pair."""
+def precompute_reference(reference_model, train_data, test_data, iter_num, max_iters, accumulation, batch_size,
+                         run):
+    """
+    The reference's answer log-probs (its adapters off) of every test pair and of the training pairs that the
+    iterations iter_num .. max_iters - 1 of this process will see: a number of its own under DDP and FSDP.
+    """
+    needed = sorted({i for it in range(iter_num, max_iters) for micro in range(accumulation)
+                     for i in train_data.pair_ids(stream_position(it, micro, run, accumulation, batch_size),
+                                                  batch_size)})
     with adapters_disabled(reference_model):
         return (all_answer_logps(reference_model, train_data, 4 * batch_size, run, needed, "reference: train pairs"),
                 all_answer_logps(reference_model, test_data, 4 * batch_size, run, desc="reference: test pairs"))

@@ -143,7 +143,7 @@ def option_logprobs(model, ids, continuations):
     for cont in continuations:
         tokens = torch.tensor([ids + cont[:-1]], device=device)
         targets = torch.tensor([[-1] * (len(ids) - 1) + cont], device=device)
-        scores.append(float(model(tokens, targets, per_token=True)[1].sum()))
+        scores.append(-float(model(tokens, targets, reduction="none")[1].sum()))  # minus the cross-entropy
     return scores
 
 
@@ -224,7 +224,7 @@ def choice_scores(model, tok, candidates, mode):
         tokens[row, :len(s) - 1] = torch.tensor(s[:-1])
         first = max(start, 1) if mode == "continuation" else len(s) - max(end, 1)  # the first scored token
         targets[row, first - 1:len(s) - 1] = torch.tensor(s[first:])  # position j predicts token j + 1
-    logp = model(tokens.to(device), targets.to(device), per_token=True)[1].float().cpu()  # (B, T), 0 off target
+    logp = -model(tokens.to(device), targets.to(device), reduction="none")[1].float().cpu()  # (B, T), 0 off target
     sums, counts = logp.sum(1), (targets >= 0).sum(1)
     return (sums / counts if mode == "continuation" else sums).tolist()
 

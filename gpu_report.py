@@ -27,7 +27,7 @@ from device import PTDTYPE, setup_device, wrap_ddp, wrap_fsdp
 from engine import Engine, Request, compiled_step, generate
 from lora import FrozenLinear, LoRALinear, add_lora
 from memory import LLAMA2, predict_memory
-from model import PRESETS, ModelArgs, RMSNorm, Transformer, chunked_cross_entropy, peak_flops
+from model import PRESETS, ModelArgs, RMSNorm, Transformer, answer_loss, chunked_cross_entropy, peak_flops
 
 # -----------------------------------------------------------------------------
 device = "auto"              # auto: cuda, then mps, then cpu
@@ -112,9 +112,10 @@ def error_line(e):
 
 
 def timed_step(model, optimizer, run, batch):
-    """One training step of model on batch (its keyword arguments), in the run's precision: what the GPU parts time."""
+    """One training step of model on batch (tokens and targets, or SFT's with loss_mask), in the run's precision:
+    what the GPU parts time."""
     with run.autocast:
-        _, loss = model(**batch)
+        loss = answer_loss(model, batch) if "loss_mask" in batch else model(**batch)[1]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -199,7 +200,6 @@ def gpu_sft_compile(run, meter, shapes):
     meter.start()
     torch.manual_seed(0)
     model = Transformer(args).to(run.device).train()
-    model.gather_masked = False
     compiled = torch.compile(model, backend="inductor" if meter.cuda else "eager", dynamic=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -234,7 +234,6 @@ def gpu_loss(run, meter, shapes):
             h = torch.randn(n, dim, device=run.device, requires_grad=True)
             w = (torch.randn(vocab, dim, device=run.device) * 0.02).requires_grad_()
             t = torch.randint(0, vocab, (n,), device=run.device)
-            ones = torch.ones(n, device=run.device)
             base = meter.start()
 
             def step():
@@ -242,7 +241,7 @@ def gpu_loss(run, meter, shapes):
                     if name == "plain":
                         loss = F.cross_entropy(F.linear(h, w).float(), t)
                     else:  # small chunks on --tiny's shapes, so that it is really chunked there too
-                        loss = chunked_cross_entropy(h, w, t, ones, chunk_rows=None if meter.cuda else 64)
+                        loss = chunked_cross_entropy(h, w, t, chunk_rows=None if meter.cuda else 64)
                 loss.backward()
                 h.grad = w.grad = None
                 row["value"] = loss.item()

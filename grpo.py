@@ -44,6 +44,7 @@ from data_formats import iter_file_inputs, read_records
 from device import run_main, setup_device
 from engine import Request, complete
 from lora import adapters_disabled
+from model import answer_logprobs
 from tokenizer import Tokenizer
 from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, cosine_lr, lora_base_dtype,
                       make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step, train_step)
@@ -232,18 +233,13 @@ def answer_batch(prompts, groups, advantages, keep, eos_id):
     return {"tokens": x, "targets": y, "loss_mask": m, "advantages": np.array([a for *_, a in rows], np.float32)}
 
 
-def token_logps(model, batch):
-    """The per-token log-probs of the targets, (N, T), 0 off the answer."""
-    return model(batch["tokens"], batch["targets"], loss_mask=batch["loss_mask"], per_token=True)[1]
-
-
 @torch.no_grad()
 def reference_logps(batch, ref_model, policy):
     """The reference's per-token log-probs: ref_model's, or (LoRA) the policy's with its adapters off."""
     if ref_model is not None:
-        return token_logps(ref_model, batch)
+        return answer_logprobs(ref_model, batch)
     with adapters_disabled(policy):
-        return token_logps(policy, batch)
+        return answer_logprobs(policy, batch)
 
 
 def main():
@@ -423,11 +419,11 @@ def update_policy(model, raw_model, ref_model, optimizer, scaler, batch, run, it
     batch = {k: torch.from_numpy(v).to(run.device) for k, v in batch.items()}
     with torch.no_grad(), run.autocast:
         batch["ref_logps"] = reference_logps(batch, ref_model, raw_model).float()
-        batch["old_logps"] = token_logps(raw_model, batch).float() if ppo_epochs > 1 else None
+        batch["old_logps"] = answer_logprobs(raw_model, batch).float() if ppo_epochs > 1 else None
     kls, losses = [], []
 
     def loss_fn(model_, b):
-        logps = token_logps(model_, b).float()
+        logps = answer_logprobs(model_, b).float()
         old = b["old_logps"] if b["old_logps"] is not None else logps.detach()
         loss, kl = grpo_loss(logps, old, b["ref_logps"], b["advantages"], b["loss_mask"], clip_eps, kl_coef, norm)
         kls.append(kl.item())

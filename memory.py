@@ -108,6 +108,11 @@ def available_memory(run):
     return kb * 1024 // local, f"this machine has {kb * 1024 / GB:.1f} GB available{share}"
 
 
+def stored_bytes(model):
+    """The bytes a model's weights and buffers take where they are stored (a tied weight once)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
 def resident_bytes():
     """This process's resident memory now (Linux's /proc/self/status VmRSS), or None where it is not known."""
     try:
@@ -158,7 +163,7 @@ def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_d
     # it holds now but the model, which is already in memory here), and its malloc keeps freed blocks.
     # memory_gb plans for a device of that size (a GPU one does not have): the tensors alone
     on_cpu = run.device_type == "cpu" and not memory_gb > 0
-    model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    model_bytes = stored_bytes(model)
     now = resident_bytes() if on_cpu else None
     process = max(0, now - model_bytes) if now is not None else 0
 

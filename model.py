@@ -171,7 +171,6 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.init_rope()
-        self.gather_masked = True  # see forward()
         # training keeps only each block's input and recomputes the block in the backward pass: activation
         # memory of one block instead of all, for a third more compute (set by the training scripts)
         self.checkpoint_activations = False
@@ -234,17 +233,14 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
-    def forward(self, tokens, targets=None, loss_mask=None, cache=None, start_pos=0, positions=None, attn_mask=None,
-                per_token=False):
+    def forward(self, tokens, targets=None, cache=None, start_pos=0, positions=None, attn_mask=None,
+                reduction="mean"):
         """
-        tokens (B, T). With targets (B, T): returns (logits (B, T, V), loss), the loss a mean over all
-        positions whose target is not -1; with loss_mask (B, T) too, the loss is the mask-weighted mean.
-        The logits are None where the loss was computed in chunks (a large batch times a large
-        vocabulary, see chunked_cross_entropy), and with loss_mask and gather_masked set they are the
-        (N, V) logits of only the N positions where loss_mask > 0.
-        Without targets: (logits of the last position (B, 1, V), None). With targets and per_token:
-        (None, the log-probability of every target (B, T), 0 where the target is -1 or loss_mask is 0),
-        what DPO sums.
+        tokens (B, T). Without targets: (the logits of the last position (B, 1, V), None), what decoding wants.
+        With targets (B, T), -1 where nothing is predicted: (logits (B, T, V), the mean cross-entropy over the
+        predicted positions); the logits are None where the loss was computed without them all (see
+        mean_loss). reduction="none": (None, each position's cross-entropy (B, T), 0 where the target is -1).
+        The stages' heads (answer_loss, answer_logprobs below) mask targets and call this.
         Several conversations packed into one row: positions (B, T) restarts at 0 for each, and
         attn_mask (B, 1, T, T) lets a token see only earlier tokens of its own conversation.
         Decoding with a cache: start_pos is where tokens go in it; a (B,) tensor puts each row's one
@@ -269,31 +265,39 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, [-1], :]), None
+        if reduction == "none":  # the classifier only where a target is: (N, V) log-probs, N predicted positions
+            keep = targets >= 0
+            logps = F.log_softmax(self.output(h[keep]).float(), dim=-1)
+            nll = torch.zeros(B, T, dtype=logps.dtype, device=h.device)
+            nll[keep] = -logps.gather(-1, targets[keep][:, None])[:, 0]
+            return None, nll
+        return self.mean_loss(h, targets)
+
+    def mean_loss(self, h, targets):
+        """
+        (logits or None, the mean cross-entropy of the classifier on h (B, T, dim) over targets that are not -1).
+        In eager mode on a CPU, where some targets are -1 (SFT trains only the answers, a small share of the
+        demo's tokens), the classifier runs on the predicted positions alone: in a small model with a large
+        vocabulary that matmul is a large part of the step (docs/benchmarks.md). Compiled code would recompile
+        for every new count, and on a GPU the count is a device sync: static shapes there. Rows x vocabulary
+        above CHUNKED_LOSS_ABOVE go a chunk at a time (chunked_cross_entropy).
+        """
+        B, T, _ = h.shape
         V = self.output.out_features
-        if per_token:  # the classifier only where a log-prob is wanted: the targets that are not -1
-            keep = (targets >= 0) if loss_mask is None else (loss_mask > 0) & (targets >= 0)
-            logps = F.log_softmax(self.output(h[keep]).float(), dim=-1)           # (N, V)
-            picked = torch.zeros(B, T, dtype=logps.dtype, device=h.device)
-            picked[keep] = logps.gather(-1, targets[keep][:, None])[:, 0]
-            return None, picked
-        if loss_mask is None and B * T * V <= CHUNKED_LOSS_ABOVE:  # pretraining
+        sparse = h.device.type == "cpu" and not torch.compiler.is_compiling() and bool((targets < 0).any())
+        if not sparse and B * T * V <= CHUNKED_LOSS_ABOVE:  # pretraining
             logits = self.output(h)
             return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         h, targets = h.flatten(0, 1), targets.flatten()                     # (B*T, dim), (B*T,)
-        weights = (targets >= 0).to(torch.float32) if loss_mask is None else loss_mask.flatten().float()
-        if loss_mask is not None and self.gather_masked:
-            # SFT in eager mode: only the answer tokens (a small share of the demo's) carry loss, so the
-            # classifier runs on those alone; in a small model with a large vocabulary that matmul is a
-            # large part of the step (docs/benchmarks.md). The shape depends on the data, which compiled
-            # code would recompile for: sft.py turns this off there (and on GPUs).
-            keep = weights > 0
-            h, targets, weights = h[keep], targets[keep], weights[keep]     # (N, dim), (N,), (N,)
+        if sparse:
+            keep = targets >= 0
+            h, targets = h[keep], targets[keep]                             # (N, dim), (N,)
         if h.shape[0] * V > CHUNKED_LOSS_ABOVE:
-            return None, chunked_cross_entropy(h, self.output.weight, targets, weights)
+            return None, chunked_cross_entropy(h, self.output.weight, targets)
         logits = self.output(h)
         losses = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="none")
-        loss = (losses * weights).sum() / weights.sum().clamp(min=1)
-        return (logits if self.gather_masked else logits.view(B, T, -1)), loss
+        loss = losses.sum() / (targets >= 0).sum().clamp(min=1)
+        return (None if sparse else logits.view(B, T, -1)), loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=True, shard=False,
                              embedding_lr_scale=1.0):
@@ -337,27 +341,43 @@ class Transformer(nn.Module):
         return 6 * trained + 4 * frozen + 12 * a.n_layers * seq_len * a.dim
 
 
+# The stages' heads: a batch is a dict of tokens, targets and loss_mask (1 on the answer's tokens), and for
+# packed rows positions and attn_mask. They call the model itself (not a method of it), so that a DDP or FSDP
+# wrapper sees the forward pass.
+
+def answer_loss(model, batch):
+    """SFT's loss: the mean cross-entropy over the answers' tokens (loss_mask 1) alone."""
+    targets = batch["targets"].masked_fill(batch["loss_mask"] == 0, -1)
+    return model(batch["tokens"], targets, positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))[1]
+
+
+def answer_logprobs(model, batch):
+    """The log-probability of each answer token, (B, T), 0 off the answer: what DPO sums and GRPO weighs."""
+    targets = batch["targets"].masked_fill(batch["loss_mask"] == 0, -1)
+    return -model(batch["tokens"], targets, reduction="none")[1]
+
+
 # logits of more rows x vocabulary entries than this are never all in memory at once (2**27 fp32 values
 # are 512 MB): the demo's batches stay below it, the GPU configs' 32 x 512 rows x 64k ids are far above
 CHUNKED_LOSS_ABOVE = 1 << 27
 
 
-def chunked_cross_entropy(h, weight, targets, weights, chunk_rows=None):
+def chunked_cross_entropy(h, weight, targets, chunk_rows=None):
     """
-    The weighted mean cross-entropy of the classifier (weight, (V, dim)) on the rows of h ((N, dim)),
-    equal to F.cross_entropy(h @ weight.T, targets, ignore_index=-1) weighted by weights, computed a
+    The mean cross-entropy of the classifier (weight, (V, dim)) on the rows of h ((N, dim)), equal to
+    F.cross_entropy(h @ weight.T, targets, ignore_index=-1), computed a
     chunk of rows at a time: the (rows, V) logits, their softmax and their gradient exist for one chunk
     only. The gradients are computed chunk by chunk in the forward pass (the loss is a scalar, so
     backward only scales them), which costs no second classifier matmul.
     """
     chunk_rows = chunk_rows or max(1, CHUNKED_LOSS_ABOVE // 4 // weight.shape[0])
-    return _ChunkedCrossEntropy.apply(h, weight, targets, weights, chunk_rows)
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_rows)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, weights, chunk_rows):
-        weights = weights * (targets >= 0) / (weights * (targets >= 0)).sum().clamp(min=1)  # the mean's weights
+    def forward(ctx, h, weight, targets, chunk_rows):
+        weights = (targets >= 0).float() / (targets >= 0).sum().clamp(min=1)  # the mean's weights
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
@@ -384,7 +404,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
-                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
 
 
 # Dense 16-bit tensor-core peak FLOP/s (bf16, or fp16 where a card has no bf16) by the name

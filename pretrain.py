@@ -119,6 +119,29 @@ def model_args_from_settings(vocab_size):
     return ModelArgs(**shape, vocab_size=vocab_size, dropout=dropout, tie_embeddings=tie_embeddings)
 
 
+def starting_model(checkpoint, base_path, tok, config, run, sharded):
+    """
+    The model this run trains: the resumed run's, a new one from the settings (base_path None), or an existing
+    model to continue (one of our checkpoints or an imported Llama), in full or with adapters.
+    """
+    if checkpoint is not None and not config["lora_rank"]:
+        return model_from_checkpoint(checkpoint)
+    if base_path is None:
+        with torch.random.fork_rng():  # the same initial weights whatever the number of processes
+            torch.manual_seed(config["seed"])
+            model = Transformer(model_args_from_settings(tok.n_words))
+            if config["zero_init_projections"]:
+                model.zero_output_projections()
+        return model
+    if run.master and checkpoint is None:
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+            if config[key] is not None:
+                print(f"warning: --{key} is ignored: the model comes from {base_path}")
+    return model_to_tune(base_path, tok, config, config["seed"], resumed=checkpoint,
+                         verbose=run.master and checkpoint is None,
+                         base_dtype=lora_base_dtype(config["base_dtype"], run), on_rank0=sharded)[0]
+
+
 def main():
     global batch_size, gradient_accumulation_steps, evaluate_tasks  # auto_batch_size may change the first two
     config = configure(globals())
@@ -155,21 +178,7 @@ def main():
         iter_num, best_val_loss, base_path = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint.get("base")
         sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
     sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
-    if resumed and not lora_rank:
-        model = model_from_checkpoint(checkpoint)
-    elif init_from == "scratch":
-        with torch.random.fork_rng():  # the same initial weights whatever the number of processes
-            torch.manual_seed(seed)
-            model = Transformer(model_args_from_settings(tok.n_words))
-            if zero_init_projections:
-                model.zero_output_projections()
-    else:  # continued pretraining of one of our checkpoints or of an imported Llama, in full or with adapters
-        if run.master and not resumed:
-            for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
-                if config[key] is not None:
-                    print(f"warning: --{key} is ignored: the model comes from {init_from}")
-        model = model_to_tune(base_path, tok, config, seed, resumed=checkpoint, verbose=run.master and not resumed,
-                              base_dtype=lora_base_dtype(base_dtype, run), on_rank0=sharded)[0]
+    model = starting_model(checkpoint, base_path, tok, config, run, sharded)
     model_args = model.args
     seq_len = context_length(block_size, model)
     train_data.check_fits(seq_len)

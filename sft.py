@@ -24,7 +24,7 @@ from checkpoint import check_tokenizer, model_to_tune
 from configurator import check_ranges, configure
 from device import run_main, setup_device
 from memory import preflight
-from model import peak_flops
+from model import answer_loss, peak_flops
 from shards import TokenShards
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
@@ -273,9 +273,6 @@ def main():
     optimizer, scaler = make_optimizer(model, run, sharded, checkpoint, weight_decay, learning_rate, (beta1, beta2))
     checkpoint = None  # its weights and optimizer state now live in model and optimizer
     raw_model = model  # the plain module: what we save and count
-    # the classifier on answer positions only halves an eager CPU step, but its data-dependent shape would
-    # make compiled code recompile for every new count of answer tokens: static shapes there and on GPUs
-    raw_model.gather_masked = run.device_type == "cpu" and not run.compile
     model, eval_model = compile_and_wrap(model, run, sharded, dynamic=not packing)  # padded: lengths vary
 
     decay_iters = lr_decay_iters or max_iters
@@ -315,7 +312,7 @@ def main():
         for k in range(eval_iters):  # the same test batches at every evaluation
             batch = to_device(test_data.batch(k * batch_size, batch_size), run)
             with run.autocast:
-                _, loss = eval_model(**batch)
+                loss = answer_loss(eval_model, batch)
             losses.append(loss.item())
         eval_model.train()
         return float(np.mean(losses))
@@ -347,7 +344,8 @@ def main():
 
             seed_step(seed, run.rank, iter_num)
             loss = train_step(model, optimizer, scaler, lambda micro_step: train_batch(iter_num, micro_step),
-                              gradient_accumulation_steps, run, grad_clip, count=lambda b: b["loss_mask"].sum())
+                              gradient_accumulation_steps, run, grad_clip, count=lambda b: b["loss_mask"].sum(),
+                              loss_fn=answer_loss)
             iter_num += 1
             if run.master:
                 logger.first_timing(iter_num, run)

@@ -248,7 +248,8 @@ def train_step(model, optimizer, scaler, get_batch, accumulation_steps, run, gra
     tokens: each micro-batch's mean is then weighted by its share of all the step's tokens in all
     processes (one all-reduce of a number), so every token counts the same wherever it lands and N
     processes train exactly like one process with N times the accumulation.
-    loss_fn(model, batch) -> loss replaces the model's own loss (DPO's, from the model's log-probs).
+    loss_fn(model, batch) -> loss: the stage's head (model.answer_loss for SFT, DPO's from the answers' log-probs);
+    without it, the model's own loss on the batch's tokens and targets (pretraining).
     Returns this process's mean loss of the step (a tensor: reading it forces a device sync, so log sparingly).
     """
     if count is None:

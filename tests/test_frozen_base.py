@@ -9,6 +9,7 @@ import torch.nn as nn
 from checkpoint import load_checkpoint, load_model
 from conftest import read_log, run, tiny
 from lora import FrozenLinear, LoRALinear, add_lora, merged_state_dict, trainable_state_dict
+from model import answer_loss
 from training import context_length
 
 SFT_TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--evaluate_tasks=False"]
@@ -22,7 +23,7 @@ def sft_test_loss(out_dir, data_dir, batch_size=4, eval_iters=2):
     data = sft.Conversations(data_dir, "test", context_length(sft.block_size, model), tok, sft.packing, sft.seed)
     batches = [{k: torch.from_numpy(v) for k, v in data.batch(i * batch_size, batch_size).items()}
                for i in range(eval_iters)]
-    return sum(model(**batch)[1].item() for batch in batches) / eval_iters
+    return sum(answer_loss(model, batch).item() for batch in batches) / eval_iters
 
 
 def test_an_int8_layer_stays_within_its_rounding_error():

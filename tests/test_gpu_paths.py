@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import model as model_module
 from conftest import ROOT, TINY_MODEL, read_log, run, tiny
 from engine import generate
-from model import chunked_cross_entropy, peak_flops
+from model import answer_loss, chunked_cross_entropy, peak_flops
 from device import auto_compile, auto_dtype, cpu_has_bf16, resolve_device
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -71,12 +71,10 @@ def test_the_chunked_loss_equals_the_plain_one_with_its_gradients():
     h = torch.randn(300, 32, requires_grad=True)
     weight = torch.randn(1000, 32, requires_grad=True)
     targets = torch.randint(0, 1000, (300,))
-    targets[::7] = -1  # padding
-    weights = torch.rand(300)  # SFT's answer mask, here fractional
-    plain = (F.cross_entropy(h @ weight.t(), targets, ignore_index=-1, reduction="none") * weights).sum() \
-        / (weights * (targets >= 0)).sum()
+    targets[::7] = -1  # padding, or a position outside the answer
+    plain = F.cross_entropy(h @ weight.t(), targets, ignore_index=-1)
     grads = torch.autograd.grad(plain * 3, (h, weight))
-    chunked = chunked_cross_entropy(h, weight, targets, weights, chunk_rows=64)
+    chunked = chunked_cross_entropy(h, weight, targets, chunk_rows=64)
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
     for got, want in zip(torch.autograd.grad(chunked * 3, (h, weight)), grads):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
@@ -86,13 +84,12 @@ def test_the_chunked_loss_equals_the_plain_one_with_its_gradients():
 def test_a_model_above_the_threshold_computes_the_same_loss_in_chunks(monkeypatch, masked):
     model = tiny(vocab_size=500).train()
     tokens = torch.randint(0, 500, (4, 40))
-    mask = (torch.rand(4, 40) > 0.6).float() if masked else None
-    model.gather_masked = False
-    plain_logits, plain = model(tokens, tokens, loss_mask=mask)
+    targets = tokens.masked_fill(torch.rand(4, 40) > 0.4, -1) if masked else tokens  # SFT: answers only
+    plain_logits, plain = model(tokens, targets)
     plain_grad = torch.autograd.grad(plain, model.output.weight)[0]
     monkeypatch.setattr(model_module, "CHUNKED_LOSS_ABOVE", 1000)  # 4 x 40 rows x 500 ids is far above it
-    logits, chunked = model(tokens, tokens, loss_mask=mask)
-    assert logits is None and plain_logits is not None
+    logits, chunked = model(tokens, targets)
+    assert logits is None and (plain_logits is None) == masked  # masked on a CPU: the answers' logits alone
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
     torch.testing.assert_close(torch.autograd.grad(chunked, model.output.weight)[0], plain_grad, atol=1e-6, rtol=1e-4)
 
@@ -105,25 +102,20 @@ def sft_batches(demo_data, n):
     return [{k: torch.from_numpy(v) for k, v in data.batch(4 * i, 4).items()} for i in range(n)]
 
 
-@pytest.mark.parametrize("gather, bounded", [(False, True), (True, False)])
-def test_compiled_sft_compiles_once_for_batches_of_varying_answer_counts(demo_data, gather, bounded):
+def test_compiled_sft_compiles_once_for_batches_of_varying_answer_counts(demo_data):
+    # eager CPU code runs the classifier on the answers alone (a data-dependent shape); compiled code must not
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     model = tiny(dim=32, vocab_size=8192, max_seq_len=64).train()
-    model.gather_masked = gather
     compiled = torch.compile(model, backend="eager", dynamic=False)
     batches = sft_batches(demo_data, 6)
     assert len({int(b["loss_mask"].sum()) for b in batches}) > 3  # the answer counts really vary
     for batch in batches:
-        _, loss = compiled(**batch)
-        loss.backward()
+        answer_loss(compiled, batch).backward()
     graph_breaks = sum(counters["graph_break"].values())
     frames = counters["stats"]["unique_graphs"]
-    if bounded:  # static shapes: one graph, no breaks, whatever the batch
-        assert graph_breaks == 0 and frames <= 2, (graph_breaks, frames)
-    else:  # the data-dependent gather: graph breaks (what eager CPU accepts for its speed)
-        assert graph_breaks > 0
+    assert graph_breaks == 0 and frames <= 2, (graph_breaks, frames)
 
 
 def test_two_processes_weigh_sft_tokens_like_one_process_with_twice_the_accumulation(demo_data, tiny_ckpt, tmp_path):

@@ -12,6 +12,7 @@ import grpo
 from conftest import ROOT, read_log, run, tiny
 from engine import Engine, Request
 from lora import add_lora
+from model import answer_logprobs
 
 
 def test_advantages_are_rewards_minus_the_group_mean_and_all_equal_groups_carry_no_signal():
@@ -63,7 +64,7 @@ def test_a_group_whose_rewards_are_all_equal_adds_no_row_and_no_gradient():
 
     def gradient(b):
         model.zero_grad()
-        logps = grpo.token_logps(model, b)
+        logps = answer_logprobs(model, b)
         loss, _ = grpo.grpo_loss(logps, logps.detach(), logps.detach(), b["advantages"], b["loss_mask"], 0.2, 0.1, 8)
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -86,13 +87,13 @@ def test_the_reference_never_changes_while_the_policy_trains():
         before = grpo.reference_logps(batch, reference, policy).clone()
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(3):
-            logps = grpo.token_logps(policy, batch)
+            logps = answer_logprobs(policy, batch)
             loss, _ = grpo.grpo_loss(logps, logps.detach(), before, batch["advantages"], batch["loss_mask"],
                                      0.2, 0.1, 4)
             (loss - logps.sum()).backward()  # push the policy away for sure
             optimizer.step()
             optimizer.zero_grad()
-        assert not torch.allclose(grpo.token_logps(policy, batch), before)
+        assert not torch.allclose(answer_logprobs(policy, batch), before)
         assert torch.equal(grpo.reference_logps(batch, reference, policy), before), lora
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import tiny
 from engine import compiled_step, generate, new_cache, sample_next
-from model import PRESETS, ModelArgs, Transformer, apply_rope, rope_tables
+from model import PRESETS, ModelArgs, Transformer, answer_logprobs, answer_loss, apply_rope, rope_tables
 
 
 def test_shapes_with_and_without_targets():
@@ -101,7 +101,7 @@ def test_generation_stops_at_a_stop_token_and_at_the_context_end():
     assert len(list(generate(model, prompt, 1000, temperature=0))) == 48 - 5
 
 
-def test_masked_loss_is_the_mean_over_masked_in_positions():
+def test_the_answer_loss_and_log_probs_count_only_the_answers_tokens():
     model = tiny()
     tokens = torch.randint(0, 97, (2, 10))
     targets = torch.randint(0, 97, (2, 10))
@@ -112,11 +112,12 @@ def test_masked_loss_is_the_mean_over_masked_in_positions():
     logp = F.log_softmax(all_logits.float(), dim=-1)
     picked = [(0, 3), (0, 4), (0, 5), (1, 8)]
     expected = -sum(logp[b, t, targets[b, t]] for b, t in picked) / len(picked)
-    logits, loss = model(tokens, targets, loss_mask=mask)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    # the classifier ran only on the masked-in positions, and gave the same logits there
-    assert logits.shape == (4, 97)
-    assert torch.allclose(logits, torch.stack([all_logits[b, t] for b, t in picked]), atol=1e-5)
+    batch = {"tokens": tokens, "targets": targets, "loss_mask": mask}
+    assert answer_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    want = torch.zeros(2, 10)
+    for b, t in picked:
+        want[b, t] = logp[b, t, targets[b, t]]
+    torch.testing.assert_close(answer_logprobs(model, batch), want, atol=1e-5, rtol=1e-5)
     # without a mask, a target of -1 is ignored
     targets[0, :5] = -1
     _, loss = model(tokens, targets)

@@ -67,8 +67,8 @@ def test_packed_conversations_never_attend_across_each_other(demo_data):
     data = Conversations(demo_data, "test", 128, tok, packed=True, seed=3)
     model = tiny_model()
     batch = data.batch(0, 2)
-    packed = {k: torch.from_numpy(v) for k, v in batch.items() if k != "loss_mask"}  # logits at every position
-    logits, _ = model(**packed)
+    packed = {k: torch.from_numpy(v) for k, v in batch.items() if k != "loss_mask"}
+    logits, _ = model(**dict(packed, targets=packed["targets"].clamp(min=0)))  # a target everywhere: all logits
     # every conversation in the row, run alone from position 0, gives the same logits
     pos = batch["positions"][0]
     starts = [i for i in range(128) if pos[i] == 0] + [128]
@@ -87,7 +87,7 @@ def test_padding_changes_nothing_before_it(demo_data):
     data = Conversations(demo_data, "test", 128, tok, packed=False, seed=5)
     model = tiny_model()
     batch = data.batch(0, 4)
-    logits, _ = model(torch.from_numpy(batch["tokens"]), torch.from_numpy(batch["targets"]))
+    logits, _ = model(torch.from_numpy(batch["tokens"]), torch.from_numpy(batch["targets"]).clamp(min=0))  # all logits
     for b in range(4):
         n = int((batch["targets"][b] != -1).sum())
         alone, _ = model(torch.from_numpy(batch["tokens"][b:b + 1, :n]), torch.from_numpy(batch["targets"][b:b + 1, :n]))
