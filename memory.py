@@ -47,6 +47,9 @@ def predict_memory(args, tokens, lora_rank=0, base_dtype="float32", compute="flo
     - FSDP over N processes: weights, gradients and optimizer state divided by N, plus the gathered
       weights in the compute dtype of the unsharded root (embedding, classifier) and two blocks (one
       computing, one prefetched). DDP: every process holds everything, plus its gradient buckets.
+      With reuse_freed=False only the optimizer state is divided: every process receives rank 0's whole
+      weights tensor by tensor, computes full-size gradients and copies them for the reduce-scatter, and a
+      checkpoint gathers the trained weights whole; malloc keeps all of it beside the shards.
     """
     from model import CHUNKED_LOSS_ABOVE
     D, L, V = args.dim, args.n_layers, vocab_rows or args.vocab_size
@@ -79,7 +82,11 @@ def predict_memory(args, tokens, lora_rank=0, base_dtype="float32", compute="flo
     gradients, optimizer = trained * 4, trained * 8
     if fsdp and processes > 1:
         gathered = (embeddings + norms + 2 * block_matrices // L) * c
-        weights, gradients, optimizer = weights / processes + gathered, gradients / processes, optimizer / processes
+        optimizer = optimizer / processes
+        if reuse_freed:
+            weights, gradients = weights / processes + gathered, gradients / processes
+        else:  # full-size weights and gradients pass through every process, and malloc keeps them (docs/memory.md)
+            weights, gradients = weights + gathered + trained * 4, gradients * 2 + gradients / processes
     step = gradients + trained * 4 / (processes if fsdp else 1)
     peak = weights + optimizer + (max(activations + logits, step) if reuse_freed else activations + logits + step)
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations + logits,
@@ -109,8 +116,17 @@ def available_memory(run):
 
 
 def stored_bytes(model):
-    """The bytes a model's weights and buffers take where they are stored (a tied weight once)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """The bytes a model's weights and buffers take where they are stored (a tied weight once; none on the meta
+    device, where FSDP's other processes hold the model until rank 0's weights arrive)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if not t.is_meta)
+
+
+def largest_of_processes(value):
+    """The largest of a number that every process of a torchrun run passes."""
+    import torch.distributed as dist
+    t = torch.tensor([float(value)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def resident_bytes():
@@ -166,6 +182,8 @@ def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_d
     model_bytes = stored_bytes(model)
     now = resident_bytes() if on_cpu else None
     process = max(0, now - model_bytes) if now is not None else 0
+    if on_cpu and run.ddp:  # every process plans for the largest: under FSDP rank 0 alone has read the base so far
+        process = largest_of_processes(process)
 
     def predict(batch=None, **changes):
         settings = dict(lora_rank=lora_rank, base_dtype=base_dtype, checkpointing=checkpointing,
