@@ -26,7 +26,7 @@ from model import PRESETS, ModelArgs, Transformer, peak_flops
 from shards import TokenShards
 from tokenizer import Tokenizer
 from muon import muon_momentum
-from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
+from training import (MUON_UNDER_FSDP, Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
                       lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
                       to_device, train_step, warmdown_lr)
 
@@ -93,9 +93,6 @@ auto_batch_size = False           # pre-flight: the largest micro-batch that fit
 device_memory_gb = 0.0            # pre-flight: plan for this much memory per device (GB); 0: what the device has free
 seed = 1337                       # model init, batches and dropout: a run is a function of it
 # -----------------------------------------------------------------------------
-
-MUON_UNDER_FSDP = ("error: Muon orthogonalizes whole weight matrices, which FSDP shards; with --fsdp=True pass "
-                   "--muon=False (AdamW), or train adapters (--lora_rank)")
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "block_size", "dropout", "tie_embeddings",
@@ -192,10 +189,7 @@ def main():
     model.checkpoint_activations = checkpoint_activations
     if not sharded:  # FSDP moves each block to the device as it shards it: never the whole model on one device
         model.to(run.device)
-    # Muon orthogonalizes whole weight matrices: not the low-rank adapters (AdamW), never a shard
-    use_muon = muon and not lora_rank
-    if sharded and use_muon:
-        raise SystemExit(MUON_UNDER_FSDP)
+    use_muon = muon and not lora_rank  # Muon orthogonalizes whole weight matrices: not the low-rank adapters
     optimizer, scaler = make_optimizer(model, run, sharded, checkpoint, weight_decay, learning_rate, (beta1, beta2),
                                        use_muon, embedding_lr_scale)
     checkpoint = None  # its weights and optimizer state now live in model and optimizer

@@ -27,7 +27,7 @@ from memory import preflight
 from model import answer_loss, peak_flops
 from shards import TokenShards
 from tokenizer import Tokenizer, turn_boundary_cut
-from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
+from training import (MUON_UNDER_FSDP, Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
                       lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
                       stream_position, to_device, train_step)
 
@@ -61,6 +61,8 @@ min_lr = 1e-4                     # at the end of the cosine decay
 warmup_iters = 30                 # iterations of linear warmup to learning_rate
 lr_decay_iters: int = None        # None: max_iters
 weight_decay = 0.0                # decoupled AdamW weight decay
+muon = False                      # Muon for the blocks' matrices, AdamW for the rest, as pretraining (not with LoRA
+                                  # or FSDP); False: AdamW for all (docs/experiments.md)
 beta1 = 0.9                       # AdamW: decay of the first moment
 beta2 = 0.95                      # and of the second moment
 grad_clip = 1.0                   # clip the gradient norm at this; 0 disables
@@ -87,7 +89,7 @@ seed = 1337                       # batch order and any dropout
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "dropout",
-                   "block_size", "base_dtype")
+                   "block_size", "base_dtype", "muon")
 
 
 class Conversations:
@@ -224,6 +226,15 @@ def with_text_rows(batch, windows):
     return {key: np.concatenate([batch[key], rows[key]]) for key in batch}
 
 
+def pretraining_text(data_dir, tok, run):
+    """The pretraining text SFT replays (shards.TokenShards), or None with a note where data_dir has none."""
+    if glob.glob(os.path.join(data_dir, "train_[0-9][0-9][0-9].bin")):
+        return TokenShards(data_dir, "train", tok.sha)
+    if run.master:
+        print(f"note: {data_dir}/ holds no pretraining text (train_*.bin) to replay: SFT on the conversations alone")
+    return None
+
+
 def main():
     global batch_size, gradient_accumulation_steps  # auto_batch_size may change them
     config = configure(globals())
@@ -233,6 +244,8 @@ def main():
                              "dropout", "lora_rank", "lora_dropout", "eval_per_task", "replay_rows"),
                  positive=("learning_rate",))
     lora_base_dtype(base_dtype)  # a bad --base_dtype is refused before anything is touched
+    if fsdp and muon and not lora_rank and init_from != "resume":
+        raise SystemExit(MUON_UNDER_FSDP)
     resumed = init_from == "resume"
     claim_out_dir(out_dir, fresh=not resumed, overwrite=overwrite, init_from=None if resumed else init_from)
     run = setup_device(device, dtype, compile)
@@ -252,13 +265,7 @@ def main():
                                          base_dtype=lora_base_dtype(base_dtype, run), on_rank0=sharded)
     model_args = model.args
     seq_len = context_length(block_size, model)
-    replay_text = None
-    if replay_rows and not glob.glob(os.path.join(data_dir, "train_[0-9][0-9][0-9].bin")):
-        if run.master:
-            print(f"note: {data_dir}/ holds no pretraining text (train_*.bin) to replay: SFT on the conversations "
-                  f"alone")
-    elif replay_rows:
-        replay_text = TokenShards(data_dir, "train", tok.sha)
+    replay_text = pretraining_text(data_dir, tok, run) if replay_rows else None
     batch_size, gradient_accumulation_steps, plan = preflight(
         model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run), checkpointing=checkpoint_activations,
@@ -270,7 +277,8 @@ def main():
     train_data = Conversations(data_dir, "train", seq_len, tok, packing, seed)
     test_data = Conversations(data_dir, "test", seq_len, tok, packing, seed)
 
-    optimizer, scaler = make_optimizer(model, run, sharded, checkpoint, weight_decay, learning_rate, (beta1, beta2))
+    optimizer, scaler = make_optimizer(model, run, sharded, checkpoint, weight_decay, learning_rate, (beta1, beta2),
+                                       muon and not lora_rank)
     checkpoint = None  # its weights and optimizer state now live in model and optimizer
     raw_model = model  # the plain module: what we save and count
     model, eval_model = compile_and_wrap(model, run, sharded, dynamic=not packing)  # padded: lengths vary

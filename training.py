@@ -55,12 +55,18 @@ def full_state(model, optimizer, sharded, trained_only=False):
     return (trainable_state_dict(model, state) if trained_only else state), optimizer_state
 
 
+MUON_UNDER_FSDP = ("error: Muon orthogonalizes whole weight matrices, which FSDP shards; with --fsdp=True pass "
+                   "--muon=False (AdamW), or train adapters (--lora_rank)")
+
+
 def make_optimizer(model, run, sharded, resumed, weight_decay, learning_rate, betas, muon=False,
                    embedding_lr_scale=1.0):
     """
     (optimizer, grad scaler) for a training stage: under FSDP the model is sharded first, so that the
     optimizer sees each process's shard; a resumed run's checkpoint (else None) gives its optimizer state.
     """
+    if sharded and muon:  # the stages refuse it before anything is touched; a resumed run's settings come here
+        raise SystemExit(MUON_UNDER_FSDP)
     if sharded:
         wrap_fsdp(model, run)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, run.device_type, muon, shard=run.ddp,

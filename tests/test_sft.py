@@ -146,18 +146,26 @@ def test_a_tiny_sft_run_lowers_the_answer_loss(demo_data, tiny_ckpt, tmp_path):
     assert ckpt["stage"] == "sft" and ckpt["base"] == tiny_ckpt
 
 
-@pytest.mark.parametrize("lora, replay", [(0, 0), (4, 0), (0, 1)])
-def test_sft_resume_continues_exactly(demo_data, tiny_ckpt, tmp_path, lora, replay):
+@pytest.mark.parametrize("lora, replay, muon", [(0, 0, False), (4, 0, False), (0, 1, False), (0, 0, True)])
+def test_sft_resume_continues_exactly(demo_data, tiny_ckpt, tmp_path, lora, replay, muon):
     common = [f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", *SFT_TINY, "--eval_interval=5",
               "--lr_decay_iters=10", f"--lora_rank={lora}", f"--replay_rows={replay}"]
-    run("sft.py", f"--out_dir={tmp_path / 'straight'}", *common, "--max_iters=10")
-    run("sft.py", f"--out_dir={tmp_path / 'resumed'}", *common, "--max_iters=5")
+    optimizer = [f"--muon={muon}"]  # left out when resuming: the run's own optimizer comes back
+    run("sft.py", f"--out_dir={tmp_path / 'straight'}", *common, *optimizer, "--max_iters=10")
+    run("sft.py", f"--out_dir={tmp_path / 'resumed'}", *common, *optimizer, "--max_iters=5")
     run("sft.py", f"--out_dir={tmp_path / 'resumed'}", *[a for a in common if not a.startswith("--init_from")],
         "--init_from=resume", "--max_iters=10")
     straight = {r["iter"]: r["loss"] for r in read_log(tmp_path / "straight") if "loss" in r}
     resumed = {r["iter"]: r["loss"] for r in read_log(tmp_path / "resumed") if "loss" in r}
     for it in range(6, 11):
         assert resumed[it] == pytest.approx(straight[it], rel=1e-5, abs=1e-6), it
+
+
+def test_sft_on_muon_under_fsdp_is_refused_before_anything_is_written(demo_data, tiny_ckpt, tmp_path):
+    p = run("sft.py", f"--data_dir={demo_data}", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'x'}",
+            "--muon=True", "--fsdp=True", check=False)
+    assert p.returncode != 0 and "Muon orthogonalizes whole weight matrices" in p.out and "Traceback" not in p.out
+    assert not (tmp_path / "x").exists()
 
 
 def test_sft_without_a_pretrained_checkpoint_says_what_to_run(demo_data, tmp_path):
