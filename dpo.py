@@ -33,8 +33,8 @@ from lora import adapters_disabled
 from memory import preflight, stored_bytes
 from model import answer_logprobs
 from tokenizer import Tokenizer
-from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
-                      lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
+from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, cosine_lr, lora_base_dtype,
+                      make_optimizer, nothing_to_do, open_out_dir, resolve_block_size, resume, save_run, seed_step,
                       stream_position, to_device, train_step)
 
 # -----------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def all_answer_logps(model, pairs, batch_size, run, ids=None, desc=None):
 
 
 def main():
-    global batch_size, gradient_accumulation_steps  # auto_batch_size may change them
+    global batch_size, gradient_accumulation_steps, block_size  # auto_batch_size, and the model's context
     config = configure(globals())
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
                                      "block_size"),
@@ -264,7 +264,7 @@ def main():
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
                                          base_dtype=lora_base_dtype(base_dtype, run), on_rank0=on_rank0)
     model_args = model.args
-    seq_len = context_length(block_size, model)
+    block_size = resolve_block_size(block_size, model)
     # the reference: the model DPO starts from, frozen. With LoRA it is the same model with the adapters
     # off; without, a copy, made before any step (and, resuming, from the base again)
     separate_reference = reference == "model" and not lora_rank
@@ -273,7 +273,7 @@ def main():
     second_model = model.num_params() * 4 if separate_reference else \
         stored_bytes(model) if resumed and reference == "precomputed" else 0
     batch_size, gradient_accumulation_steps, plan = preflight(
-        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
+        model, run, block_size, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run), checkpointing=checkpoint_activations, rows_per_item=2,
         extra_bytes=second_model, fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
@@ -283,8 +283,8 @@ def main():
     if separate_reference:
         ref_model, _, _ = model_to_tune(base_dir, tok, dict(config, lora_rank=0), seed)
         ref_model.to(run.device).eval().requires_grad_(False)
-    train_data = Pairs(data_dir, "train", seq_len, tok, seed)
-    test_data = Pairs(data_dir, "test", seq_len, tok, seed)
+    train_data = Pairs(data_dir, "train", block_size, tok, seed)
+    test_data = Pairs(data_dir, "test", block_size, tok, seed)
     if nothing_to_do(run, out_dir, iter_num, max_iters, resumed, f" (or run evaluate.py --out_dir={out_dir})"):
         return
 
@@ -313,7 +313,7 @@ def main():
               f"{'LoRA rank %d on %s: ' % (lora_rank, lora_targets) if lora_rank else ''}"
               f"{n_train / 1e6:.2f}M trained; reference {reference}"
               + (f" ({t_ref:.0f}s for the reference's log-probs)" if reference == "precomputed" else ""))
-        print(f"data: {len(train_data):,} train pairs ({train_data.skipped} longer than block_size={seq_len} "
+        print(f"data: {len(train_data):,} train pairs ({train_data.skipped} longer than block_size={block_size} "
               f"skipped), {len(test_data):,} test; {batch_size} pairs x {gradient_accumulation_steps} accumulation x "
               f"{run.world_size} processes" + (" (FSDP)" if sharded else "") + f": {max_iters:,} iterations are "
               f"{max_iters * batch_size * gradient_accumulation_steps * run.world_size / len(train_data):.2f} epochs; "

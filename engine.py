@@ -30,10 +30,10 @@ def decoding_attention():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def new_cache(model, batch_size, max_len, device, dtype):
-    """Empty key/value buffers, one (k, v) pair per layer, each (batch_size, max_len, kv heads, head dim)."""
+def new_cache(model, batch_size, max_seq_len, device, dtype):
+    """Empty key/value buffers, one (k, v) pair per layer, each (batch_size, max_seq_len, kv heads, head dim)."""
     a = model.args
-    shape = (batch_size, max_len, a.n_kv_heads or a.n_heads, a.dim // a.n_heads)
+    shape = (batch_size, max_seq_len, a.n_kv_heads or a.n_heads, a.dim // a.n_heads)
     return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
             for _ in range(a.n_layers)]
 
@@ -99,10 +99,10 @@ def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=N
     token), "length" (max_new_tokens) or "context" (the context is full).
     """
     B, T = tokens.shape
-    max_len = model.args.max_seq_len
-    if T > max_len:
-        raise ValueError(f"prompt of {T} tokens is longer than the context ({max_len})")
-    steps = min(max_new_tokens, max_len - T)
+    max_seq_len = model.args.max_seq_len
+    if T > max_seq_len:
+        raise ValueError(f"prompt of {T} tokens is longer than the context ({max_seq_len})")
+    steps = min(max_new_tokens, max_seq_len - T)
     cache = None
     if use_cache:
         dtype = model.tok_embeddings.weight.dtype
@@ -110,7 +110,7 @@ def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=N
             dtype = torch.get_autocast_dtype(tokens.device.type)
         # a compiled step cannot write into inference tensors: its cache and inputs are made outside inference mode
         with torch.inference_mode(step is None):
-            cache = new_cache(model, B, max_len if step is not None else T + steps, tokens.device, dtype)
+            cache = new_cache(model, B, max_seq_len if step is not None else T + steps, tokens.device, dtype)
     seq = tokens
     done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
@@ -198,8 +198,8 @@ class Engine:
     def __init__(self, model, slots, max_queue=64, background=True):
         self.model, self.slots, self.max_queue = model.eval(), slots, max_queue
         weight = model.tok_embeddings.weight
-        self.context = model.args.max_seq_len
-        self.cache = new_cache(model, slots, self.context, weight.device, weight.dtype)
+        self.max_seq_len = model.args.max_seq_len
+        self.cache = new_cache(model, slots, self.max_seq_len, weight.device, weight.dtype)
         self.waiting, self.active = collections.deque(), []  # active[i] decodes in cache row i
         self.wake = threading.Condition()
         self.closed = False
@@ -317,7 +317,7 @@ class Engine:
         request.last, request.generated = token, request.generated + 1
         if request.repetition_penalty != 1.0:
             request.answer.append(token)
-        if request.generated >= request.max_new_tokens or request.position + 1 >= self.context:
+        if request.generated >= request.max_new_tokens or request.position + 1 >= self.max_seq_len:
             request.finish = "length"
 
     def _drop_finished(self):

@@ -156,7 +156,7 @@ def container_memory_left(root="/sys/fs/cgroup"):
 
 
 
-def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_dtype="float32",
+def preflight(model, run, block_size, batch_size, accumulation, lora_rank=0, base_dtype="float32",
               checkpointing=False, fsdp=False, rows_per_item=1, extra_bytes=0, memory_gb=0.0, auto_batch=False,
               extra_rows=0):
     """
@@ -189,7 +189,7 @@ def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_d
         settings = dict(lora_rank=lora_rank, base_dtype=base_dtype, checkpointing=checkpointing,
                         processes=run.world_size, fsdp=fsdp, reuse_freed=not on_cpu)
         settings.update(changes)
-        tokens = ((batch or batch_size) * rows_per_item + extra_rows) * seq_len
+        tokens = ((batch or batch_size) * rows_per_item + extra_rows) * block_size
         m = predict_memory(model.args, tokens, compute=run.dtype, train_embeddings=train_embeddings, **settings)
         return dict(m, total=m["total"] + extra_bytes + process)
 
@@ -211,8 +211,9 @@ def preflight(model, run, seq_len, batch_size, accumulation, lora_rank=0, base_d
     if run.master:
         parts = ", ".join(f"{k} {gb(m[k])}" for k in ("weights", "optimizer", "gradients", "activations"))
         print(f"pre-flight: {total / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained, "
-              f"{(total - trained) / 1e6:.2f}M frozen), {batch_size} x {rows_per_item * seq_len} tokens per micro-step"
-              + (f" + {extra_rows} x {seq_len} replayed" if extra_rows else ""))
+              f"{(total - trained) / 1e6:.2f}M frozen), {batch_size} x {rows_per_item * block_size} tokens "
+              f"per micro-step"
+              + (f" + {extra_rows} x {block_size} replayed" if extra_rows else ""))
         print(f"pre-flight: predicted peak per device {gb(m['total'])} GB ({parts}"
               + (f", a second model {gb(extra_bytes)}" if extra_bytes else "")
               + (f", the process itself {gb(process)}" if process else "") + f"); {source}")

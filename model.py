@@ -58,10 +58,10 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_dim, max_len, theta=10000.0):
-    """cos and sin of position * frequency, each (max_len, head_dim // 2)."""
+def rope_tables(head_dim, max_seq_len, theta=10000.0):
+    """cos and sin of position * frequency, each (max_seq_len, head_dim // 2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = torch.outer(torch.arange(max_len).float(), freqs)
+    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)
     return angles.cos(), angles.sin()
 
 
@@ -103,13 +103,13 @@ class Attention(nn.Module):
         if cache is not None and torch.is_tensor(start_pos):
             # batched decoding (engine.py): one token per row, each row at its own position (B,); attn_mask
             # (B, 1, 1, S) says which of the first S cached positions each row sees
-            k_cache, v_cache = cache                       # each (rows, max_len, n_kv_heads, hd)
+            k_cache, v_cache = cache                       # each (rows, max_seq_len, n_kv_heads, hd)
             rows = torch.arange(B, device=x.device)
             k_cache[rows, start_pos], v_cache[rows, start_pos] = k[:, 0], v[:, 0]
             k, v = k_cache[:B, :attn_mask.shape[-1]], v_cache[:B, :attn_mask.shape[-1]]
         elif cache is not None:
             # write this step's keys and values, attend over everything up to it
-            k_cache, v_cache = cache                       # each (B, max_len, n_kv_heads, hd)
+            k_cache, v_cache = cache                       # each (B, max_seq_len, n_kv_heads, hd)
             k_cache[:B, start_pos:start_pos + T] = k
             v_cache[:B, start_pos:start_pos + T] = v
             k, v = k_cache[:B, :start_pos + T], v_cache[:B, :start_pos + T]
@@ -325,7 +325,7 @@ class Transformer(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
-    def flops_per_token(self, seq_len):
+    def flops_per_token(self, block_size):
         """
         Training FLOPs per token: 6 per trained parameter (forward, input and weight gradients), 4 per
         frozen one (LoRA's base: no weight gradient), plus attention's 12 * L * T * dim. Recomputation
@@ -338,7 +338,7 @@ class Transformer(nn.Module):
             lookup = a.vocab_size * a.dim
             trained, frozen = (trained - lookup, frozen) if self.tok_embeddings.weight.requires_grad else \
                 (trained, frozen - lookup)
-        return 6 * trained + 4 * frozen + 12 * a.n_layers * seq_len * a.dim
+        return 6 * trained + 4 * frozen + 12 * a.n_layers * block_size * a.dim
 
 
 # The stages' heads: a batch is a dict of tokens, targets and loss_mask (1 on the answer's tokens), and for

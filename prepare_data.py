@@ -19,7 +19,7 @@ Writes into data_dir (default data/), the folder every later stage reads as --da
 Inputs: --input (pretraining documents), --sft_input (conversations), --dpo_input (preference pairs),
 each "demo", or comma-separated files and directories (searched recursively). The layouts read (JSONL,
 JSON, Parquet, text; Belle, ShareGPT, messages; TRL's and other pair formats) are data_formats.py's. A conversation
-longer than --max_len tokens is cut after its last whole answer that fits, or skipped; DPO answers are cut to fit.
+longer than --block_size tokens is cut after its last whole answer that fits, or skipped; DPO answers are cut to fit.
 
 Every document is split into train or val by a hash of its text, so the split never depends on
 file order or worker count, and the demo's SFT test questions come only from val documents.
@@ -54,8 +54,10 @@ tokenizer_train_chars = 100_000_000  # the tokenizer trains on the first this ma
 workers = os.cpu_count() or 1  # processes that parse and tokenize; 1: one process, sentencepiece threads on all cores
 val_fraction = 0.01         # share of documents (and SFT conversations) held out, by hash
 shard_tokens = 200_000_000  # tokens per .bin shard (400 MB)
-max_len = 512               # SFT conversations are cut at a turn boundary to fit this many tokens, DPO answers too
-sft_max_len: int = None     # the old name of max_len, still read (with a note)
+block_size = 512            # SFT conversations are cut at a turn boundary to fit this many tokens (the rows sft.py
+                            # trains on: the model's context or its --block_size), DPO answers too
+max_len: int = None         # the old names of block_size, still read (with a note)
+sft_max_len: int = None
 dpo_input = "demo"          # DPO preference pairs: "demo", or comma-separated files/directories; "" skips DPO data
 # -----------------------------------------------------------------------------
 
@@ -89,25 +91,25 @@ def encode_documents(docs, fraction):
     return {split: (np.array(t, dtype=np.uint16), n, c) for split, (t, n, c) in out.items()}
 
 
-def encode_conversations(batch, max_len):
+def encode_conversations(batch, block_size):
     """Worker: (split, meta, messages) -> (split, raw record, [(ids, mask)] or [] when skipped, status)."""
     results = []
     for split, meta, messages in batch:
         ids, mask = _tok.encode_chat(messages)
         status = "kept"
-        if len(ids) > max_len:
-            cut = turn_boundary_cut(ids, _tok.bos_id, max_len)
+        if len(ids) > block_size:
+            cut = turn_boundary_cut(ids, _tok.bos_id, block_size)
             if cut:
                 ids, mask, status = ids[:cut], mask[:cut], "truncated at a turn boundary"
             else:
-                ids, status = [], "skipped: first turn longer than max_len"
+                ids, status = [], "skipped: first turn longer than block_size"
         if ids and not any(mask):
             ids, status = [], "skipped: no answer tokens"
         results.append((split, dict(meta, messages=messages), [(ids, mask)] if ids else [], status))
     return results
 
 
-def encode_pairs(batch, max_len):
+def encode_pairs(batch, block_size):
     """Worker: (split, meta, prompt, chosen, rejected) -> (split, raw record, [(ids, mask)] x 2 or [], status)."""
     results = []
     for split, meta, prompt, chosen, rejected in batch:
@@ -116,11 +118,11 @@ def encode_pairs(batch, max_len):
         status = "kept"
         if chosen.strip() == rejected.strip():
             status, answers = "skipped: chosen and rejected are the same", []
-        elif len(prompt_ids) >= max_len:
-            status, answers = "skipped: prompt alone longer than max_len", []
-        elif len(prompt_ids) + max(map(len, answers)) > max_len:
-            status = "answers cut to fit max_len"
-            answers = [ids[:max_len - len(prompt_ids)] for ids in answers]
+        elif len(prompt_ids) >= block_size:
+            status, answers = "skipped: prompt alone longer than block_size", []
+        elif len(prompt_ids) + max(map(len, answers)) > block_size:
+            status = "answers cut to fit block_size"
+            answers = [ids[:block_size - len(prompt_ids)] for ids in answers]
         sequences = [(prompt_ids + ids, [0] * len(prompt_ids) + [1] * len(ids)) for ids in answers]
         results.append((split, dict(meta, prompt=prompt, chosen=chosen, rejected=rejected), sequences, status))
     return results
@@ -313,13 +315,13 @@ def prepare_pretraining(tok, documents, data_dir, val_fraction, workers, shard_t
     return train.close() + val.close()
 
 
-def prepare_masked(kind, tok, records, encode, data_dir, workers, max_len):
+def prepare_masked(kind, tok, records, encode, data_dir, workers, block_size):
     """
     Masked sequences (kind "sft": a conversation each; "dpo": for pair i, sequence 2i is prompt + chosen
     answer and 2i + 1 prompt + rejected answer) as .tmp files per split: {kind}_{split}.bin (uint16
     tokens), _mask.bin (uint8, 1 on the tokens the loss counts: answers and their EOS), _index.npy (int64
     offsets), .json (the sidecar) and, for test, .jsonl (the raw held-out records, for evaluate.py).
-    records() yields the encoder's input; encode(batch, max_len) runs in the workers.
+    records() yields the encoder's input; encode(batch, block_size) runs in the workers.
     """
     t0 = time.time()
     label, item = {"sft": ("SFT", "conversation"), "dpo": ("DPO", "pair")}[kind]
@@ -330,7 +332,7 @@ def prepare_masked(kind, tok, records, encode, data_dir, workers, max_len):
                           "raw": open(prefix + ".jsonl.tmp", "w", encoding="utf-8") if split == "test" else None,
                           "offsets": [0], "items": 0, "answer_tokens": 0, "prefix": prefix}
     counts = Counts()
-    batches = ((b, max_len) for b in batched(records(), max_chars=256))
+    batches = ((b, block_size) for b in batched(records(), max_chars=256))
     for results in parallel_map(encode, batches, workers, (tok.model_path,)):
         for split, raw, sequences, status in results:
             counts[status] += 1
@@ -354,7 +356,7 @@ def prepare_masked(kind, tok, records, encode, data_dir, workers, max_len):
         with open(prefix + "_index.npy.tmp", "wb") as f:
             np.save(f, np.array(o["offsets"], dtype=np.int64))
         with open(prefix + ".json.tmp", "w") as f:
-            json.dump({"tokenizer_sha": tok.sha, "vocab_size": tok.n_words, "dtype": "uint16", "max_len": max_len,
+            json.dump({"tokenizer_sha": tok.sha, "vocab_size": tok.n_words, "dtype": "uint16", "block_size": block_size,
                        f"{item}s": o["items"], "tokens": o["offsets"][-1],
                        "answer_tokens": int(o["answer_tokens"])}, f, indent=1)
         tmp_paths += [prefix + s for s in (".bin.tmp", "_mask.bin.tmp", "_index.npy.tmp", ".json.tmp")]
@@ -374,13 +376,15 @@ def prepare_masked(kind, tok, records, encode, data_dir, workers, max_len):
 
 
 def main():
-    global max_len, data_dir
+    global block_size, data_dir
     if out_dir is not None:
         print(f"note: --out_dir is now --data_dir, as every later stage calls it; using data_dir={out_dir}")
         data_dir = out_dir
-    if sft_max_len is not None:
-        print(f"note: --sft_max_len is now --max_len (it cuts DPO pairs too); using max_len={sft_max_len}")
-        max_len = sft_max_len
+    for old_name, value in (("max_len", max_len), ("sft_max_len", sft_max_len)):
+        if value is not None:
+            print(f"note: --{old_name} is now --block_size, as sft.py and dpo.py call a row's length; "
+                  f"using block_size={value}")
+            block_size = value
     if not input and not sft_input and not dpo_input:
         raise SystemExit("error: nothing to do: --input, --sft_input and --dpo_input are all empty")
     if workers < 1:
@@ -428,9 +432,9 @@ def main():
         if documents is not None:
             tmp_paths += prepare_pretraining(tok, documents, data_dir, val_fraction, workers, shard_tokens)
         if conversations is not None:
-            tmp_paths += prepare_masked("sft", tok, conversations, encode_conversations, data_dir, workers, max_len)
+            tmp_paths += prepare_masked("sft", tok, conversations, encode_conversations, data_dir, workers, block_size)
         if pairs is not None:
-            tmp_paths += prepare_masked("dpo", tok, pairs, encode_pairs, data_dir, workers, max_len)
+            tmp_paths += prepare_masked("dpo", tok, pairs, encode_pairs, data_dir, workers, block_size)
         written = [kind for kind, source in (("pretraining", documents), ("sft", conversations), ("dpo", pairs))
                    if source is not None]
         publish(data_dir, tmp_paths, written, tokenizer_changed=old_sha not in (None, tok.sha))

@@ -26,9 +26,9 @@ from model import PRESETS, ModelArgs, Transformer, peak_flops
 from shards import TokenShards
 from tokenizer import Tokenizer
 from muon import muon_momentum
-from training import (MUON_UNDER_FSDP, Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
-                      lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
-                      to_device, train_step, warmdown_lr)
+from training import (MUON_UNDER_FSDP, Stopper, apply_schedule, claim_out_dir, compile_and_wrap, cosine_lr,
+                      lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resolve_block_size, resume,
+                      save_run, seed_step, to_device, train_step, warmdown_lr)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -140,7 +140,7 @@ def starting_model(checkpoint, base_path, tok, config, run, sharded):
 
 
 def main():
-    global batch_size, gradient_accumulation_steps, evaluate_tasks  # auto_batch_size may change the first two
+    global batch_size, gradient_accumulation_steps, evaluate_tasks, block_size  # set again below
     config = configure(globals())
     if evaluate_benchmark is not None:
         print(f"note: --evaluate_benchmark is now --evaluate_tasks, as in the other stages; using {evaluate_benchmark}")
@@ -177,12 +177,12 @@ def main():
     sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     model = starting_model(checkpoint, base_path, tok, config, run, sharded)
     model_args = model.args
-    seq_len = context_length(block_size, model)
-    train_data.check_fits(seq_len)
-    val_data.check_fits(seq_len)
-    doc_starts = train_data.document_starts(tok.bos_id, seq_len) if document_rows else None
+    block_size = resolve_block_size(block_size, model)
+    train_data.check_fits(block_size)
+    val_data.check_fits(block_size)
+    doc_starts = train_data.document_starts(tok.bos_id, block_size) if document_rows else None
     batch_size, gradient_accumulation_steps, plan = preflight(
-        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
+        model, run, block_size, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run), checkpointing=checkpoint_activations,
         fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
@@ -196,19 +196,20 @@ def main():
     raw_model = model  # the plain module: what we save and count
     model, eval_model = compile_and_wrap(model, run, sharded)
 
-    tokens_per_iter = batch_size * seq_len * gradient_accumulation_steps * run.world_size
+    tokens_per_iter = batch_size * block_size * gradient_accumulation_steps * run.world_size
     decay_iters = lr_decay_iters or max_iters
     lr_at = cosine_lr if lr_schedule == "cosine" else \
         partial(warmdown_lr, warmdown_iters=warmdown_fraction * decay_iters)
     if run.master:
         print(f"model: {model_args.dim} dim, {model_args.n_layers} layers, {model_args.n_heads} heads "
-              f"({model_args.n_kv_heads or model_args.n_heads} kv), context {seq_len}, vocab {model_args.vocab_size}: "
+              f"({model_args.n_kv_heads or model_args.n_heads} kv), context {block_size}, "
+              f"vocab {model_args.vocab_size}: "
               f"{raw_model.num_params() / 1e6:.2f}M parameters" + (
                   f"; LoRA rank {lora_rank} on {lora_targets}: "
                   f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trained"
                   if lora_rank else ""))
         print(f"data: {train_data.sizes.sum():,} train tokens, {val_data.sizes.sum():,} val tokens; "
-              f"tokens per iteration: {batch_size} batch x {seq_len} context x {gradient_accumulation_steps} "
+              f"tokens per iteration: {batch_size} batch x {block_size} context x {gradient_accumulation_steps} "
               f"accumulation x {run.world_size} processes = {tokens_per_iter:,}"
               + (" (FSDP)" if sharded else ""))
         print(f"device {run.device}, {run.dtype}, compile {run.compile}, "
@@ -225,7 +226,7 @@ def main():
         # batches, and N processes see the same batches as one process with N times the accumulation
         micro = run.rank * gradient_accumulation_steps + micro_step
         rng = np.random.default_rng([seed, 0, it, micro])
-        windows = to_device(train_data.batch(rng, batch_size, seq_len, doc_starts), run)
+        windows = to_device(train_data.batch(rng, batch_size, block_size, doc_starts), run)
         return {"tokens": windows[:, :-1], "targets": windows[:, 1:]}  # (B, T) each: y is x shifted by one
 
     def checkpoint_now(it, val_loss):
@@ -241,7 +242,7 @@ def main():
             apply_schedule(optimizer, lr, muon_momentum(iter_num, muon_momentum_warmup))
 
             if stopper.eval_due(iter_num, eval_interval, max_iters, resumed):
-                val_loss = evaluate_loss(eval_model, val_data, eval_iters, batch_size, seq_len, seed, run)
+                val_loss = evaluate_loss(eval_model, val_data, eval_iters, batch_size, block_size, seed, run)
                 if stopper.check_loss(val_loss, "val loss", iter_num):
                     bpc = val_loss / math.log(2) * val_data.tokens_per_char
                     if run.master:
@@ -265,7 +266,7 @@ def main():
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()
                 tokens_per_s = tokens_per_iter / dt
-                mfu = raw_model.flops_per_token(seq_len) * tokens_per_s / (peak * run.world_size) if peak else None
+                mfu = raw_model.flops_per_token(block_size) * tokens_per_s / (peak * run.world_size) if peak else None
                 print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu else "")
                       + f", ETA {logger.eta(iter_num)}")
@@ -280,12 +281,12 @@ def main():
 
 
 @torch.no_grad()
-def evaluate_loss(eval_model, val_data, eval_iters, batch_size, seq_len, seed, run):
+def evaluate_loss(eval_model, val_data, eval_iters, batch_size, block_size, seed, run):
     """The mean loss on eval_iters val batches, the same ones at every evaluation."""
     eval_model.eval()
     losses = []
     for k in range(eval_iters):
-        windows = to_device(val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, seq_len), run)
+        windows = to_device(val_data.batch(np.random.default_rng([seed, 1, k]), batch_size, block_size), run)
         with run.autocast:
             _, loss = eval_model(windows[:, :-1], windows[:, 1:])
         losses.append(loss.item())

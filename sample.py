@@ -99,8 +99,8 @@ def generate_text(model, tok, ids, stream=True, answer=False, **generate_kwargs)
     return "".join(out), n, dt, why[0] if why else "stop"
 
 
-def report(n, dt, why, context):
-    note = f"; stopped: the {context}-token context is full" if why == "context" else ""
+def report(n, dt, why, max_seq_len):
+    note = f"; stopped: the {max_seq_len}-token context is full" if why == "context" else ""
     print(f"[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s{note}]", file=sys.stderr)
 
 
@@ -113,7 +113,7 @@ def main():
     torch.manual_seed(seed)
     dev, dt = resolve_device(device, dtype)
     model, tok, checkpoint = load_model(out_dir, dev, PTDTYPE[dt], tokenizer)
-    context = model.args.max_seq_len
+    max_seq_len = model.args.max_seq_len
     # temperature 0 is the plain greedy decoding other tools (llama.cpp, transformers) print, unless a penalty
     # is asked for; sampling gets a mild one by default
     penalty = repetition_penalty if repetition_penalty is not None else 1.0 if temperature == 0 else 1.1
@@ -123,15 +123,15 @@ def main():
         settings["step"] = compiled_step(model)
     try:
         if chat:
-            chat_loop(model, tok, checkpoint, context, settings)
+            chat_loop(model, tok, checkpoint, max_seq_len, settings)
         else:
-            continue_text(model, tok, context, settings)
+            continue_text(model, tok, max_seq_len, settings)
     except KeyboardInterrupt:
         print("\n(interrupted)", file=sys.stderr)
         raise SystemExit(130)
 
 
-def continue_text(model, tok, context, settings):
+def continue_text(model, tok, max_seq_len, settings):
     text = start
     if text.startswith("FILE:"):
         text, encoding = read_text_file(text[len("FILE:"):])
@@ -139,22 +139,22 @@ def continue_text(model, tok, context, settings):
             print(f"note: the prompt file is not UTF-8; read it as {encoding.upper()}", file=sys.stderr)
         text = text[:-1] if text.endswith("\n") else text  # the newline an editor puts at the end of a file
     ids = [tok.bos_id] + tok.encode(text)
-    room = context - min(max_new_tokens, context // 2)
+    room = max_seq_len - min(max_new_tokens, max_seq_len // 2)
     if len(ids) > room:
         print(f"note: the prompt has {len(ids)} tokens; keeping its last {room} so the answer fits the "
-              f"{context}-token context", file=sys.stderr)
+              f"{max_seq_len}-token context", file=sys.stderr)
         ids = [tok.bos_id] + ids[-(room - 1):]
     for k in range(num_samples):
         print(tok.decode(ids[1:]), end="", flush=True)
         # a document ends where the next begins (BOS), as in run.c; EOS ends SFT answers
         _, n, dt, why = generate_text(model, tok, ids, **settings)
         print()
-        report(n, dt, why, context)
+        report(n, dt, why, max_seq_len)
         if k + 1 < num_samples:
             print("---------------")
 
 
-def chat_loop(model, tok, checkpoint, context, settings):
+def chat_loop(model, tok, checkpoint, max_seq_len, settings):
     if stage_of(checkpoint).chat is False:  # an imported model may be a chat model
         print(f"warning: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint that never saw chat "
               f"data; expect poor answers (fine-tune it with sft.py)", file=sys.stderr)
@@ -163,15 +163,15 @@ def chat_loop(model, tok, checkpoint, context, settings):
             import readline  # noqa: F401  (arrow keys and history in input(), where the platform has it)
         except ImportError:
             pass
-        print(f"chatting with {out_dir} ({context}-token context): /reset clears the history, /quit or Ctrl-D "
+        print(f"chatting with {out_dir} ({max_seq_len}-token context): /reset clears the history, /quit or Ctrl-D "
               f"exits, Ctrl-C stops an answer", file=sys.stderr)
     turns = []
-    budget = context - min(max_new_tokens, context // 2)
+    budget = max_seq_len - min(max_new_tokens, max_seq_len // 2)
     alone = len(tok.encode_chat(([{"role": "system", "content": system}] if system else [])
                                 + [{"role": "user", "content": ""}])[0])
     if alone > budget:
         raise SystemExit(f"error: --system takes {alone} tokens in the chat template, more than the {budget} the "
-                         f"{context}-token context keeps for a question before the answer; shorten it")
+                         f"{max_seq_len}-token context keeps for a question before the answer; shorten it")
     while True:
         if prompt:
             user = prompt
@@ -191,14 +191,14 @@ def chat_loop(model, tok, checkpoint, context, settings):
                 continue
         messages, kept = fit_history(tok, system, turns, user, budget)
         if kept < len(turns):
-            print(f"(dropped the {len(turns) - kept} oldest turn(s) to fit the {context}-token context)",
+            print(f"(dropped the {len(turns) - kept} oldest turn(s) to fit the {max_seq_len}-token context)",
                   file=sys.stderr)
         turns = turns[len(turns) - kept:]
         ids, _ = tok.encode_chat(messages)
         if len(ids) > budget:
             messages = cut_message(tok, messages, budget)
             ids, _ = tok.encode_chat(messages)
-            print(f"(your message is too long for the {context}-token context; keeping its last "
+            print(f"(your message is too long for the {max_seq_len}-token context; keeping its last "
                   f"{len(messages[-1]['content'])} characters)", file=sys.stderr)
         if not prompt:
             print("助手: ", end="", flush=True)
@@ -210,7 +210,7 @@ def chat_loop(model, tok, checkpoint, context, settings):
             print("\n(answer interrupted)")
             continue
         print()
-        report(n, dt, why, context)
+        report(n, dt, why, max_seq_len)
         turns.append((user, answer))
         if prompt:
             return

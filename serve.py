@@ -94,7 +94,7 @@ def answer_limit(body, default_max_tokens):
     return field(body, "max_tokens", int, limit, lambda v: v >= 1, "an integer >= 1") or default_max_tokens
 
 
-def sampling(body, context, prompt_tokens, default_max_tokens, prompt_field="messages"):
+def sampling(body, max_seq_len, prompt_tokens, default_max_tokens, prompt_field="messages"):
     """The generation settings every endpoint shares, validated."""
     if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported: ask again for another answer", param="n")
@@ -102,9 +102,9 @@ def sampling(body, context, prompt_tokens, default_max_tokens, prompt_field="mes
         if body.get(name):
             raise ApiError(400, f"'{name}' is not supported: this model has not learned to call tools", param=name)
     limit = answer_limit(body, default_max_tokens)
-    if prompt_tokens >= context:
-        raise ApiError(400, f"the prompt has {prompt_tokens} tokens, {prompt_tokens - context + 1} more than fit the "
-                            f"model's context of {context} with room for an answer; shorten it",
+    if prompt_tokens >= max_seq_len:
+        raise ApiError(400, f"the prompt has {prompt_tokens} tokens, {prompt_tokens - max_seq_len + 1} more than fit "
+                            f"the model's context of {max_seq_len} with room for an answer; shorten it",
                        param=prompt_field, code="context_length_exceeded")
     stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) and v or isinstance(v, list) and
                  len(v) <= 4 and all(isinstance(s, str) and s for s in v),
@@ -459,14 +459,14 @@ class Handler(BaseHTTPRequestHandler):
     def answer(self, chat, body):
         """The prompt and settings of a request, its place in the engine, then its answer, streamed or whole."""
         server, dropped = self.server, 0
-        context, default_max_tokens = server.engine.context, server.default_max_tokens
+        max_seq_len, default_max_tokens = server.engine.max_seq_len, server.default_max_tokens
         if chat:  # room for an answer: what the request asks for, at most half the context
-            room = min(answer_limit(body, default_max_tokens), context // 2)
-            ids, _, dropped = chat_prompt(chat_messages(body, server.max_messages), server.tok, context - room)
+            room = min(answer_limit(body, default_max_tokens), max_seq_len // 2)
+            ids, _, dropped = chat_prompt(chat_messages(body, server.max_messages), server.tok, max_seq_len - room)
         else:
             ids = completion_prompt(body, server.tok)
-        settings = sampling(body, context, len(ids), default_max_tokens, "messages" if chat else "prompt")
-        request = Request(ids, min(settings["max_new_tokens"], context - len(ids)), settings["temperature"],
+        settings = sampling(body, max_seq_len, len(ids), default_max_tokens, "messages" if chat else "prompt")
+        request = Request(ids, min(settings["max_new_tokens"], max_seq_len - len(ids)), settings["temperature"],
                           settings["top_p"], settings["seed"], stop_tokens=server.tok.stop_ids,
                           top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"])
         if not server.engine.submit(request):

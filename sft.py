@@ -27,9 +27,9 @@ from memory import preflight
 from model import answer_loss, peak_flops
 from shards import TokenShards
 from tokenizer import Tokenizer, turn_boundary_cut
-from training import (MUON_UNDER_FSDP, Stopper, apply_schedule, claim_out_dir, compile_and_wrap, context_length, cosine_lr,
-                      lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resume, save_run, seed_step,
-                      stream_position, to_device, train_step)
+from training import (MUON_UNDER_FSDP, Stopper, apply_schedule, claim_out_dir, compile_and_wrap, cosine_lr,
+                      lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resolve_block_size, resume,
+                      save_run, seed_step, stream_position, to_device, train_step)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -236,7 +236,7 @@ def pretraining_text(data_dir, tok, run):
 
 
 def main():
-    global batch_size, gradient_accumulation_steps  # auto_batch_size may change them
+    global batch_size, gradient_accumulation_steps, block_size  # auto_batch_size, and the model's context
     config = configure(globals())
     check_ranges(config, at_least_1=("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                                      "log_interval", "block_size"),
@@ -264,18 +264,18 @@ def main():
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
                                          base_dtype=lora_base_dtype(base_dtype, run), on_rank0=sharded)
     model_args = model.args
-    seq_len = context_length(block_size, model)
+    block_size = resolve_block_size(block_size, model)
     replay_text = pretraining_text(data_dir, tok, run) if replay_rows else None
     batch_size, gradient_accumulation_steps, plan = preflight(
-        model, run, seq_len, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
+        model, run, block_size, batch_size, gradient_accumulation_steps, lora_rank=lora_rank,
         base_dtype=lora_base_dtype(base_dtype, run), checkpointing=checkpoint_activations,
         fsdp=sharded, memory_gb=device_memory_gb, auto_batch=auto_batch_size,
         extra_rows=replay_rows if replay_text else 0)
     config.update(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
     if not sharded:  # FSDP moves each block to the device as it shards it: never the whole model on one device
         model.to(run.device)
-    train_data = Conversations(data_dir, "train", seq_len, tok, packing, seed)
-    test_data = Conversations(data_dir, "test", seq_len, tok, packing, seed)
+    train_data = Conversations(data_dir, "train", block_size, tok, packing, seed)
+    test_data = Conversations(data_dir, "test", block_size, tok, packing, seed)
 
     optimizer, scaler = make_optimizer(model, run, sharded, checkpoint, weight_decay, learning_rate, (beta1, beta2),
                                        muon and not lora_rank)
@@ -292,7 +292,7 @@ def main():
               + (" (with the embeddings in full)" if lora_rank and raw_model.tok_embeddings.weight.requires_grad
                  else ""))
         print(f"data: {len(train_data):,} train conversations ({train_data.cut} cut at a turn boundary, "
-              f"{train_data.skipped} skipped: longer than block_size={seq_len}), {len(test_data):,} test; "
+              f"{train_data.skipped} skipped: longer than block_size={block_size}), {len(test_data):,} test; "
               f"{'packed' if packing else 'padded'} batches of {batch_size} x {gradient_accumulation_steps} "
               f"accumulation x {run.world_size} processes" + (" (FSDP)" if sharded else ""))
         rows_per_epoch = len(train_data.rows_of_epoch(0))
@@ -368,8 +368,8 @@ def main():
                 answer_tokens[0] = 0
                 # MFU over every position computed (packed rows are full); padded rows vary, so no MFU there
                 rows = batch_size + (replay_rows if replay_text else 0)
-                tokens_per_s = rows * seq_len * gradient_accumulation_steps * run.world_size / dt
-                mfu = raw_model.flops_per_token(seq_len) * tokens_per_s / (peak * run.world_size) \
+                tokens_per_s = rows * block_size * gradient_accumulation_steps * run.world_size / dt
+                mfu = raw_model.flops_per_token(block_size) * tokens_per_s / (peak * run.world_size) \
                     if peak and packing else None
                 print(f"iter {iter_num}: {'loss (answers and replayed text)' if replay_text else 'answer loss'} "
                       f"{train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "

@@ -144,12 +144,15 @@ def resume(out_dir, stage, tok, run, settings, config, fixed):
     return checkpoint
 
 
-def context_length(block_size, model):
-    """The rows' length: block_size (shorter windows than the model's context), or the model's context."""
-    seq_len = block_size or model.args.max_seq_len
-    if seq_len > model.args.max_seq_len:
-        raise SystemExit(f"error: --block_size={seq_len} is longer than the model's context ({model.args.max_seq_len})")
-    return seq_len
+def resolve_block_size(block_size, model):
+    """
+    The length of the rows a stage trains on: block_size (shorter than the model's context, max_seq_len), or the
+    context when it is None.
+    """
+    if (block_size or 0) > model.args.max_seq_len:
+        raise SystemExit(f"error: --block_size={block_size} is longer than the model's context "
+                         f"({model.args.max_seq_len})")
+    return block_size or model.args.max_seq_len
 
 
 def stream_position(it, micro_step, run, accumulation_steps, batch_size):

@@ -202,11 +202,11 @@ def test_bad_pairs_are_counted_not_fatal(tmp_path, demo_data, tiny_sft):
     out = tmp_path / "out"
     p = run("prepare_data.py", "--input=", "--sft_input=", f"--dpo_input={path}", "--val_fraction=0",
             f"--tokenizer_model={demo_data}/tokenizer.model", f"--data_dir={out}", "--sft_max_len=128")
-    assert "note: --sft_max_len is now --max_len" in p.out  # the old name still works
+    assert "note: --sft_max_len is now --block_size" in p.out  # the old name still works
     assert "pairs.jsonl: 9 kept;" in p.out and "1 invalid JSON lines skipped" in p.out
     assert "1 records that are not a preference pair skipped" in p.out
     assert "1 skipped: chosen and rejected are the same" in p.out
-    assert "1 skipped: prompt alone longer than max_len" in p.out and "1 answers cut to fit max_len" in p.out
+    assert "1 skipped: prompt alone longer than block_size" in p.out and "1 answers cut to fit block_size" in p.out
     data = Pairs(str(out), "train", 128, Tokenizer(str(out / "tokenizer.model")))
     assert len(data) == 7
     # --val_fraction=0 holds nothing out: prepare_data.py says so, and dpo.py names that cause

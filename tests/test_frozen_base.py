@@ -10,7 +10,7 @@ from checkpoint import load_checkpoint, load_model
 from conftest import read_log, run, tiny
 from lora import FrozenLinear, LoRALinear, add_lora, merged_state_dict, trainable_state_dict
 from model import answer_loss
-from training import context_length
+from training import resolve_block_size
 
 SFT_TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--evaluate_tasks=False"]
 
@@ -20,7 +20,7 @@ def sft_test_loss(out_dir, data_dir, batch_size=4, eval_iters=2):
     """The test loss sft.py logs (its test batches, its defaults), of the model loading out_dir gives."""
     import sft
     model, tok, _ = load_model(str(out_dir))
-    data = sft.Conversations(data_dir, "test", context_length(sft.block_size, model), tok, sft.packing, sft.seed)
+    data = sft.Conversations(data_dir, "test", resolve_block_size(sft.block_size, model), tok, sft.packing, sft.seed)
     batches = [{k: torch.from_numpy(v) for k, v in data.batch(i * batch_size, batch_size).items()}
                for i in range(eval_iters)]
     return sum(answer_loss(model, batch).item() for batch in batches) / eval_iters

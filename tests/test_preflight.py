@@ -84,7 +84,8 @@ for step in range(2):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     full_state(model, optimizer, True, trained_only=True)
-print(json.dumps({{"rank": run.rank, "peak": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024}}))
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+print(json.dumps({{"rank": run.rank, "peak": peak}}))
 """
 
 

@@ -145,8 +145,8 @@ def test_long_conversations_are_cut_at_a_turn_boundary_or_skipped(tmp_path, demo
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"messages": long_turns}, ensure_ascii=False) + "\n"
                     + json.dumps({"messages": too_long_first}, ensure_ascii=False) + "\n", encoding="utf-8")
-    out, log = prepare(tmp_path, demo_data, "--input=", f"--sft_input={path}", "--val_fraction=0", "--max_len=150")
-    assert "1 truncated at a turn boundary" in log and "1 skipped: first turn longer than max_len" in log
+    out, log = prepare(tmp_path, demo_data, "--input=", f"--sft_input={path}", "--val_fraction=0", "--block_size=150")
+    assert "1 truncated at a turn boundary" in log and "1 skipped: first turn longer than block_size" in log
     tokens = np.fromfile(os.path.join(out, "sft_train.bin"), dtype=np.uint16)
     assert 0 < len(tokens) <= 150 and tokens[-1] == 2  # ends with a whole answer's EOS
 

@@ -112,7 +112,7 @@ def test_chunks_and_answers_have_the_openai_shapes():
 ])
 def test_a_bad_setting_is_a_400_naming_it(body, param, phrase):
     with pytest.raises(serve.ApiError) as e:
-        serve.sampling(body, context=64, prompt_tokens=4, default_max_tokens=8)
+        serve.sampling(body, max_seq_len=64, prompt_tokens=4, default_max_tokens=8)
     assert e.value.status == 400 and e.value.param == param and phrase in e.value.message
 
 
@@ -121,7 +121,7 @@ def test_the_answer_limit_and_an_overlong_prompt_name_the_fields_the_client_sent
     assert serve.answer_limit({"max_completion_tokens": 5, "max_tokens": 3}, 8) == 3
     assert serve.answer_limit({}, 8) == 8
     with pytest.raises(serve.ApiError) as e:
-        serve.sampling({}, context=64, prompt_tokens=64, default_max_tokens=8, prompt_field="prompt")
+        serve.sampling({}, max_seq_len=64, prompt_tokens=64, default_max_tokens=8, prompt_field="prompt")
     assert e.value.param == "prompt" and e.value.code == "context_length_exceeded"
 
 
