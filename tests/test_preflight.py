@@ -118,7 +118,8 @@ def test_the_fsdp_plan_on_a_cpu_counts_the_full_size_tensors_malloc_keeps(tmp_pa
     p = run(str(script), launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    "--nproc_per_node=2"], extra_env={"OMP_NUM_THREADS": "1"})
     predicted = float(re.search(r"predicted peak per device ([\d.]+) GB", p.out).group(1)) * 2**30
-    peaks = [json.loads(line)["peak"] for line in p.out.splitlines() if line.startswith("{")]  # one line each
+    # one report per rank; two processes share the output, so a line may hold both
+    peaks = [int(peak) for peak in re.findall(r'"peak": (\d+)', p.out)]
     assert len(peaks) == 2 and predicted > 0.5 * 2**30
     # measured -13% to -21% here (the plan before counted sharded tensors alone: -45%); -6% to -11% at the
     # issue's shape, a 106M-parameter Llama through sft.py (docs/memory.md)
