@@ -318,10 +318,9 @@ def bench_loss():
 
 def bench_serve():
     """
-    serve.py under load, side by side in one run: the same checkpoint served with 8 slots (batched) and
-    with 1 (one request at a time), each with 1, 4, 8 and 16 concurrent clients streaming completions
-    (128 new tokens, sampled, no early stop). Aggregate generated tokens/s, and the time to the first
-    token (p50, p95) each request waited.
+    serve.py under load, side by side in one run: the same checkpoint served with 8 slots (batched) and with 1 (one
+    request at a time), each with 1, 4, 8 and 16 concurrent clients streaming completions (128 new tokens, sampled,
+    no early stop). Aggregate generated tokens/s, and the time to the first token (p50, p95) each request waited.
     """
     import socket
     import threading

@@ -1,20 +1,17 @@
 """
-Checkpoints: how every stage saves and loads a model. Our own checkpoint directory holds ckpt.pt
-(model weights, model args, optimizer and loop state, the config, the tokenizer's hash, the stage
-that wrote it) and tokenizer.model; a LoRA run's holds what it trained and the path of its base, and
-loading it merges the two again (model_to_tune, the model a stage starts from, lives here too).
-Wherever a stage takes a checkpoint directory it also takes an existing Llama 2 (or any
-Llama-architecture model) in the formats users have:
+Checkpoints: how every stage saves and loads a model. Our checkpoint directory holds ckpt.pt (weights, model
+args, optimizer and loop state, config, the tokenizer's hash, the stage that wrote it) and tokenizer.model; a
+LoRA run's holds what it trained and its base's path, merged again on loading (model_to_tune lives here too).
+Wherever a stage takes a checkpoint directory it also takes an existing Llama-architecture model:
 
 - a Hugging Face LlamaForCausalLM directory: config.json with model.safetensors, sharded
   model-0000N-of-0000M.safetensors with their index, or pytorch_model*.bin;
 - Meta's original release: params.json with consolidated.00.pth, ... (model-parallel shards);
 - a llama2.c version-0 .bin file (its tokenizer.model given separately).
 
-An imported model is built on the meta device and its tensors are assigned shard by shard in the
-checkpoint's own dtype, so loading needs about one copy of the weights in memory (docs/llama.md). A
-config we cannot compute exactly (rope scaling, biases, another activation or architecture) is
-refused naming the field: nothing is ever loaded approximately.
+An imported model is built on the meta device and assigned shard by shard in its own dtype: about one copy of
+the weights in memory (docs/llama.md). A config we cannot compute exactly (rope scaling, biases, another
+activation) is refused naming the field: nothing is ever loaded approximately.
 """
 import dataclasses
 import glob
@@ -111,11 +108,9 @@ def require_model(path, flag="--out_dir"):
 
 def load_checkpoint(path, flag="--out_dir", merge=True):
     """
-    A checkpoint dict, on the CPU: model (a state dict in our names), model_args, stage, tokenizer_sha,
-    and for our own checkpoints everything else they hold (optimizer, config, ...). path is one of our
-    directories or an existing model in any format above. flag: the setting that named path, for the
-    message when there is nothing there. A LoRA run's checkpoint holds its adapters and the path of its
-    base: merged into a whole model here (merged_lora_model), unless merge=False (to resume it).
+    A checkpoint dict on the CPU: model (a state dict in our names), model_args, stage, tokenizer_sha, and for
+    ours all else they hold. path: one of our directories or a model in a format above; flag: the setting that
+    named it. A LoRA run's adapters are merged onto its base here (merged_lora_model) unless merge=False.
     """
     kind = require_model(path, flag)
     if kind != "ours":
@@ -132,11 +127,9 @@ def load_checkpoint(path, flag="--out_dir", merge=True):
 
 def model_from_checkpoint(checkpoint, device="cpu", dtype=None):
     """
-    The Transformer a checkpoint describes, its tensors assigned as they are (no second copy, no
-    random init: the model is built on the meta device), then moved to device. The weights move from
-    checkpoint["model"] into the model. dtype: each tensor is converted to it in turn, replacing the
-    checkpoint's, so that a converted model never exists twice (a bf16 Llama in fp32 would otherwise need
-    both copies at once).
+    The Transformer a checkpoint describes, built on the meta device and its tensors assigned as they are (no
+    second copy, no random init; they move out of checkpoint["model"]), then moved to device. dtype: each tensor
+    converted in turn, replacing the checkpoint's, so that a converted model never exists twice.
     """
     args = ModelArgs(**checkpoint["model_args"])
     with torch.device("meta"):
@@ -163,16 +156,13 @@ def model_from_checkpoint(checkpoint, device="cpu", dtype=None):
 
 def model_to_tune(base_dir, tok, config, seed, resumed=None, base_dtype="float32", verbose=False, on_rank0=False):
     """
-    The model pretrain.py (continuing), sft.py and dpo.py train, and a LoRA checkpoint is merged from:
-    the base at base_dir (ours, or an imported Llama) in fp32 with the run's dropout; its embedding grown
-    for an extended tokenizer (new rows drawn from a generator of their own, so a resumed run draws the
-    same); LoRA adapters when config["lora_rank"] > 0, with the embedding and classifier trained in full
-    where config["train_embeddings"] says (by default: when rows were added), the frozen blocks' weights
-    stored in base_dtype (lora.FrozenLinear); activation checkpointing where config says; and, for a
-    resumed run, the weights it saved. verbose: say what rows were added. on_rank0 (FSDP under torchrun):
-    only rank 0 reads the base; the other processes build the same model on the meta device, without
-    weights, and get them from rank 0 as device.wrap_fsdp shards it, so that a machine holds one copy of
-    the base while loading, not one per process. Returns (model, the base's stage, rows added).
+    (model, the base's stage, rows added): what the fine-tuning stages train, and a LoRA checkpoint is merged
+    from. The base at base_dir (ours or imported) in fp32 with the run's dropout; its embedding grown for an
+    extended tokenizer (from a generator of its own: a resumed run draws the same rows); LoRA adapters when
+    config["lora_rank"] > 0, the frozen weights in base_dtype, embeddings trained in full where
+    config["train_embeddings"] says (default: when rows were added); a resumed run's saved weights. verbose: say
+    what rows were added. on_rank0 (FSDP): only rank 0 reads the base, the others build it on the meta device and
+    get the weights as device.wrap_fsdp shards it: one copy of the base per machine while loading.
     """
     if on_rank0:
         shape = refusal = None
@@ -248,11 +238,8 @@ def parts_to_train(model, config, seed, base_dtype, added_rows):
 
 
 def merged_lora_model(path, checkpoint):
-    """
-    The weights of a LoRA run's checkpoint at path, merged (lora.merged_state_dict): its base read again
-    and stored as the run stored it (so an int8 or bf16 base's rounding is folded in exactly as trained),
-    its rows grown, what it trained loaded (model_to_tune, as when it resumes). load_checkpoint calls this.
-    """
+    """The merged weights of the LoRA run at path: its base read again and stored as the run stored it (an int8 or
+    bf16 base's rounding folded in as trained), its rows grown, its adapters loaded (model_to_tune, as on resume)."""
     base = checkpoint["base"]
     if checkpoint_format(base) is None:
         base = checkpoint.get("base_abspath", base)
@@ -274,10 +261,8 @@ def check_tokenizer(checkpoint_sha, tokenizer_sha, what, fix="use the data direc
 
 
 def check_vocabulary(checkpoint, tok, path):
-    """
-    An imported model carries no tokenizer hash: check what can be checked. More embedding rows than
-    pieces is fine (padded vocabularies exist); fewer is an error, and so are other special ids.
-    """
+    """An imported model has no tokenizer hash: more embedding rows than pieces is fine (padded vocabularies),
+    fewer is an error, and so are other special ids."""
     rows = checkpoint["model_args"]["vocab_size"]
     if tok.n_words > rows:
         raise SystemExit(f"error: {tok.model_path} has {tok.n_words} pieces but {path} only {rows} embedding rows; "
@@ -290,10 +275,7 @@ def check_vocabulary(checkpoint, tok, path):
 
 
 def check_data_tokenizer(checkpoint, path, tok, flag="--init_from"):
-    """
-    Training data for a model must use the model's tokenizer or an extension of it (its pieces first,
-    Chinese pieces after: prepare_data.py --extend_tokenizer); the model then grows its embedding.
-    """
+    """The data must use the model's tokenizer or an extension of it (prepare_data.py --extend_tokenizer)."""
     base_path = find_tokenizer(path, required=False)
     if base_path is None:
         if checkpoint.get("tokenizer_sha"):
@@ -325,11 +307,8 @@ def find_tokenizer(path, required=True):
 
 
 def load_model(path, device="cpu", dtype=torch.float32, tokenizer_path="", flag="--out_dir"):
-    """
-    (model in eval mode on device/dtype, its Tokenizer, the checkpoint dict without its weights) from a
-    checkpoint directory or an existing model. The tokenizer is tokenizer_path if given, else the one
-    saved beside the checkpoint.
-    """
+    """(model in eval mode on device/dtype, its Tokenizer, the checkpoint dict without weights) from a checkpoint
+    directory or an existing model; the tokenizer is tokenizer_path if given, else the one beside it."""
     checkpoint = load_checkpoint(path, flag)
     tok = Tokenizer(tokenizer_path or find_tokenizer(path))
     check_tokenizer(checkpoint.get("tokenizer_sha"), tok.sha, f"{path}/ckpt.pt",
@@ -541,11 +520,8 @@ LLAMA2C_LAYER_ORDER = ("attention_norm", "attention.wq", "attention.wk", "attent
 
 
 def llama2c_v0_layout(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, shared):
-    """
-    The tensors of a llama2.c version-0 file after its 28-byte header, in order, as (our name, shape),
-    fp32 each: what run.c reads and export.py writes. "rope" is the (cos, sin) tables, (2, seq_len, hd/2),
-    which run.c skips; an unshared classifier comes last.
-    """
+    """The fp32 tensors of a llama2.c version-0 file after its 28-byte header, in order, as (our name, shape):
+    "rope" is the (cos, sin) tables, (2, seq_len, hd/2), which run.c skips; an unshared classifier comes last."""
     hd = dim // n_heads
     shapes = {"attention_norm": (dim,), "attention.wq": (dim, dim), "attention.wk": (n_kv * hd, dim),
               "attention.wv": (n_kv * hd, dim), "attention.wo": (dim, dim), "ffn_norm": (dim,),

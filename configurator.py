@@ -54,10 +54,8 @@ def _convert(key, raw, kind):
 
 
 def _settings_block(g):
-    """
-    {name: (type, comment)} of the settings a script declares between its two `# ----` lines, read from
-    its source; None when g is not a script's globals (a test's dict) or has no such block.
-    """
+    """{name: (type, comment)} of the settings a script declares between its two `# ----` lines, read from
+    its source; None when g is not a script's globals (a test's dict) or has no such block."""
     path = g.get("__file__")
     if not path:
         return None

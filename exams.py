@@ -62,10 +62,8 @@ def read_rows(path):
 
 
 def read_exam(directory, kind):
-    """
-    {subject: {"name": Chinese name, "category": str, "questions": rows, "shots": rows}} from a local C-Eval
-    or CMMLU folder (kind "ceval" or "cmmlu"), and the number of malformed rows skipped.
-    """
+    """{subject: {"name": Chinese name, "category": str, "questions": rows, "shots": rows}} from a local C-Eval
+    or CMMLU folder (kind "ceval" or "cmmlu"), and the number of malformed rows skipped."""
     split, pattern = EXAMS[kind]
     folder = os.path.join(directory, split)
     if not os.path.isdir(folder):
@@ -254,9 +252,8 @@ def compare_on_benchmark(models, items, report_path, val_fraction, per_task=0):
     """
     models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}, as
     evaluate.compare_on_tasks takes them. Every model on the built-in benchmark's items: prints the table of raw and
-    chance-centred scores with the headline (their mean centred score) and writes it to report_path
-    (per_task: the bound the items were drawn with, recorded for the report card).
-    Returns {name: {task: (accuracy, n, chance)}}.
+    chance-centred scores with the headline (their mean centred score) and writes it to report_path (per_task: the
+    bound the items were drawn with, recorded for the report card). Returns {name: {task: (accuracy, n, chance)}}.
     """
     t0 = time.time()
     results = {}

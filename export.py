@@ -185,10 +185,9 @@ OURS_TO_HF = {ours: hf for hf, ours in HF_NAMES.items()}  # attention.wq -> self
 def export_peft(checkpoint, tok, directory):
     """
     A LoRA run's adapters on their own, as Hugging Face PEFT writes them (adapter_config.json and
-    adapter_model.safetensors), to load with PeftModel.from_pretrained onto the base's Hugging Face
-    export. The rotary layout of q and k differs there (hf_permute): their B matrices' rows are permuted
-    alike. Embedding and classifier trained in full go in as PEFT's modules_to_save. Returns the notes
-    to print.
+    adapter_model.safetensors), to load with PeftModel.from_pretrained onto the base's Hugging Face export. The
+    rotary layout of q and k differs there (hf_permute): their B matrices' rows are permuted alike. Embedding and
+    classifier trained in full go in as PEFT's modules_to_save. Returns the notes to print.
     """
     from safetensors.torch import save_file
     config, trained, args = checkpoint["config"], checkpoint["lora"], checkpoint["model_args"]
@@ -340,10 +339,9 @@ OLLAMA_TEMPLATE = ("""{{- $system := "" }}
 
 def write_modelfile(gguf_path, context):
     """
-    An ollama Modelfile beside the GGUF (ollama's built-in llama2 template is not our chat format), with
-    the model's context as num_ctx (ollama's default can exceed it) and only relative paths, so the
-    folder can move. A Modelfile without our first line (one the user wrote or edited) is kept.
-    Returns (its path, whether it was written).
+    An ollama Modelfile beside the GGUF (ollama's built-in llama2 template is not our chat format), with the model's
+    context as num_ctx (ollama's default can exceed it) and only relative paths, so the folder can move. A Modelfile
+    without our first line (one the user wrote or edited) is kept. Returns (its path, whether it was written).
     """
     path = os.path.join(os.path.dirname(os.path.abspath(gguf_path)), "Modelfile")
     if os.path.exists(path):
@@ -379,10 +377,8 @@ HF_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 
 
 def output_path(output, out_dir, default_name, is_file=True):
-    """
-    --output, or out_dir/default_name; its directory is created and must be writable, or a one-line error
-    says why not. A file's --output ending in a slash is a directory to write default_name into.
-    """
+    """--output, or out_dir/default_name; its directory is created and must be writable, or a one-line error
+    says why not. A file's --output ending in a slash is a directory to write default_name into."""
     if output and is_file and output.endswith(("/", os.sep)):
         output = os.path.join(output, default_name)
     path = output or os.path.join(out_dir, default_name)

@@ -163,10 +163,8 @@ def gpu_train(run, meter, shapes, peak_flops_s):
 
 
 def sft_batch(batch, seq, vocab, generator):
-    """
-    A packed SFT batch of synthetic tokens: each row 1-3 conversations whose last part is the answer
-    (loss_mask 1), positions restarting per conversation, attention within each conversation only.
-    """
+    """A packed SFT batch of synthetic tokens: each row 1-3 conversations whose last part is the answer
+    (loss_mask 1), positions restarting per conversation, attention within each conversation only."""
     x = torch.randint(0, vocab, (batch, seq), generator=generator)
     mask = torch.zeros(batch, seq)
     positions = torch.zeros(batch, seq, dtype=torch.long)
@@ -188,10 +186,8 @@ def sft_batch(batch, seq, vocab, generator):
 
 
 def gpu_sft_compile(run, meter, shapes):
-    """
-    Compiled SFT as sft.py runs it on GPUs (static shapes: the classifier on every position, non-answer
-    positions weighted 0): graphs compiled and graph breaks over batches of different answer counts.
-    """
+    """Compiled SFT as sft.py runs it on GPUs (static shapes: the classifier on every position, non-answer
+    positions weighted 0): graphs compiled and graph breaks over batches of different answer counts."""
     from torch._dynamo.utils import counters
 
     args = shape_args(shapes["sft_shape"], shapes["train_vocab"])

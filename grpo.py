@@ -139,10 +139,8 @@ def load_verifier(spec, idiom_words):
 
 
 def read_questions(path):
-    """
-    A JSONL (or JSON, Parquet) of {"question", "reference"[, "task"]}: [(task, question, reference)], read as
-    prepare_data.py reads its inputs: a BOM, GB18030 and bad lines handled, other rows counted and skipped.
-    """
+    """[(task, question, reference)] of a JSONL (JSON, Parquet) of {"question", "reference"[, "task"]}, read as
+    prepare_data.py reads its inputs: a BOM, GB18030 and bad lines handled, other rows counted and skipped."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no file {path}; pass a JSONL of {{\"question\", \"reference\", \"task\"}} lines")
     found = []
@@ -177,12 +175,8 @@ def rollout_seed(seed, it, question, answer):
 
 
 def rollouts(model, tok, prompts, group_size, max_new_tokens, temperature, top_p, seeds):
-    """
-    group_size answers to each prompt (token ids), sampled by the engine with one seeded request per answer
-    (so the same seeds give the same answers, as serve.py would give them); all answers are decoded together.
-    Returns, per prompt, a list of (answer tokens, why it ended: "stop" at a stop token, "length", or "error"
-    where the model's probabilities could not be sampled: NaN or infinite logits).
-    """
+    """Per prompt (token ids), group_size (answer tokens, why it ended: "stop", "length", or "error" for NaN or
+    infinite logits), decoded together by the engine, one seeded request per answer (as serve.py would answer)."""
     requests = [Request(ids, min(max_new_tokens, model.args.max_seq_len - len(ids) - 1), temperature, top_p,
                         seed=seeds[p][g], stop_tokens=tok.stop_ids)
                 for p, ids in enumerate(prompts) for g in range(group_size)]
@@ -198,11 +192,8 @@ def group_advantages(rewards):
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps, kl_coef, norm):
-    """
-    The clipped policy-gradient loss with a KL penalty, summed over answer tokens and divided by norm.
-    logps, old_logps (the sampling policy's), ref_logps: (N, T) per-token log-probs; advantages (N,); mask
-    (N, T) 1 on answer tokens. Returns (loss, the mean per-token KL).
-    """
+    """(the clipped policy-gradient loss with a KL penalty, summed over answer tokens and divided by norm; the mean
+    per-token KL). logps, old_logps (sampling's), ref_logps, mask (1 on answers): (N, T); advantages (N,)."""
     ratio = torch.exp(logps - old_logps)
     adv = advantages[:, None]
     policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -213,10 +204,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps, kl_coef, 
 
 
 def answer_batch(prompts, groups, advantages, keep, eos_id):
-    """
-    The rows to train on: prompt + answer (+ EOS where the answer ended itself) for every answer of a kept
-    group, as numpy arrays: tokens, targets (-1 on padding), loss_mask (1 on the answer's tokens), advantages.
-    """
+    """The rows to train on, prompt + answer (+ EOS where it ended itself) for every answer of a kept group, as numpy
+    arrays: tokens, targets (-1 on padding), loss_mask (1 on the answer's tokens), advantages."""
     rows = []
     for p, answers in enumerate(groups):
         if keep[p]:
@@ -384,11 +373,8 @@ def main():
 
 
 def the_task(task_list, questions, test_questions, verifier, data_dir, tok, max_prompt_tokens):
-    """
-    The run's task from its settings (a resumed run's, as it started): (the training questions whose prompt
-    has at most max_prompt_tokens tokens, leaving room for a whole answer; the held-out questions as
-    evaluate.py's tests; the scorer (task, question, reference, answer) -> reward).
-    """
+    """The run's task from its settings (a resumed run's as it started): (training questions whose prompt fits
+    max_prompt_tokens, held-out questions as evaluate.py's tests, the scorer (task, question, reference, answer))."""
     task_names = [t for t in task_list.split(",") if t]
     unchecked = set(task_names) - set(evaluate.CHECKABLE)
     if not questions and not verifier and unchecked:
@@ -411,11 +397,8 @@ def the_task(task_list, questions, test_questions, verifier, data_dir, tok, max_
 
 
 def update_policy(model, raw_model, ref_model, optimizer, scaler, batch, run, it, norm):
-    """
-    ppo_epochs optimizer steps on one rollout batch (answer_batch's arrays) with the clipped, KL-penalized
-    loss; norm divides the summed loss (Dr. GRPO: a constant, not each answer's length). Returns (the steps'
-    losses, the first step's mean per-token KL).
-    """
+    """ppo_epochs optimizer steps on one rollout batch (answer_batch's arrays); norm divides the summed loss (Dr.
+    GRPO: a constant, not each answer's length). Returns (the steps' losses, the first step's mean per-token KL)."""
     batch = {k: torch.from_numpy(v).to(run.device) for k, v in batch.items()}
     with torch.no_grad(), run.autocast:
         batch["ref_logps"] = reference_logps(batch, ref_model, raw_model).float()

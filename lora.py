@@ -109,10 +109,8 @@ def add_lora(model, targets, rank, alpha, dropout, base_dtype="float32"):
 
 
 def merged_state_dict(model, state=None):
-    """
-    The plain Transformer's state dict in fp32, every adapter folded into the weight it adapts. state:
-    the model's full state dict where the model itself holds only shards (FSDP); else model.state_dict().
-    """
+    """The plain Transformer's state dict in fp32, every adapter folded into the weight it adapts. state:
+    the model's full state dict where the model itself holds only shards (FSDP); else model.state_dict()."""
     state = model.state_dict() if state is None else state
     modules = dict(model.named_modules())
     merged = {}

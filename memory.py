@@ -160,15 +160,14 @@ def preflight(model, run, block_size, batch_size, accumulation, lora_rank=0, bas
               checkpointing=False, fsdp=False, rows_per_item=1, extra_bytes=0, memory_gb=0.0, auto_batch=False,
               extra_rows=0):
     """
-    Print the plan (parameters, the predicted peak per device, the device's memory) and stop, in one line
-    naming settings that fit, when the prediction exceeds the memory; with auto_batch, first pick the
-    largest micro-batch that fits among the divisors of batch_size x accumulation, keeping their product
-    (the tokens per optimizer step). model: built, not yet on the device (on the CPU it is already in
-    memory: its bytes count as available). rows_per_item: sequences per batch item (a DPO pair is two).
-    extra_bytes: what else lives on the device (DPO's reference model). extra_rows: sequences each
-    micro-step adds beside the batch (SFT's replayed text). memory_gb > 0 plans for that much
-    memory instead of what the device reports. The optimizer state is counted as AdamW's two moments
-    (Muon keeps one for its matrices: an overestimate there). Returns (batch_size, accumulation, the plan:
+    Print the plan (parameters, the predicted peak per device, the device's memory) and stop, in one line naming
+    settings that fit, when the prediction exceeds the memory; with auto_batch, first pick the largest micro-batch
+    that fits among the divisors of batch_size x accumulation, keeping their product (the tokens per optimizer
+    step). model: built, not yet on the device (on the CPU it is already in memory: its bytes count as available).
+    rows_per_item: sequences per batch item (a DPO pair is two). extra_bytes: what else lives on the device (DPO's
+    reference model). extra_rows: sequences each micro-step adds beside the batch (SFT's replayed text). memory_gb >
+    0 plans for that much memory instead of what the device reports. The optimizer state is counted as AdamW's two
+    moments (Muon keeps one for its matrices: an overestimate there). Returns (batch_size, accumulation, the plan:
     its predicted GB by part and the memory it planned against, for the trackers).
     """
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -66,10 +66,8 @@ def rope_tables(head_dim, max_seq_len, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """
-    Rotate interleaved pairs (x[2i], x[2i+1]) by position-dependent angles. x: (B, T, H, hd);
-    cos, sin: (T, hd/2), or (B, T, hd/2) when each row has its own positions (packed conversations).
-    """
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by position-dependent angles. x: (B, T, H, hd);
+    cos, sin: (T, hd/2), or (B, T, hd/2) when each row has its own positions (packed conversations)."""
     pairs = x.float().unflatten(-1, (-1, 2))            # (B, T, H, hd/2, 2)
     x0, x1 = pairs.unbind(-1)                           # each (B, T, H, hd/2)
     if cos.dim() == 2:
@@ -181,10 +179,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
 
     def zero_output_projections(self):
-        """
-        Zero each block's output projections (wo, w2): every block starts as the identity on the residual
-        stream and learns what to add (modded-nanogpt's and nanochat's init; docs/experiments.md).
-        """
+        """Zero each block's output projections (wo, w2): every block starts as the identity on the residual
+        stream and learns what to add (modded-nanogpt's and nanochat's init; docs/experiments.md)."""
         with torch.no_grad():
             for layer in self.layers:
                 layer.attention.wo.weight.zero_()
@@ -198,14 +194,13 @@ class Transformer(nn.Module):
 
     def resize_vocab(self, vocab_size, generator=None, unk_id=0):
         """
-        Grow the embedding (and an untied classifier) to vocab_size rows for an extended tokenizer; the old
-        rows stay as they are. A new embedding row is the mean of the old rows plus noise with their
-        per-dimension spread: a new token reads as an average token. A new classifier row is a copy of
-        <unk>'s (unk_id), which byte-fallback text never contains, so training pushed its logit down
-        everywhere: each new id starts exactly as likely as <unk>, and together they take a small share of
-        the next-token distribution until they are trained (a mean row took 19x more on the demo model;
-        docs/experiments.md). Tied embeddings have one matrix: its new rows are the classifier's. Returns the
-        number of rows added.
+        Grow the embedding (and an untied classifier) to vocab_size rows for an extended tokenizer; the old rows
+        stay as they are. A new embedding row is the mean of the old rows plus noise with their per-dimension
+        spread: a new token reads as an average token. A new classifier row is a copy of <unk>'s (unk_id), which
+        byte-fallback text never contains, so training pushed its logit down everywhere: each new id starts exactly
+        as likely as <unk>, and together they take a small share of the next-token distribution until they are
+        trained (a mean row took 19x more on the demo model; docs/experiments.md). Tied embeddings have one matrix:
+        its new rows are the classifier's. Returns the number of rows added.
         """
         old = self.tok_embeddings.weight.shape[0]
         if vocab_size <= old:
@@ -236,15 +231,14 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, cache=None, start_pos=0, positions=None, attn_mask=None,
                 reduction="mean"):
         """
-        tokens (B, T). Without targets: (the logits of the last position (B, 1, V), None), what decoding wants.
-        With targets (B, T), -1 where nothing is predicted: (logits (B, T, V), the mean cross-entropy over the
-        predicted positions); the logits are None where the loss was computed without them all (see
-        mean_loss). reduction="none": (None, each position's cross-entropy (B, T), 0 where the target is -1).
-        The stages' heads (answer_loss, answer_logprobs below) mask targets and call this.
-        Several conversations packed into one row: positions (B, T) restarts at 0 for each, and
-        attn_mask (B, 1, T, T) lets a token see only earlier tokens of its own conversation.
-        Decoding with a cache: start_pos is where tokens go in it; a (B,) tensor puts each row's one
-        token at its own position, with attn_mask (B, 1, 1, S) over the cache (engine.py).
+        tokens (B, T). Without targets: (the logits of the last position (B, 1, V), None), what decoding wants. With
+        targets (B, T), -1 where nothing is predicted: (logits (B, T, V), the mean cross-entropy over the predicted
+        positions); the logits are None where the loss was computed without them all (see mean_loss).
+        reduction="none": (None, each position's cross-entropy (B, T), 0 where the target is -1). The stages' heads
+        (answer_loss, answer_logprobs below) mask targets and call this. Several conversations packed into one row:
+        positions (B, T) restarts at 0 for each, and attn_mask (B, 1, T, T) lets a token see only earlier tokens of
+        its own conversation. Decoding with a cache: start_pos is where tokens go in it; a (B,) tensor puts each
+        row's one token at its own position, with attn_mask (B, 1, 1, S) over the cache (engine.py).
         """
         B, T = tokens.shape
         h = self.dropout(self.tok_embeddings(tokens))
@@ -365,10 +359,9 @@ CHUNKED_LOSS_ABOVE = 1 << 27
 def chunked_cross_entropy(h, weight, targets, chunk_rows=None):
     """
     The mean cross-entropy of the classifier (weight, (V, dim)) on the rows of h ((N, dim)), equal to
-    F.cross_entropy(h @ weight.T, targets, ignore_index=-1), computed a
-    chunk of rows at a time: the (rows, V) logits, their softmax and their gradient exist for one chunk
-    only. The gradients are computed chunk by chunk in the forward pass (the loss is a scalar, so
-    backward only scales them), which costs no second classifier matmul.
+    F.cross_entropy(h @ weight.T, targets, ignore_index=-1), computed a chunk of rows at a time: the (rows, V)
+    logits, their softmax and their gradient exist for one chunk only. The gradients are computed chunk by chunk in
+    the forward pass (the loss is a scalar, so backward only scales them), which costs no second classifier matmul.
     """
     chunk_rows = chunk_rows or max(1, CHUNKED_LOSS_ABOVE // 4 // weight.shape[0])
     return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_rows)

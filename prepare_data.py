@@ -237,10 +237,8 @@ def batched(items, max_chars=BATCH_CHARS, max_items=4096):
 
 def prepare_tokenizer(path, documents, tokenizer_model, vocab_size, val_fraction, train_chars, workers, extend="",
                       coverage=0.9995):
-    """
-    The tokenizer written to path: a copy of tokenizer_model, one trained on the train documents, or
-    (extend) that existing tokenizer with Chinese pieces trained on them appended.
-    """
+    """The tokenizer written to path: a copy of tokenizer_model, one trained on the train documents, or
+    (extend) that existing tokenizer with Chinese pieces trained on them appended."""
     if tokenizer_model:
         if not os.path.isfile(tokenizer_model):
             raise SystemExit(f"error: tokenizer_model {tokenizer_model} does not exist")

@@ -117,10 +117,8 @@ def model_args_from_settings(vocab_size):
 
 
 def starting_model(checkpoint, base_path, tok, config, run, sharded):
-    """
-    The model this run trains: the resumed run's, a new one from the settings (base_path None), or an existing
-    model to continue (one of our checkpoints or an imported Llama), in full or with adapters.
-    """
+    """The model this run trains: the resumed run's, a new one from the settings (base_path None), or an existing
+    model to continue (one of our checkpoints or an imported Llama), in full or with adapters."""
     if checkpoint is not None and not config["lora_rank"]:
         return model_from_checkpoint(checkpoint)
     if base_path is None:

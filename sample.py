@@ -40,10 +40,8 @@ dtype = "auto"               # auto: bfloat16 on GPUs that support it, else floa
 
 
 def fit_history(tok, system_prompt, turns, user, budget):
-    """
-    The messages for the next answer: the system prompt, as many of the newest (user, answer) turns
-    as fit in `budget` tokens together with the new user message, and that message. Oldest turns go first.
-    """
+    """The messages for the next answer: the system prompt, as many of the newest (user, answer) turns
+    as fit in `budget` tokens together with the new user message, and that message. Oldest turns go first."""
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for first in range(len(turns) + 1):
         messages = head + [m for u, a in turns[first:] for m in ({"role": "user", "content": u},

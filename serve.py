@@ -189,10 +189,8 @@ def completion_prompt(body, tok):
 
 
 class StopStrings:
-    """
-    Text out as it is generated, held back only while it could be the start of a stop string, and cut
-    where a stop string begins (which is then not part of the answer).
-    """
+    """Text out as it is generated, held back only while it could be the start of a stop string, and cut
+    where a stop string begins (which is then not part of the answer)."""
 
     def __init__(self, stops):
         self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
@@ -263,10 +261,8 @@ def failure(finish):
 
 
 def read_answer(request, streamer, stops, on_text, wait_s=600):
-    """
-    Read a submitted request's tokens until it ends, each piece of text that can go out to on_text (held
-    back while it may be the start of a stop string). Returns (finish reason, tokens generated).
-    """
+    """Read a submitted request's tokens until it ends, each piece of text that can go out to on_text (held
+    back while it may be the start of a stop string). Returns (finish reason, tokens generated)."""
     finish, generated = None, 0
     while finish is None:
         try:

@@ -214,10 +214,8 @@ class Conversations:
 
 
 def with_text_rows(batch, windows):
-    """
-    A conversation batch (Conversations.batch) with plain-text rows appended: windows (R, T + 1), every
-    token trained, positions from 0 and one causal segment per row.
-    """
+    """A conversation batch (Conversations.batch) with plain-text rows appended: windows (R, T + 1), every
+    token trained, positions from 0 and one causal segment per row."""
     R, T = windows.shape[0], windows.shape[1] - 1
     rows = {"tokens": windows[:, :-1], "targets": windows[:, 1:], "loss_mask": np.ones((R, T), dtype=np.float32)}
     if "positions" in batch:

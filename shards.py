@@ -52,10 +52,8 @@ class TokenShards:
         return starts
 
     def batch(self, rng, batch_size, block_size, doc_starts=None):
-        """
-        (batch_size, block_size + 1) int64 windows: x is [:, :-1], y [:, 1:]. They start anywhere, or at one
-        of doc_starts (document_starts()) if given.
-        """
+        """(batch_size, block_size + 1) int64 windows: x is [:, :-1], y [:, 1:]. They start anywhere, or at one
+        of doc_starts (document_starts()) if given."""
         if doc_starts is None:
             starts_per_shard = np.maximum(self.sizes - block_size - 1, 0)  # a window must fit inside its shard
         else:

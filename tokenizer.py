@@ -38,10 +38,8 @@ def render_user_turn(user, system=None):
 
 
 def train_tokenizer(sentences, model_path, vocab_size, num_threads=None, character_coverage=0.9995):
-    """
-    Train a BPE model on an iterable of strings (one line of text each) and write it to model_path. The
-    characters covering character_coverage of the text become pieces; the rarer rest are spelled in bytes.
-    """
+    """Train a BPE model on an iterable of strings (one line of text each) and write it to model_path. The
+    characters covering character_coverage of the text become pieces; the rarer rest are spelled in bytes."""
     if vocab_size > UINT16_MAX_IDS:
         raise SystemExit(f"error: vocab_size={vocab_size} does not fit uint16 token files (at most {UINT16_MAX_IDS})")
     if not 0.9 <= character_coverage <= 1.0:
@@ -101,13 +99,12 @@ def is_chinese(piece):
 
 def add_chinese_pieces(base_path, sentences, model_path, vocab_size, num_threads=None):
     """
-    Write to model_path the tokenizer at base_path (e.g. Llama 2's) with Chinese pieces appended until it
-    has vocab_size pieces (or the text offers no more). sentences() returns the training lines (it may be
-    called twice). The pieces come from a BPE model trained on them with our settings, in
-    its merge order; only pieces made entirely of Chinese characters and punctuation that the base lacks
-    are added, each scored below every base merge. So every base piece keeps its id and score (the byte
-    pieces stay at 3..258), text without Chinese encodes exactly as before, and the result is a normal
-    sentencepiece model. Returns the number of pieces added.
+    Write to model_path the tokenizer at base_path (e.g. Llama 2's) with Chinese pieces appended until it has
+    vocab_size pieces (or the text offers no more). sentences() returns the training lines (it may be called twice).
+    The pieces come from a BPE model trained on them with our settings, in its merge order; only pieces made
+    entirely of Chinese characters and punctuation that the base lacks are added, each scored below every base
+    merge. So every base piece keeps its id and score (the byte pieces stay at 3..258), text without Chinese encodes
+    exactly as before, and the result is a normal sentencepiece model. Returns the number of pieces added.
     """
     try:
         from sentencepiece import sentencepiece_model_pb2
@@ -224,11 +221,10 @@ class Tokenizer:
 
     def encode_chat(self, messages):
         """
-        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], an optional system
-        message first, then user/assistant alternating. Returns (ids, loss_mask): the mask is 1 exactly
-        on assistant answer tokens and the EOS that ends each answer. A trailing user turn (a prompt
-        for generation) is rendered with nothing after [/INST].
-        Raises ValueError for a malformed conversation.
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], an optional system message first,
+        then user/assistant alternating. Returns (ids, loss_mask): the mask is 1 exactly on assistant answer tokens
+        and the EOS that ends each answer. A trailing user turn (a prompt for generation) is rendered with nothing
+        after [/INST]. Raises ValueError for a malformed conversation.
         """
         ids, mask = [], []
         for turn, (user, answer, system) in enumerate(split_turns(messages)):

@@ -38,12 +38,9 @@ from tracking import close_trackers, log_to_trackers, open_trackers
 
 
 def full_state(model, optimizer, sharded, trained_only=False):
-    """
-    (model state dict, optimizer state dict), whole. trained_only: the parameters that take gradients (a
-    LoRA run's adapters and trained embeddings), not the frozen base. Sharded (FSDP): gathered onto rank
-    0's CPU, a collective every process must call (the others get empty dicts), the optimizer's keyed by
-    parameter name; load it back with load_optimizer_state.
-    """
+    """(model state dict, optimizer state dict), whole; trained_only: a LoRA run's trained parameters, not its base.
+    Sharded (FSDP): gathered onto rank 0's CPU, a collective every process calls (the others get empty dicts), the
+    optimizer's keyed by parameter name, as load_optimizer_state reads it."""
     if not sharded:
         state, optimizer_state = model.state_dict(), optimizer.state_dict()
     else:
@@ -61,10 +58,8 @@ MUON_UNDER_FSDP = ("error: Muon orthogonalizes whole weight matrices, which FSDP
 
 def make_optimizer(model, run, sharded, resumed, weight_decay, learning_rate, betas, muon=False,
                    embedding_lr_scale=1.0):
-    """
-    (optimizer, grad scaler) for a training stage: under FSDP the model is sharded first, so that the
-    optimizer sees each process's shard; a resumed run's checkpoint (else None) gives its optimizer state.
-    """
+    """(optimizer, grad scaler): under FSDP the model is sharded first, so that the optimizer sees each process's
+    shard; a resumed run's checkpoint (else None) gives its optimizer state."""
     if sharded and muon:  # the stages refuse it before anything is touched; a resumed run's settings come here
         raise SystemExit(MUON_UNDER_FSDP)
     if sharded:
@@ -92,11 +87,8 @@ def load_optimizer_state(model, optimizer, state, sharded):
 
 
 def seed_step(seed, rank, it):
-    """
-    Seed every generator (CPU and CUDA) from (seed, process, iteration) before each training step: dropout
-    is then a function of the three, so a resumed run draws exactly what an uninterrupted one would, on
-    any device, with no generator state in the checkpoint.
-    """
+    """Seed every generator from (seed, process, iteration) before each step: dropout is then a function of the
+    three, so a resumed run draws what an uninterrupted one would, with no generator state in the checkpoint."""
     torch.manual_seed((seed * 1_000_003 + it) * 1_009 + rank)
 
 
@@ -104,11 +96,8 @@ BASE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
 def lora_base_dtype(setting, run=None):
-    """
-    How a LoRA run stores its frozen base weights: "auto" is the run's compute dtype on GPUs and float32 on
-    CPUs (bf16 autocast there is for speed: the base stays exact, as exported adapters expect it). Without
-    a run: only checks the setting.
-    """
+    """How a LoRA run stores its frozen base: "auto" is the compute dtype on GPUs, float32 on CPUs (bf16 autocast is
+    for speed there: the base stays exact, as exported adapters expect). Without a run: only checks the setting."""
     if setting not in BASE_DTYPES:
         raise SystemExit(f"error: --base_dtype must be one of {', '.join(BASE_DTYPES)}, not {setting!r}")
     if setting != "auto" or run is None:
@@ -117,12 +106,9 @@ def lora_base_dtype(setting, run=None):
 
 
 def resume(out_dir, stage, tok, run, settings, config, fixed):
-    """
-    The checkpoint of the run out_dir holds, to continue it: refused when another stage wrote it, or
-    another tokenizer's data is given. Each setting in `fixed` takes the checkpoint's value, written
-    back into the script's settings (its globals) and config, so that the code reads one name; a warning
-    says so where the command line or a config file asked for another value.
-    """
+    """The checkpoint of the run in out_dir, to continue it (refused when another stage wrote it or another
+    tokenizer's data is given). Each setting in `fixed` takes the checkpoint's value, in the script's globals and
+    config alike; a warning says so where the command line or a config file asked for another."""
     checkpoint = load_checkpoint(out_dir, merge=False)  # a LoRA run's adapters are loaded onto its base again
     if checkpoint.get("stage") != stage:
         raise SystemExit(f"error: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint, not "
@@ -145,10 +131,7 @@ def resume(out_dir, stage, tok, run, settings, config, fixed):
 
 
 def resolve_block_size(block_size, model):
-    """
-    The length of the rows a stage trains on: block_size (shorter than the model's context, max_seq_len), or the
-    context when it is None.
-    """
+    """The length of the rows a stage trains on: block_size (within the model's context), or the context."""
     if (block_size or 0) > model.args.max_seq_len:
         raise SystemExit(f"error: --block_size={block_size} is longer than the model's context "
                          f"({model.args.max_seq_len})")
@@ -163,11 +146,8 @@ def stream_position(it, micro_step, run, accumulation_steps, batch_size):
 
 
 def compile_and_wrap(model, run, sharded, dynamic=None):
-    """
-    (the model the loop trains, the model it evaluates with): compiled where run.compile says, and the
-    first under DDP when several processes train unsharded (FSDP wraps before the optimizer is made).
-    dynamic: torch.compile's, for batches whose length varies.
-    """
+    """(the model the loop trains, the one it evaluates with): compiled where run.compile says (dynamic: for batches
+    whose length varies); the first under DDP when unsharded (FSDP wraps before the optimizer is made)."""
     if run.compile:
         if run.master:
             print("compiling the model (takes a minute)...")
@@ -184,14 +164,9 @@ def to_device(batch, run):
 
 
 def save_run(out_dir, model, optimizer, sharded, run, logger, **fields):
-    """
-    Write out_dir/ckpt.pt: the weights, the optimizer state, the world size, the sessions that trained it
-    (Logger.sessions_so_far: commands, commits, wall time, peak memory) and `fields`; then the log catches
-    up (Logger.commit). A LoRA run saves what it trained (adapters, embeddings trained in full)
-    under "lora", and how it stored its base (fields name the base: "base"), never the base's weights:
-    load_checkpoint merges them again. Sharded (FSDP), the state is gathered first, a collective every
-    process must call; rank 0 writes.
-    """
+    """Write out_dir/ckpt.pt (weights, optimizer state, world size, the sessions that trained it, `fields`), then
+    the log catches up (Logger.commit). A LoRA run saves what it trained under "lora" and how it stored its base
+    (fields["base"] names it), never the base: load_checkpoint merges them again. Sharded: every process calls it."""
     lora = has_adapters(model)
     state, optimizer_state = full_state(model, optimizer, sharded, trained_only=lora)
     if not run.master:
@@ -430,13 +405,9 @@ _out_dir_lock = None  # the open lock file: held for as long as this process liv
 
 
 def claim_out_dir(out_dir, fresh, overwrite, init_from=None):
-    """
-    Make sure this run may write out_dir, before anything is loaded or deleted. A fresh run (not a
-    resume) refuses a directory that already holds a checkpoint unless overwrite is set: forgetting
-    --init_from=resume must not destroy a finished run. A fine-tuning run refuses to write into the
-    directory it starts from. Rank 0 then takes out_dir/lock (with its pid), so that a second run
-    writing the same directory at the same time is refused instead of interleaving its logs.
-    """
+    """Make sure this run may write out_dir, before anything is loaded or deleted: a fresh run refuses a checkpoint
+    there unless overwrite (a forgotten --init_from=resume must not destroy a finished run), a fine-tuning run the
+    directory it starts from. Rank 0 takes out_dir/lock (its pid): a second run there at once is refused."""
     global _out_dir_lock
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"error: --out_dir={out_dir} is a file, not a directory; choose another --out_dir")
@@ -488,11 +459,9 @@ def release_out_dir(out_dir, lock, created):
 
 class Logger:
     """
-    One line per log interval to the terminal and the same record as JSONL in out_dir/log.jsonl.
-    A fresh run over an earlier checkpoint (--overwrite=True) keeps its records in memory until
-    commit(), called with its first checkpoint: until then the earlier run's log stays as it was.
-    It also keeps this session's facts for the checkpoint and the report card (sessions_so_far), and sends
-    every record to the trackers config's log_to names (tracking.py) as it comes.
+    One line per log interval to the terminal, the same record in out_dir/log.jsonl and to the trackers of
+    config's log_to (tracking.py). A fresh run over an earlier checkpoint (--overwrite=True) keeps its records
+    in memory until commit() with its first checkpoint. It keeps this session's facts too (sessions_so_far).
     """
 
     def __init__(self, out_dir, max_iters, resume, run=None, sessions=(), config=None):
@@ -544,11 +513,8 @@ class Logger:
         self.pending = None
 
     def first_timing(self, it, run, warmup=2, timed=10):
-        """
-        Called after each training step: once `timed` steps after the first `warmup` ones (the compile,
-        the allocator's first growth) have run, say once how long the run will take at that pace. A GPU is
-        waited for at both ends, so that the interval measures the work, not the queueing of it.
-        """
+        """After each step: once `timed` steps past the first `warmup` ones (the compile, the allocator's growth),
+        say how long the run will take at that pace (a GPU synchronized at both ends: the work, not its queueing)."""
         sync = torch.cuda.synchronize if run.device_type == "cuda" else lambda: None
         self.steps_seen += 1
         if self.steps_seen == warmup:
