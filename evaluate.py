@@ -15,8 +15,8 @@ started from, so that what a stage bought is visible task by task.
 Scores per task (demo.score): sentiment accuracy, the share of idiom-chain answers that are real idioms
 with the right first character, name-extraction F1, exact match for the rest. The table is printed
 and written to out_dir/eval.json ({"models": {name: {"checkpoint", "tasks": {task: {"metric", "score", "n"}}}}}).
-sft.py and dpo.py run this at the end of training (after_training), and pretrain.py the benchmark; each then
-writes its report card. --report=path writes the JSON elsewhere.
+sft.py, dpo.py and grpo.py run this at the end of training (after_training), and pretrain.py the benchmark;
+each then writes its report card. --report=path writes the JSON elsewhere.
 """
 import collections
 import contextlib

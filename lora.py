@@ -1,5 +1,6 @@
 """
-LoRA for every training stage (sft.py, dpo.py; pretrain.py for continued pretraining): a frozen Linear plus a trainable low-rank update, W x + (alpha / r) * B A x.
+LoRA for every fine-tuning stage (sft.py, dpo.py, grpo.py; pretrain.py for continued pretraining): a frozen
+Linear plus a trainable low-rank update, W x + (alpha / r) * B A x.
 B starts at zero, so training starts exactly from the base model. The frozen weights can be stored
 in bf16/fp16 or int8 (FrozenLinear): they take no gradient and no optimizer state, so their storage
 is all they cost. Checkpoints store what was trained and where the base is; loading one merges the

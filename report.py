@@ -5,7 +5,7 @@ settings and sessions (commands, commits, wall time, peak memory), log.jsonl, th
 eval.json (the held-out tasks) and benchmark.json (the built-in benchmark, beside the model the run started
 from), plus three samples from the model when it is at hand. It never trains.
 
-pretrain.py, sft.py and dpo.py write it at the end of training; for any checkpoint of ours, on demand:
+Every training stage writes it at the end of training; for any checkpoint of ours, on demand:
 
     python evaluate.py --out_dir=out-sft --report_card=True
 """
