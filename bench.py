@@ -147,10 +147,9 @@ def bench_train():
 
 def bench_decode():
     """
-    Greedy decode speed, batch 1, the same threads for every engine, side by side in one process: our
-    generate() with and without the KV cache and with a compiled fixed-shape step, llama.cpp (F32 and
-    Q8_0 GGUF, through llama-cpp-python) and, with --runc_dir, llama2.c's run/runq; for the demo checkpoint and for 24m- and 134m-shaped
-    models with random weights (what the speed depends on is the shape, not the weights).
+    Greedy decode speed, batch 1, the same threads for every engine, side by side in one process: ours (KV cache
+    or not, a compiled fixed-shape step), llama.cpp (F32 and Q8_0 GGUF) and, with --runc_dir, llama2.c's run/runq;
+    for the demo checkpoint and 24m- and 134m-shaped models with random weights (speed depends on the shape).
     """
     import shutil
     import tempfile
@@ -226,11 +225,8 @@ def bench_decode():
 
 
 def bench_load():
-    """
-    Import a generated Llama checkpoint (random bf16 weights in Hugging Face's layout: one safetensors
-    file, then the same sharded) in a fresh process, and report its peak RSS against the weights' bytes
-    and against the same process before loading.
-    """
+    """Import a generated Llama (random bf16 weights, Hugging Face's layout: one safetensors file, then sharded) in a
+    fresh process: its peak RSS against the weights' bytes and against the process before loading."""
     import shutil
     import tempfile
 
@@ -287,11 +283,8 @@ def bench_load():
 
 
 def bench_loss():
-    """
-    The classifier and cross-entropy, forward and backward, at a GPU config's shape (fp32 on CPU), plainly
-    and in chunks (model.chunked_cross_entropy), each in a fresh process: peak RSS above the process
-    before the step, and time.
-    """
+    """The classifier and cross-entropy, forward and backward, at a GPU config's shape (fp32 on CPU), plain and
+    chunked, each in a fresh process: peak RSS above the process before the step, and time."""
     rows, dim, vocab = (int(x) for x in loss_shape.split(","))
     probe = ("import sys, time, torch, torch.nn.functional as F; sys.path.insert(0, {root!r}); "
              "from model import chunked_cross_entropy; torch.manual_seed(0); "
@@ -420,10 +413,9 @@ print(json.dumps({{"peak": rss("VmHWM") - base}}))
 
 def bench_memory():
     """
-    Training memory per process, predicted, for Llama 2 7B (or memory_model) at memory_seq tokens per
-    micro-step; and, with memory_check, the formula against the peak RSS of real fp32 CPU training steps
-    of a model of a few hundred MB, in fresh processes whose large allocations go back to the system
-    at once (MALLOC_MMAP_THRESHOLD_), so that the resident size follows what is alive.
+    Training memory per process, predicted, for Llama 2 7B (or memory_model) at memory_seq tokens per micro-step;
+    with memory_check, the formula against the peak RSS of fp32 CPU steps of a few-hundred-MB model, in processes
+    that return freed memory at once (MALLOC_MMAP_THRESHOLD_): the resident size follows what is alive.
     """
     gb = 1 << 30
     if memory_check:
@@ -483,11 +475,9 @@ def bench_memory():
 
 def bench_lora():
     """
-    Training steps of one model (dim 512, 8 layers, vocabulary 32000, one sequence of 512 tokens), fp32
-    compute on this CPU, all rows in this process: full fine-tuning, LoRA r8 on every matrix with the
-    base stored in fp32, bf16 and int8, and with activation checkpointing. The adapters' share of a LoRA
-    step: 1 - (the same step with the adapters off, the backward pass still running through every frozen
-    block to the embedding's output) / (the LoRA step).
+    Training steps of one model (dim 512, 8 layers, vocabulary 32000, 512 tokens), fp32 on this CPU, in this
+    process: full, LoRA r8 on every matrix over an fp32, bf16 or int8 base, with checkpointing. The adapters'
+    share: 1 - (the step with them off, the backward still through every frozen block) / (the LoRA step).
     """
     from lora import adapters_disabled, add_lora
     from model import ModelArgs, Transformer

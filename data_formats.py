@@ -32,11 +32,8 @@ MAX_DOC_CHARS = 1 << 20     # a .txt "document" with no blank line for this long
 
 
 class Counts(collections.Counter):
-    """
-    What happened to one input file: documents kept and every kind of repair or skip. Also the
-    file's text encoding (readers decode with it) and, in keys starting with "_", the characters
-    kept and how many of them are U+FFFD, so that a garbled file is caught (check_replacement).
-    """
+    """What happened to one input file: documents kept, every kind of repair or skip, its encoding, and ("_" keys)
+    the characters kept and how many are U+FFFD, so that a garbled file is caught (check_replacement)."""
     encoding = "utf-8"
 
     def __init__(self):
@@ -165,11 +162,8 @@ def read_records(path, counts, progress, columns=None):
 
 
 def read_parquet_records(path, counts, progress, columns=None, batch_rows=1024):
-    """
-    The rows of a Parquet file as dicts (nested columns as lists and dicts, as JSON would give them), read a
-    batch of rows at a time from one row group after another: memory stays at about one row group. columns:
-    read only these of them (a pretraining file's text column), where the file has them.
-    """
+    """The rows of a Parquet file as dicts (nested columns as JSON would give them), a batch at a time, one row group
+    after another: memory stays at about one row group. columns: only these, where the file has them."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -187,11 +181,8 @@ def read_parquet_records(path, counts, progress, columns=None, batch_rows=1024):
 
 
 def read_json_records(path, counts, progress):
-    """
-    JSON values of a .jsonl or .json file, whichever of the common shapes it has: JSON Lines, a JSON
-    array (also when saved as .jsonl), or pretty-printed objects one after another. A shape that is
-    not what the file's name says is named in its summary line.
-    """
+    """The JSON values of a .jsonl or .json file in any common shape: JSON Lines, an array, or pretty-printed objects
+    one after another; a shape other than the file's name says is named in its summary line."""
     with open(path, "rb") as f:
         head = f.read(1 << 16).lstrip(codecs.BOM_UTF8).lstrip()
     if head.startswith(b"["):
@@ -364,11 +355,8 @@ def to_preference(record):
 
 
 def file_records(files, val_fraction, label, convert, what):
-    """
-    (split, messages, answers) for every record of the SFT or DPO input files that convert(record) turns
-    into (messages, answer strings); every text repaired (clean_text), records with an empty one skipped,
-    and the split decided by a hash of the messages, so that pairs with one prompt fall on one side.
-    """
+    """(split, messages, answers) for every record of the SFT or DPO files that convert(record) reads, texts repaired
+    (clean_text), records with an empty one skipped, split by a hash of the messages (one prompt, one side)."""
     for record, counts in iter_file_inputs(files, read_records, f"reading {label}"):
         converted = convert(record)
         if converted is None:

@@ -295,12 +295,8 @@ _idiom_words = None  # chain_shaped's idiom list, read once
 
 
 def chain_shaped(question, answer, reference):
-    """
-    A shaped reward for the idiom chain (grpo.py --tasks=chain --verifier=demo:chain_shaped), where plain
-    sampling never finds a valid answer: partial credit for the steps a small model can reach. 0.25 for
-    four characters, 0.25 more for starting with the question idiom's last character, 1 for a real idiom
-    that does (demo.score's full credit).
-    """
+    """A shaped idiom-chain reward (grpo.py --verifier=demo:chain_shaped), where sampling never finds a valid answer:
+    0.25 for four characters, 0.25 more for starting with the idiom's last character, 1 for a real idiom that does."""
     global _idiom_words
     if _idiom_words is None:
         _idiom_words = idiom_words()

@@ -64,13 +64,11 @@ def gpu_facts(device):
 
 def auto_dtype(device_type, capability, cpu_bf16=False):
     """
-    bfloat16 on GPUs that compute it natively (compute capability 8.0 and up: A100, RTX 30/40, H100, ...); float16
-    with a GradScaler on older ones (T4, V100, P100), where torch.cuda.is_bf16_supported() says yes only by
-    emulation: no tensor cores, no flash attention, and Inductor skips bf16 graphs there. On CPU, bfloat16 autocast
-    where the CPU computes bf16 itself and the stage asks for it (cpu_bf16: pretraining, faster at the same loss on
-    AVX-512 BF16 / AMX; SFT's small answer-gathered batches were slower: docs/experiments.md), float32 where it
-    would be emulated (slower) and for every other stage. The decoders (sample, serve, evaluate) stay in float32 on
-    CPU: their greedy answers match the exports'. float32 on MPS.
+    bfloat16 on GPUs that compute it natively (compute capability 8.0+: A100, RTX 30/40, H100); float16 with a
+    GradScaler on older ones (T4, V100), where bf16 is emulated: no tensor cores, no flash attention, no Inductor.
+    On CPU, bf16 autocast where the CPU computes bf16 and the stage asks for it (cpu_bf16: pretraining, faster at
+    the same loss; SFT's small batches were slower: docs/experiments.md); float32 elsewhere, and for the
+    decoders, whose greedy answers then match the exports'.
     """
     if device_type == "cuda":
         return "bfloat16" if capability >= (8, 0) else "float16"
@@ -84,11 +82,8 @@ def cpu_has_bf16():
 
 
 def auto_compile(device_type, capability, has_triton):
-    """
-    (compile or not, why not): torch.compile's GPU code is Triton kernels, which need Triton installed
-    (PyTorch's Windows wheels have none) and compute capability 7.0 or more. Off on CPU, where it was
-    measured not to help (docs/benchmarks.md).
-    """
+    """(compile or not, why not): on GPUs it needs Triton (not in PyTorch's Windows wheels) and compute capability
+    7.0+; off on CPU, where it was measured not to help (docs/benchmarks.md)."""
     if device_type != "cuda":
         return False, None
     if not has_triton:
@@ -99,11 +94,8 @@ def auto_compile(device_type, capability, has_triton):
 
 
 def setup_device(device, dtype, compile, keep_memory=True, cpu_bf16=False):
-    """
-    Resolve "auto" settings and start torch.distributed when launched by torchrun. On CPU, keep_memory
-    lets malloc keep freed memory for reuse (see keep_freed_memory), and cpu_bf16 lets dtype=auto pick bf16
-    autocast where the CPU has bf16 instructions (auto_dtype). Returns a Run.
-    """
+    """A Run: "auto" resolved, torch.distributed started under torchrun. On CPU, keep_memory: keep_freed_memory;
+    cpu_bf16: dtype=auto may pick bf16 autocast (auto_dtype)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     device, dtype = resolve_device(device, dtype, cpu_bf16)
     rank, local_rank, world_size = 0, 0, 1
@@ -166,11 +158,8 @@ def end_distributed(run, finished):
 
 
 def wrap_ddp(model, run):
-    """
-    The model under DistributedDataParallel. The rope tables are its only buffers and never change, so
-    they are never synced in the forward pass: `forward_sync_buffers=False` where torch has it (2.13+,
-    where `broadcast_buffers` warns as deprecated), `broadcast_buffers=False` before.
-    """
+    """The model under DDP, its buffers (the constant rope tables) never synced: `forward_sync_buffers=False` where
+    torch has it (2.13+, where `broadcast_buffers` warns as deprecated), `broadcast_buffers=False` before."""
     device_ids = [run.local_rank] if run.device_type == "cuda" else None
     if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
         return DDP(model, device_ids=device_ids, forward_sync_buffers=False)
@@ -179,13 +168,11 @@ def wrap_ddp(model, run):
 
 def wrap_fsdp(model, run):
     """
-    The model under FSDP2 (fully_shard): each block, then the rest, sharded over the processes, so that
-    each holds 1/world_size of the weights, gradients and optimizer state and gathers one block's
-    weights at a time. Weights are gathered and computed in the run's dtype, gradients reduced in fp32.
-    The device mesh is explicit: on a machine with GPUs, a gloo (CPU) run would otherwise pick CUDA.
-    Rank 0's weights are then sent to every process, tensor by tensor, each keeping its shard: the others
-    may hold the model on the meta device only (checkpoint.model_to_tune(on_rank0=True)), and whatever they
-    hold, every process starts from exactly rank 0's model.
+    The model under FSDP2 (fully_shard): each block, then the rest, sharded over the processes, one block's
+    weights gathered at a time, computed in the run's dtype, gradients reduced in fp32. The device mesh is
+    explicit (a gloo run on a GPU machine would pick CUDA). Rank 0's weights then go to every process tensor by
+    tensor, each keeping its shard: the others may hold the model on the meta device only (model_to_tune's
+    on_rank0), and every process starts from exactly rank 0's model.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -206,10 +193,9 @@ def wrap_fsdp(model, run):
 
 def keep_freed_memory():
     """
-    Let glibc's malloc keep freed memory for the next training step. By default it hands every large
-    freed block back to the kernel, and the next step faults it in again page by page: with the demo's
-    logits a third of each CPU step's time went to the kernel (docs/benchmarks.md). The price: the
-    process keeps its peak memory. Elsewhere (macOS, Windows, musl) nothing happens.
+    Let glibc's malloc keep freed memory for the next step: by default it returns large blocks to the kernel and
+    the next step faults them in again, a third of a demo CPU step (docs/benchmarks.md). The price: the process
+    keeps its peak memory. Elsewhere (macOS, Windows, musl) nothing happens.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

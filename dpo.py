@@ -99,11 +99,8 @@ FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "t
 
 
 class Pairs:
-    """
-    One DPO split: for pair i, sequence 2i is prompt + chosen answer and 2i + 1 prompt + rejected answer,
-    with their answer masks, memory-mapped, served as an endless stream in which every pair appears
-    once per epoch, in an order shuffled anew each epoch.
-    """
+    """One DPO split, memory-mapped: sequence 2i is pair i's prompt + chosen answer, 2i + 1 its prompt + rejected
+    answer, with answer masks; an endless stream, every pair once per epoch, shuffled anew each epoch."""
 
     def __init__(self, data_dir, split, block_size, tok, seed=0):
         prefix = os.path.join(data_dir, f"dpo_{split}")

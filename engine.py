@@ -22,11 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def decoding_attention():
-    """
-    The attention kernels for decoding, where every step has a new shape (the cache grows by a token, each
-    prompt has its own length): flash, memory-efficient or plain, not cuDNN's, which builds a plan for each
-    new shape, a cost that dominated GPU decoding (docs/gpu.md). Training's fixed shapes keep it.
-    """
+    """Decoding's attention kernels: not cuDNN's, which builds a plan for every new shape (and decoding's grow a token a
+    step), a cost that dominated GPU decoding (docs/gpu.md). Training's fixed shapes keep it."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -39,11 +36,8 @@ def new_cache(model, batch_size, max_seq_len, device, dtype):
 
 
 def decode_step(model, token, position, cache):
-    """
-    The logits (B, 1, V) after one new token per row, token (B, 1), all at position (a 0-d tensor),
-    attending over the whole cache with a mask: every call has the same shapes, so torch.compile makes
-    one graph of it (see compiled_step). The plain cached step's shapes grow each token.
-    """
+    """The logits (B, 1, V) after token (B, 1) at position (0-d), attending over the whole cache with a mask: every
+    call has the same shapes, so torch.compile makes one graph of it (compiled_step)."""
     B, S = token.shape[0], cache[0][0].shape[1]
     mask = (torch.arange(S, device=token.device) <= position)[None, None, None, :].expand(B, 1, 1, S)
     logits, _ = model(token, cache=cache, start_pos=position.expand(B), attn_mask=mask)
@@ -88,12 +82,10 @@ def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
 def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
              stop_tokens=(), use_cache=True, step=None, why=None):
     """
-    Yields the next token of each row, a (B,) tensor, one step at a time, until max_new_tokens, the context is full,
-    or every row has produced one of stop_tokens (the stop token is yielded). tokens: (B, T) prompt. temperature 0
-    is greedy. With use_cache the prompt is processed once and each step feeds only the newest token; without it
-    each step recomputes the whole sequence. step: a compiled_step for the steps after the prompt, over a cache of
-    the full context. why: a list that receives each row's reason for stopping once generation ends: "stop" (a stop
-    token), "length" (max_new_tokens) or "context" (the context is full).
+    Yields each row's next token, a (B,) tensor, until max_new_tokens, a full context, or every row has yielded one
+    of stop_tokens. tokens: (B, T) prompt; temperature 0 is greedy. use_cache: each step feeds only the newest token
+    (else it recomputes the sequence); step: a compiled_step for the steps after the prompt. why: a list that
+    receives each row's reason for stopping: "stop", "length" (max_new_tokens) or "context".
     """
     B, T = tokens.shape
     max_seq_len = model.args.max_seq_len
@@ -135,10 +127,9 @@ def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, top_p=N
 
 class TextStreamer:
     """
-    Turns generated ids into text as they arrive. A character whose UTF-8 bytes are spread over several
-    byte-fallback tokens is emitted once complete, never as a replacement character in between, and
-    everything emitted joins up to exactly tok.decode(prompt + generated)[len(decode(prompt)):]. With no
-    prompt ids (a chat answer, which the template encodes on its own), that is tok.decode(generated).
+    Generated ids as text as they arrive: a character spread over byte-fallback tokens comes out once complete (never
+    a replacement character), and the pieces join up to tok.decode(prompt + generated)[len(decode(prompt)):]
+    exactly; tok.decode(generated) with no prompt ids (a chat answer, which the template encodes on its own).
     """
 
     def __init__(self, tok, prompt_ids=()):
@@ -161,11 +152,9 @@ class TextStreamer:
 
 class Request:
     """
-    One generation: its prompt ids and settings, and the queue its results go to: ("token", id) for
-    each new token, then ("end", finish_reason) with "stop" (a stop token), "length" (max_new_tokens, or
-    the context is full), "cancelled", "error" (this request failed; the others go on) or "shutdown".
-    A seeded request samples on the CPU with its own generator: the same seed gives the same answer on
-    any device, and a CPU generator never meets GPU logits.
+    One generation: prompt ids, settings, and the queue of its results: ("token", id) per new token, then ("end",
+    "stop" | "length" | "cancelled" | "error" (this request alone failed) | "shutdown"). A seeded request samples
+    on the CPU with its own generator: the same seed gives the same answer on any device.
     """
 
     def __init__(self, ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=None, stop_tokens=(), top_k=None,
@@ -186,11 +175,8 @@ class Request:
 
 
 class Engine:
-    """
-    background: run the scheduler in a thread of its own. serve.py runs it in the main thread instead
-    (run()), because PyTorch's CPU kernels ran at half speed from a second thread here (the OpenMP team
-    of a non-main thread: docs/serve.md).
-    """
+    """background: the scheduler in a thread of its own. serve.py runs it in the main thread (run()): PyTorch's CPU
+    kernels ran at half speed from a second thread (docs/serve.md)."""
 
     def __init__(self, model, slots, max_queue=64, background=True):
         self.model, self.slots, self.max_queue = model.eval(), slots, max_queue
@@ -339,11 +325,8 @@ class Engine:
 
 
 def complete(model, requests, slots):
-    """
-    Run requests to their end in this thread on an engine of `slots` rows (evaluate.py's pass@k, grpo.py's
-    rollouts): the same scheduler and sampling as serve.py's, so a seeded request gives the answer the
-    server would. Returns each request's (generated tokens, finish reason). The model is left in eval mode.
-    """
+    """Each request's (generated tokens, finish reason), run to its end in this thread on `slots` rows with serve.py's
+    scheduler and sampling: a seeded request gets the server's answer. The model is left in eval mode."""
     engine = Engine(model, max(1, min(slots, len(requests))), max_queue=len(requests), background=False)
     for request in requests:
         engine.submit(request)

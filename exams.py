@@ -103,10 +103,9 @@ def exam_prompt(subject_name, shots, row):
 
 def option_tokens(tok, prompt, options, chat):
     """
-    (prompt ids, [continuation ids of each option]). A base model reads the prompt as plain text and each
-    option is what encoding prompt + option adds to the prompt's ids (refused in one line where an option
-    merges with the prompt's last piece); a chat model reads the prompt as a user turn and each option as
-    an answer begins (as its training encoded answers).
+    (prompt ids, [continuation ids of each option]). A base model reads the prompt as plain text, each option as
+    what encoding prompt + option adds (refused where an option merges with the prompt's last piece); a chat
+    model reads the prompt as a user turn, each option as an answer begins.
     """
     if chat:
         ids, _ = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -250,10 +249,9 @@ def headline(results):
 
 def compare_on_benchmark(models, items, report_path, val_fraction, per_task=0):
     """
-    models: {name: (Transformer, its Tokenizer, checkpoint directory[, the context it answers in])}, as
-    evaluate.compare_on_tasks takes them. Every model on the built-in benchmark's items: prints the table of raw and
-    chance-centred scores with the headline (their mean centred score) and writes it to report_path (per_task: the
-    bound the items were drawn with, recorded for the report card). Returns {name: {task: (accuracy, n, chance)}}.
+    {name: {task: (accuracy, n, chance)}} of every model (as evaluate.compare_on_tasks takes them) on the built-in
+    benchmark: prints raw and chance-centred scores with the headline (the mean centred score), and writes them
+    to report_path with per_task (the bound the items were drawn with, for the report card).
     """
     t0 = time.time()
     results = {}

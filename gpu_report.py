@@ -255,11 +255,8 @@ def gpu_loss(run, meter, shapes):
 
 
 def materialized_lora_model(args, base_dtype, device):
-    """
-    A LoRA model of args's shape built on the meta device and materialized on device with random weights,
-    every frozen matrix directly in base_dtype: no fp32 copy of the base ever exists (a 7B model in bf16
-    takes 13.5 GB, not 27 + 13.5). Adapters as add_lora makes them (A random, B zero).
-    """
+    """A LoRA model of args's shape built on the meta device, materialized on device with random weights, each
+    frozen matrix directly in base_dtype (no fp32 copy of the base ever exists); adapters as add_lora makes them."""
     with torch.device("meta"):
         model = add_lora(Transformer(args), LORA_TARGETS, 8, 16.0, 0.0, base_dtype)
     model.to_empty(device=device)
@@ -327,11 +324,8 @@ def gpu_lora(run, meter, shapes, peak_flops_s):
 
 
 def gpu_decode(run, meter, shapes):
-    """
-    Greedy decoding of a preset's shape (random weights, in the run's dtype as serve.py loads it): batch 1
-    eager and with the compiled fixed-shape step (sample.py --compile=True), then through engine.py with
-    several concurrent requests (serve.py's batching): generated tokens/s over all requests.
-    """
+    """Greedy decoding tokens/s of a preset's shape (random weights, the run's dtype): batch 1 eager and with the
+    compiled step (sample.py --compile=True), then several concurrent requests through engine.py (serve.py's)."""
     meter.start()
     torch.manual_seed(0)
     args = shape_args(shapes["decode_preset"], shapes["train_vocab"])

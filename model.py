@@ -296,10 +296,9 @@ class Transformer(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=True, shard=False,
                              embedding_lr_scale=1.0):
         """
-        muon: Muon for the blocks' weight matrices and AdamW for the embedding and norms (muon.py), the
-        embedding's group with "lr_scale" embedding_lr_scale (the loop sets its lr to the schedule's times
-        that); else AdamW for all. Norm gains are never decayed. shard: under DDP, each process orthogonalizes
-        only its share of Muon's matrices (on GPUs, in bf16 and batched by shape).
+        muon: Muon for the blocks' matrices, AdamW for the embedding (its group's "lr_scale": embedding_lr_scale)
+        and norms (muon.py); else AdamW for all. Norm gains are never decayed. shard: under DDP each process
+        orthogonalizes its share of Muon's matrices (on GPUs in bf16, batched by shape).
         """
         params = [p for p in self.parameters() if p.requires_grad]
         if muon:
@@ -320,11 +319,8 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def flops_per_token(self, block_size):
-        """
-        Training FLOPs per token: 6 per trained parameter (forward, input and weight gradients), 4 per
-        frozen one (LoRA's base: no weight gradient), plus attention's 12 * L * T * dim. Recomputation
-        (activation checkpointing) is not counted: MFU counts the model's FLOPs, not the work done.
-        """
+        """Training FLOPs per token: 6 per trained parameter, 4 per frozen one (no weight gradient), plus attention's
+        12 * L * T * dim; not recomputation (activation checkpointing): MFU counts the model's FLOPs."""
         a = self.args
         trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = self.num_params() - trained
@@ -358,10 +354,9 @@ CHUNKED_LOSS_ABOVE = 1 << 27
 
 def chunked_cross_entropy(h, weight, targets, chunk_rows=None):
     """
-    The mean cross-entropy of the classifier (weight, (V, dim)) on the rows of h ((N, dim)), equal to
-    F.cross_entropy(h @ weight.T, targets, ignore_index=-1), computed a chunk of rows at a time: the (rows, V)
-    logits, their softmax and their gradient exist for one chunk only. The gradients are computed chunk by chunk in
-    the forward pass (the loss is a scalar, so backward only scales them), which costs no second classifier matmul.
+    F.cross_entropy(h @ weight.T, targets, ignore_index=-1) for h (N, dim), weight (V, dim), a chunk of rows at a
+    time: the (rows, V) logits, softmax and gradient exist for one chunk only. The gradients are computed in the
+    forward pass (the loss is a scalar: backward only scales them), so there is no second classifier matmul.
     """
     chunk_rows = chunk_rows or max(1, CHUNKED_LOSS_ABOVE // 4 // weight.shape[0])
     return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_rows)

@@ -167,11 +167,8 @@ OUTPUT_KINDS = {"pretraining": ["train_[0-9]*", "val_[0-9]*"], "sft": ["sft_*"],
 
 
 def publish(data_dir, tmp_paths, written_kinds, tokenizer_changed):
-    """
-    Rename this run's outputs into place, all at the very end, and remove what an earlier run left
-    that no longer belongs: its files of every kind this run wrote, and, when the tokenizer changed,
-    its files of every kind (they hold ids of another tokenizer). A data directory never mixes two runs.
-    """
+    """Rename this run's outputs into place, at the very end, and remove an earlier run's files of the kinds this
+    run wrote (of every kind when the tokenizer changed): a data directory never mixes two runs."""
     final = {p[:-len(".tmp")] for p in tmp_paths}
     stale_kinds = OUTPUT_KINDS if tokenizer_changed else {k: OUTPUT_KINDS[k] for k in written_kinds}
     stale = {p for patterns in stale_kinds.values() for pattern in patterns

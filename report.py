@@ -30,11 +30,8 @@ SAMPLING = {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1, "max_ne
 
 
 def write_card(out_dir, model=None, tok=None):
-    """
-    Write out_dir/report.md and report.json for the checkpoint out_dir holds. model (with tok), when given,
-    writes the three samples (a chat model answers the first held-out questions of the run's data_dir).
-    Returns the card as a dict (report.json's content).
-    """
+    """Write out_dir/report.md and report.json (returned as a dict) for its checkpoint; model and tok, when given,
+    write three samples (a chat model answers the first held-out questions of the run's data_dir)."""
     checkpoint = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", mmap=True, weights_only=True)
     for key in ("model", "optimizer", "lora"):
         checkpoint.pop(key, None)  # the card needs the run's facts only

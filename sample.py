@@ -72,12 +72,8 @@ def cut_message(tok, messages, budget):
 
 
 def generate_text(model, tok, ids, stream=True, answer=False, **generate_kwargs):
-    """
-    Generate after `ids` with engine.generate(**generate_kwargs), stopping at tok.stop_ids and printing as
-    it goes. answer: the text is a chat answer (decoded on its own) rather than a continuation of ids.
-    Returns (text, tokens, seconds, why it stopped: "stop" at a stop token, "length" at max_new_tokens,
-    "context" when the context is full).
-    """
+    """(text, tokens, seconds, why it stopped: "stop", "length" or "context") of engine.generate after ids, printed
+    as it goes; answer: a chat answer (decoded on its own), not a continuation of ids."""
     x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     streamer = TextStreamer(tok, () if answer else ids)
     out, n, t0, why = [], 0, time.time(), []

@@ -307,9 +307,11 @@ class Handler(BaseHTTPRequestHandler):
         super().end_headers()
 
     def send_json(self, status, payload, headers=None):
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_bytes(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), "application/json", headers)
+
+    def send_bytes(self, status, data, content_type, headers=None):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -341,13 +343,7 @@ class Handler(BaseHTTPRequestHandler):
         model_card = {"id": name, "object": "model", "created": 0, "owned_by": "llama2.zh"}
         if path == "/":
             with open(PAGE, "rb") as f:
-                page = f.read()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(page)
+                self.send_bytes(200, f.read(), "text/html")
         elif path == "/health":
             active, waiting = self.server.engine.busy()
             self.send_json(200, {"status": "ok", "active": active, "waiting": waiting,

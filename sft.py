@@ -93,11 +93,8 @@ FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "t
 
 
 class Conversations:
-    """
-    One SFT split: tokenized conversations with their loss masks, memory-mapped, served as an endless
-    stream of rows in which every conversation appears exactly once per epoch, in a shuffled order.
-    Packed: each row (block_size tokens) holds several whole conversations; padded: one per row.
-    """
+    """One SFT split, memory-mapped: conversations with their loss masks as an endless stream of rows, each
+    conversation once per epoch, shuffled; packed, a row (block_size tokens) holds several, padded one."""
 
     OPEN_ROWS = 8  # packing fills the first of this many open rows with room, so rows are nearly full
 
@@ -142,11 +139,8 @@ class Conversations:
         return len(self.starts)
 
     def _lay_out(self, epoch):
-        """
-        Every conversation once, shuffled anew each epoch. Packed, each goes into the first of the open
-        rows with room for it. (Drawing conversations at random until one does not fit would train long
-        conversations several times less often than short ones: docs/experiments.md.)
-        """
+        """Every conversation once, shuffled anew each epoch; packed, each into the first open row with room (drawing
+        at random until one does not fit trained long ones several times less often: docs/experiments.md)."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
         if not self.packed:
             return [[i] for i in order]

@@ -239,11 +239,8 @@ class Tokenizer:
 
 
 def turn_boundary_cut(ids, bos_id, max_tokens):
-    """
-    Where to cut a conversation of more than max_tokens tokens so that every answer it keeps is whole:
-    the start of its last user turn (each begins with BOS) that leaves at most max_tokens tokens.
-    0 when even the first turn does not fit. ids: the conversation's token ids (list or array).
-    """
+    """Where to cut a conversation's ids (list or array) to at most max_tokens keeping every answer whole: the start
+    (BOS) of the last user turn that leaves at most max_tokens; 0 when even the first turn does not fit."""
     bos = np.flatnonzero(np.asarray(ids[:max_tokens + 1]) == bos_id)
     bos = bos[bos > 0]
     return int(bos[-1]) if len(bos) else 0
@@ -281,11 +278,9 @@ def is_val(text, fraction):
 
 def sniff_encoding(path, sample_bytes=1 << 20):
     """
-    "utf-8" or "gb18030" for a text file, judged on its first sample_bytes. Chinese text often comes
-    in GBK/GB18030, and read as UTF-8 it becomes mostly U+FFFD: a file whose non-ASCII bytes largely
-    fail to decode as UTF-8 but decode cleanly as GB18030 (a superset of GBK and GB2312) is read as
-    that. A few bad bytes in a UTF-8 file stay UTF-8 (the readers repair and count them). Anything
-    else is a one-line error naming the file, never silently garbled text.
+    "utf-8" or "gb18030" for a text file, judged on its first sample_bytes: Chinese text often comes in GBK, which
+    read as UTF-8 is mostly U+FFFD. Non-ASCII bytes that mostly fail as UTF-8 but decode as GB18030 (a superset of
+    GBK) are that; a few bad bytes stay UTF-8 (repaired, counted); anything else is a one-line error.
     """
     with open(path, "rb") as f:
         sample = f.read(sample_bytes)
