@@ -67,7 +67,6 @@ dtype = "float32"            # float32, or bfloat16 on GPUs (greedy answers can 
 # -----------------------------------------------------------------------------
 
 
-
 def load_tests(data_dir):
     """The held-out conversations prepare_data.py wrote, or None when there are none."""
     path = os.path.join(data_dir, "sft_test.jsonl")

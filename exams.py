@@ -144,7 +144,7 @@ def option_logprobs(model, ids, continuations):
     return scores
 
 
-def run_exam(model, tok, subjects, shots, chat, context_length, predictions=None):
+def run_exam(model, tok, subjects, shots, chat, max_seq_len, predictions=None):
     """
     {subject: {"correct", "scored", "skipped", "shots"}} for the model on every subject's questions with up to
     `shots` dev rows before each (fewer where the subject has fewer). A prompt longer than the context drops
@@ -161,7 +161,7 @@ def run_exam(model, tok, subjects, shots, chat, context_length, predictions=None
             bar.update(1)
             for k in range(min(shots, len(s["shots"])), -1, -1):
                 ids, continuations = option_tokens(tok, exam_prompt(s["name"], s["shots"][:k], row), LETTERS, chat)
-                if len(ids) + max(map(len, continuations)) <= context_length:
+                if len(ids) + max(map(len, continuations)) <= max_seq_len:
                     break
             else:
                 r["skipped"] += 1

@@ -357,7 +357,7 @@ def main():
             if run.master and iter_num % log_interval == 0:
                 dt = (time.time() - t_last) / log_interval
                 t_last = time.time()
-                record = summarize(stats, lr, dt, batch_size * group_size * run.world_size)
+                record = log_record(stats, lr, dt, batch_size * group_size * run.world_size)
                 stopper.check_loss(record["loss"], "training GRPO loss", iter_num)
                 print(f"iter {iter_num}: loss {record['loss']:.4f}, reward {record['reward']:.3f}, all-equal groups "
                       f"{record['skipped_groups'] * 100:.0f}%, KL {record['kl']:.4f}, answer length "
@@ -419,7 +419,7 @@ def update_policy(model, raw_model, ref_model, optimizer, scaler, batch, run, it
     return losses, kls[0]
 
 
-def summarize(stats, lr, dt, answers_per_iter):
+def log_record(stats, lr, dt, answers_per_iter):
     """The log record of the iterations since the last one."""
     return {"loss": float(np.mean(stats["loss"])) if stats["loss"] else 0.0,  # 0: no group had a signal
             "reward": float(np.mean(stats["reward"])),

@@ -13,6 +13,8 @@ GB = 1 << 30
 def gb(n):
     """Bytes as GB for a message: one decimal from 10 GB up, two from 0.1 GB, three below."""
     return f"{n / GB:.1f}" if n >= 10 * GB else f"{n / GB:.2f}" if n >= GB / 10 else f"{n / GB:.3f}"
+
+
 # Llama 2's published shapes (Meta's params.json / Hugging Face config.json), for memory planning without the weights
 LLAMA2 = {"llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
                             max_seq_len=4096, tie_embeddings=False),
@@ -153,7 +155,6 @@ def container_memory_left(root="/sys/fs/cgroup"):
         if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number: no limit
             return max(0, int(limit) - usage)
     return None
-
 
 
 def preflight(model, run, block_size, batch_size, accumulation, lora_rank=0, base_dtype="float32",
