@@ -39,19 +39,6 @@ dtype = "auto"               # auto: bfloat16 on GPUs that support it, else floa
 # -----------------------------------------------------------------------------
 
 
-def fit_history(tok, system_prompt, turns, user, budget):
-    """The messages for the next answer: the system prompt, as many of the newest (user, answer) turns
-    as fit in `budget` tokens together with the new user message, and that message. Oldest turns go first."""
-    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for first in range(len(turns) + 1):
-        messages = head + [m for u, a in turns[first:] for m in ({"role": "user", "content": u},
-                                                                 {"role": "assistant", "content": a})]
-        messages.append({"role": "user", "content": user})
-        if len(tok.encode_chat(messages)[0]) <= budget:
-            return messages, len(turns) - first
-    return messages, 0  # the new message alone is too long: the caller keeps its tail
-
-
 def cut_message(tok, messages, budget):
     """
     The messages with the last one's text cut from its front until the prompt fits budget tokens: the
@@ -161,8 +148,8 @@ def chat_loop(model, tok, checkpoint, max_seq_len, settings):
               f"exits, Ctrl-C stops an answer", file=sys.stderr)
     turns = []
     budget = max_seq_len - min(max_new_tokens, max_seq_len // 2)
-    alone = len(tok.encode_chat(([{"role": "system", "content": system}] if system else [])
-                                + [{"role": "user", "content": ""}])[0])
+    head = [{"role": "system", "content": system}] if system else []
+    alone = len(tok.encode_chat(head + [{"role": "user", "content": ""}])[0])
     if alone > budget:
         raise SystemExit(f"error: --system takes {alone} tokens in the chat template, more than the {budget} the "
                          f"{max_seq_len}-token context keeps for a question before the answer; shorten it")
@@ -183,12 +170,11 @@ def chat_loop(model, tok, checkpoint, max_seq_len, settings):
                 continue
             if not user:
                 continue
-        messages, kept = fit_history(tok, system, turns, user, budget)
-        if kept < len(turns):
-            print(f"(dropped the {len(turns) - kept} oldest turn(s) to fit the {max_seq_len}-token context)",
-                  file=sys.stderr)
-        turns = turns[len(turns) - kept:]
-        ids, _ = tok.encode_chat(messages)
+        history = [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
+        ids, messages, dropped = tok.fit_chat(head + history + [{"role": "user", "content": user}], budget)
+        if dropped:
+            print(f"(dropped the {dropped} oldest turn(s) to fit the {max_seq_len}-token context)", file=sys.stderr)
+        turns = turns[dropped:]
         if len(ids) > budget:
             messages = cut_message(tok, messages, budget)
             ids, _ = tok.encode_chat(messages)

@@ -152,33 +152,6 @@ def chat_messages(body, max_messages):
     return rendered
 
 
-def chat_prompt(messages, tok, budget):
-    """
-    (prompt ids, messages kept, turns left out) of a chat, rendered as sample.py --chat renders it. A chat
-    longer than budget tokens loses its oldest (user, assistant) turns, the system message staying (it goes
-    with the first turn kept), as sample.py --chat does; a last message that alone does not fit is left
-    whole, for the caller to refuse. Each turn is encoded once (and the first turn kept once more, with the
-    system message): the cost grows with the chat's length, not with its square.
-    """
-    head = messages[:1] if messages[0]["role"] == "system" else []
-    rest = messages[len(head):]  # user, assistant, ..., user
-    turns = [rest[i:i + 2] for i in range(0, len(rest), 2)]
-    lengths = [len(tok.encode_chat(turn)[0]) for turn in turns]  # a chat's ids are its turns' ids one after another
-    after = [0] * (len(turns) + 1)  # after[k]: the tokens of turns k.. without the system message
-    for k in range(len(turns) - 1, -1, -1):
-        after[k] = after[k + 1] + lengths[k]
-    for dropped in range(len(turns)):
-        if after[dropped] > budget:
-            continue  # too long even before the system message joins the first turn
-        first = len(tok.encode_chat(head + turns[dropped])[0]) if head else lengths[dropped]
-        if first + after[dropped + 1] <= budget:
-            break
-    else:
-        dropped = len(turns) - 1
-    kept = head + [m for turn in turns[dropped:] for m in turn]
-    return tok.encode_chat(kept)[0], kept, dropped
-
-
 def completion_prompt(body, tok):
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -436,7 +409,8 @@ class Handler(BaseHTTPRequestHandler):
         self.body_read = True
         if len(raw) < int(length):
             self.close_connection = True
-            raise ApiError(400, f"the body has {len(raw)} of the {length} bytes Content-Length says", code="invalid_json")
+            raise ApiError(400, f"the body has {len(raw)} of the {length} bytes Content-Length says",
+                           code="invalid_json")
         try:
             body = json.loads(raw)
             json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) is not text
@@ -454,7 +428,7 @@ class Handler(BaseHTTPRequestHandler):
         max_seq_len, default_max_tokens = server.engine.max_seq_len, server.default_max_tokens
         if chat:  # room for an answer: what the request asks for, at most half the context
             room = min(answer_limit(body, default_max_tokens), max_seq_len // 2)
-            ids, _, dropped = chat_prompt(chat_messages(body, server.max_messages), server.tok, max_seq_len - room)
+            ids, _, dropped = server.tok.fit_chat(chat_messages(body, server.max_messages), max_seq_len - room)
         else:
             ids = completion_prompt(body, server.tok)
         settings = sampling(body, max_seq_len, len(ids), default_max_tokens, "messages" if chat else "prompt")
@@ -523,8 +497,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def main():
     config = configure(globals())
-    check_ranges(config, at_least_1=("slots", "max_tokens", "max_body_bytes", "max_messages"), at_least_0=("port", "max_queue"),
-                 positive=("idle_timeout",))
+    check_ranges(config, at_least_1=("slots", "max_tokens", "max_body_bytes", "max_messages"),
+                 at_least_0=("port", "max_queue"), positive=("idle_timeout",))
     if port > 65535:
         raise SystemExit(f"error: --port={port} is not a port: use 0 to 65535 (0: any free one)")
     dev, dt = resolve_device(device, dtype)

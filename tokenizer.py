@@ -237,6 +237,31 @@ class Tokenizer:
                 mask += [1] * len(reply)
         return ids, mask
 
+    def fit_chat(self, messages, budget):
+        """
+        (prompt ids, messages kept, turns left out) of a chat ending with a user message, within budget tokens:
+        its oldest (user, assistant) turns go first, the system message stays (with the first turn kept); a last
+        message that alone does not fit is left whole, for the caller to cut or refuse. Each turn is encoded
+        about once: the cost grows with the chat's length, not its square (serve.py, sample.py --chat).
+        """
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        rest = messages[len(head):]  # user, assistant, ..., user
+        turns = [rest[i:i + 2] for i in range(0, len(rest), 2)]
+        lengths = [len(self.encode_chat(turn)[0]) for turn in turns]  # a chat's ids are its turns' one after another
+        after = [0] * (len(turns) + 1)  # after[k]: the tokens of turns k.. without the system message
+        for k in range(len(turns) - 1, -1, -1):
+            after[k] = after[k + 1] + lengths[k]
+        for dropped in range(len(turns)):
+            if after[dropped] > budget:
+                continue  # too long even before the system message joins the first turn
+            first = len(self.encode_chat(head + turns[dropped])[0]) if head else lengths[dropped]
+            if first + after[dropped + 1] <= budget:
+                break
+        else:
+            dropped = len(turns) - 1
+        kept = head + [m for turn in turns[dropped:] for m in turn]
+        return self.encode_chat(kept)[0], kept, dropped
+
 
 def turn_boundary_cut(ids, bos_id, max_tokens):
     """Where to cut a conversation's ids (list or array) to at most max_tokens keeping every answer whole: the start

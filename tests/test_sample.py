@@ -6,7 +6,6 @@ import torch
 
 from conftest import run
 from engine import TextStreamer, generate
-from sample import fit_history
 from tokenizer import Tokenizer
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 
@@ -58,15 +57,19 @@ def test_streaming_prints_exactly_the_decoded_text_and_never_half_a_character(de
 
 def test_chat_history_drops_the_oldest_turns_and_keeps_the_system_prompt(demo_data):
     tok = Tokenizer(os.path.join(demo_data, "tokenizer.model"))
-    turns = [(f"第{i}个问题" + "很长" * 10, f"第{i}个回答" + "很长" * 10) for i in range(6)]
-    everything, kept = fit_history(tok, "你是助手", turns, "新问题", budget=10_000)
-    assert kept == 6 and everything[0] == {"role": "system", "content": "你是助手"}
-    budget = len(tok.encode_chat(everything)[0]) - 1  # one token short of the whole history
-    messages, kept = fit_history(tok, "你是助手", turns, "新问题", budget)
-    assert kept == 5 and messages[0]["role"] == "system" and messages[-1]["content"] == "新问题"
-    assert messages[1]["content"].startswith("第1个问题") and len(tok.encode_chat(messages)[0]) <= budget
-    messages, kept = fit_history(tok, "你是助手", turns, "新问题", budget=60)
-    assert kept < 2 and messages[0]["role"] == "system" and messages[-1]["content"] == "新问题"
+    chat = [{"role": "system", "content": "你是助手"}]
+    for i in range(6):
+        chat += [{"role": "user", "content": f"第{i}个问题" + "很长" * 10},
+                 {"role": "assistant", "content": f"第{i}个回答" + "很长" * 10}]
+    chat.append({"role": "user", "content": "新问题"})
+    ids, everything, dropped = tok.fit_chat(chat, budget=10_000)
+    assert dropped == 0 and everything == chat and ids == tok.encode_chat(chat)[0]
+    budget = len(ids) - 1  # one token short of the whole history
+    ids, messages, dropped = tok.fit_chat(chat, budget)
+    assert dropped == 1 and messages[0]["role"] == "system" and messages[-1]["content"] == "新问题"
+    assert messages[1]["content"].startswith("第1个问题") and len(ids) <= budget
+    ids, messages, dropped = tok.fit_chat(chat, budget=60)
+    assert dropped > 4 and messages[0]["role"] == "system" and messages[-1]["content"] == "新问题"
 
 
 def test_non_interactive_chat_answers_once_and_exits(tiny_sft_ckpt):

@@ -39,7 +39,7 @@ def dropping_oldest_turns(messages, tok, budget):
 def test_a_long_chat_loses_the_same_oldest_turns_as_re_encoding_it_would(tok, system):
     texts = [("这是第%d轮的问题，内容稍长一些。" % i) * (1 + i % 3) for i in range(24)]
     for budget in (20, 60, 100, 180, 400, 10_000):
-        assert serve.chat_prompt(chat(texts, system), tok, budget) == dropping_oldest_turns(chat(texts, system), tok,
+        assert tok.fit_chat(chat(texts, system), budget) == dropping_oldest_turns(chat(texts, system), tok,
                                                                                             budget)
 
 
@@ -50,7 +50,7 @@ def test_fitting_a_chat_of_thousands_of_turns_encodes_each_turn_about_once(tok, 
     plain_encode = Tokenizer.encode
     monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: encoded.append(len(text)) or
                         plain_encode(self, text, **kw))
-    ids, kept, dropped = serve.chat_prompt(messages, tok, 200)
+    ids, kept, dropped = tok.fit_chat(messages, 200)
     chat_chars = sum(len(m["content"]) + 20 for m in messages)  # each turn's text and its [INST] markers
     assert len(ids) <= 200 and dropped > 1400 and kept[0]["role"] == "system"
     assert sum(encoded) < 3 * chat_chars
