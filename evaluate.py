@@ -38,6 +38,7 @@ from device import PTDTYPE, resolve_device
 from engine import Request, complete, generate
 from lora import adapters_disabled, has_adapters
 from report import write_card
+from tokenizer import write_text_file
 
 # -----------------------------------------------------------------------------
 out_dir = "out-sft"          # the checkpoint to evaluate (ckpt.pt, tokenizer.model); eval.json is written here
@@ -243,9 +244,7 @@ def compare_on_tasks(models, data_dir, per_task, report_path, batch_size=32, ext
     for name, r in sampled.items():
         report["models"][name]["pass_at_k"] = {"k": pass_k, "temperature": pass_temperature, "tasks": {
             task: {"pass1": p1, "passk": pk, "n": n} for task, (p1, pk, n) in r.items()}}
-    with open(report_path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
-    os.replace(report_path + ".tmp", report_path)
+    write_text_file(report_path, json.dumps(report, indent=1, ensure_ascii=False))
     return results
 
 
@@ -313,10 +312,7 @@ def write_onpolicy_pairs(model, tok, path, tasks, val_fraction, batch_size):
              for task, question, reference, answer in record
              if answer.strip() and answer != reference and demo.score(task, question, reference, answer, words) < 1]
     pairs, dropped = balance_sentiment_labels(pairs)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    write_text_file(path, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
     print(f"{len(record):,} training questions answered in {time.time() - t0:.0f}s ("
           + ", ".join(f"{task} {score * 100:.1f}%" for task, (score, _) in sorted(results.items()))
           + f"); {len(pairs):,} wrong answers written as DPO pairs to {path}"
@@ -350,9 +346,7 @@ def run_exams(model, tok, checkpoint, folders, report_path):
             print(f"{name:<24}{r['accuracy'] * 100:>9.1f}%{r['centred'] * 100:>9.1f}%{r['n']:>8}{r['skipped']:>9}"
                   f"{fitted}")
         report["exams"][kind] = dict(summary, directory=directory, malformed=malformed, predictions=predictions)
-    with open(report_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
-    os.replace(report_path + ".tmp", report_path)
+    write_text_file(report_path, json.dumps(report, indent=1, ensure_ascii=False))
     print(f"wrote {report_path}")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import sniff_encoding
+from tokenizer import sniff_encoding, write_text_file
 
 LETTERS = "ABCD"
 CHANCE = 1 / len(LETTERS)
@@ -270,7 +270,5 @@ def compare_on_benchmark(models, items, report_path, val_fraction, per_task=0):
             task: {"accuracy": a, "centred": centred(a, c), "chance": c, "n": n}
             for task, (a, n, c) in results[name].items()}}
         for name, (_, _, source, *_) in models.items()}}
-    with open(report_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
-    os.replace(report_path + ".tmp", report_path)
+    write_text_file(report_path, json.dumps(report, indent=1, ensure_ascii=False))
     return results

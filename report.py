@@ -21,6 +21,7 @@ from device import git_commit
 from engine import generate
 from model import ModelArgs, Transformer
 from plot import plot_runs, read_log
+from tokenizer import write_text_file
 
 SPEEDS = {"tokens_per_s": "tokens/s", "answer_tokens_per_s": "answer tokens/s", "pairs_per_s": "pairs/s",
           "answers_per_s": "sampled answers/s"}
@@ -55,12 +56,8 @@ def write_card(out_dir, model=None, tok=None):
         "sampling": SAMPLING,
         "settings": config,
     }
-    with open(os.path.join(out_dir, "report.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1, ensure_ascii=False)
-    os.replace(os.path.join(out_dir, "report.json.tmp"), os.path.join(out_dir, "report.json"))
-    with open(os.path.join(out_dir, "report.md.tmp"), "w", encoding="utf-8") as f:
-        f.write(markdown(card))
-    os.replace(os.path.join(out_dir, "report.md.tmp"), os.path.join(out_dir, "report.md"))
+    write_text_file(os.path.join(out_dir, "report.json"), json.dumps(card, indent=1, ensure_ascii=False))
+    write_text_file(os.path.join(out_dir, "report.md"), markdown(card))
     print(f"report card: {os.path.join(out_dir, 'report.md')}")
     return card
 

@@ -335,3 +335,10 @@ def read_text_file(path):
     with open(path, "rb") as f:
         text = f.read().decode(encoding, errors="replace")
     return text.removeprefix("\ufeff"), encoding
+
+
+def write_text_file(path, text):
+    """Write text as UTF-8 to a temporary file and rename it into place: a crash never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

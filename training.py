@@ -34,6 +34,7 @@ import torch.distributed as dist
 from checkpoint import STAGES, check_tokenizer, load_checkpoint, save_checkpoint
 from device import command_line, end_distributed, git_commit, peak_memory_gb, wrap_ddp, wrap_fsdp
 from lora import base_storage, has_adapters, trainable_state_dict
+from tokenizer import write_text_file
 from tracking import close_trackers, log_to_trackers, open_trackers
 
 
@@ -507,9 +508,7 @@ class Logger:
     def commit(self):
         if self.pending is None:
             return
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in self.pending)
-        os.replace(self.path + ".tmp", self.path)
+        write_text_file(self.path, "".join(json.dumps(record) + "\n" for record in self.pending))
         self.pending = None
 
     def first_timing(self, it, run, warmup=2, timed=10):
