@@ -16,7 +16,6 @@ held-out tasks for the DPO model beside the SFT model. Ctrl-C (or SIGTERM) saves
 current iteration. The defaults (beta, sft_weight) were chosen on the demo: plain DPO there lowered
 the chosen answers' probability too and broke the sentiment task (docs/experiments.md).
 """
-import json
 import os
 import time
 
@@ -26,12 +25,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import evaluate
-from checkpoint import check_tokenizer, model_to_tune
+from checkpoint import model_to_tune
 from configurator import check_ranges, configure
 from device import run_main, setup_device
 from lora import adapters_disabled
 from memory import preflight, stored_bytes
 from model import answer_logprobs
+from shards import masked_split
 from tokenizer import Tokenizer
 from training import (Stopper, apply_schedule, claim_out_dir, compile_and_wrap, cosine_lr, lora_base_dtype,
                       make_optimizer, nothing_to_do, open_out_dir, resolve_block_size, resume, save_run, seed_step,
@@ -103,18 +103,8 @@ class Pairs:
     answer, with answer masks; an endless stream, every pair once per epoch, shuffled anew each epoch."""
 
     def __init__(self, data_dir, split, block_size, tok, seed=0):
-        prefix = os.path.join(data_dir, f"dpo_{split}")
-        if not os.path.exists(prefix + "_index.npy"):
-            raise SystemExit(f"error: no DPO {split} data in {data_dir}/; run `python prepare_data.py` "
-                             f"(with --dpo_input=... for your own preference pairs)")
-        with open(prefix + ".json") as f:
-            check_tokenizer(json.load(f)["tokenizer_sha"], tok.sha, prefix + ".bin",
-                            fix="point --init_from at a model trained with this data's tokenizer")
+        prefix, index = masked_split(data_dir, "dpo", split, tok, "preference pairs")
         self.tokens_path, self.mask_path, self.seed = prefix + ".bin", prefix + "_mask.bin", seed
-        index = np.load(prefix + "_index.npy")
-        if len(index) == 1:
-            raise SystemExit(f"error: {prefix}.bin holds no pairs: prepare_data.py put none into the {split} split; "
-                             f"raise its --val_fraction or add pairs")
         lengths = (index[1:] - index[:-1]).reshape(-1, 2)       # (pairs, 2): chosen, rejected
         self.fits = np.flatnonzero(lengths.max(1) - 1 <= block_size)  # a sequence of L tokens makes L - 1 predictions
         self.skipped = len(lengths) - len(self.fits)
@@ -242,12 +232,9 @@ def main():
     torch.manual_seed(seed + run.rank)
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
 
-    # ---- the model: the SFT checkpoint, or our own to resume
-    iter_num, best_val_loss, checkpoint, sessions = 0, float("inf"), None, []
-    if resumed:  # LoRA, the row length and the loss as the run was started (globals and config updated)
-        checkpoint = resume(out_dir, "dpo", tok, run, globals(), config, FIXED_ON_RESUME)
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
+    # ---- the model: the SFT checkpoint, or our own to resume (LoRA, the row length and the loss as it was started)
+    checkpoint, iter_num, best_val_loss, sessions = resume(resumed, out_dir, "dpo", tok, run, globals(), config,
+                                                           FIXED_ON_RESUME)
     base_dir = checkpoint["base"] if resumed else init_from
     sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     # sharded, only rank 0 reads the base, unless every process computes its pairs' reference log-probs first
@@ -299,10 +286,9 @@ def main():
 
     decay_iters = lr_decay_iters or max_iters
     if run.master:
-        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
               f"{'LoRA rank %d on %s: ' % (lora_rank, lora_targets) if lora_rank else ''}"
-              f"{n_train / 1e6:.2f}M trained; reference {reference}"
+              f"{raw_model.num_params(trained=True) / 1e6:.2f}M trained; reference {reference}"
               + (f" ({t_ref:.0f}s for the reference's log-probs)" if reference == "precomputed" else ""))
         print(f"data: {len(train_data):,} train pairs ({train_data.skipped} longer than block_size={block_size} "
               f"skipped), {len(test_data):,} test; {batch_size} pairs x {gradient_accumulation_steps} accumulation x "

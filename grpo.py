@@ -107,8 +107,8 @@ seed = 1337                       # the questions' order and every rollout: a ru
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_embeddings", "base_dtype",
-                   "tasks", "questions", "test_questions", "verifier", "group_size", "temperature", "top_p", "max_new_tokens",
-                   "kl_coef", "clip_eps", "ppo_epochs")
+                   "tasks", "questions", "test_questions", "verifier", "group_size", "temperature", "top_p",
+                   "max_new_tokens", "kl_coef", "clip_eps", "ppo_epochs")
 
 
 def load_verifier(spec, idiom_words):
@@ -246,12 +246,9 @@ def main():
     run = setup_device(device, dtype, compile)
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
 
-    # ---- the model: the chat model to train, or our own to resume
-    iter_num, best_error, checkpoint, sessions = 0, float("inf"), None, []
-    if resumed:  # LoRA, the task and the objective as the run was started (globals and config updated)
-        checkpoint = resume(out_dir, "grpo", tok, run, globals(), config, FIXED_ON_RESUME)
-        iter_num, best_error = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        sessions = checkpoint.get("sessions", [])
+    # ---- the model: the chat model to train, or our own to resume (LoRA, the task and the objective as it was started)
+    checkpoint, iter_num, best_error, sessions = resume(resumed, out_dir, "grpo", tok, run, globals(), config,
+                                                        FIXED_ON_RESUME)
     base_dir = checkpoint["base"] if resumed else init_from
     model, base_stage, _ = model_to_tune(base_dir, tok, dict(config, dropout=0.0), seed, resumed=checkpoint,
                                          verbose=run.master, base_dtype=lora_base_dtype(base_dtype, run))
@@ -270,9 +267,9 @@ def main():
     model, _ = compile_and_wrap(model, run, False, dynamic=True)  # rows are padded: lengths vary
     decay_iters = lr_decay_iters or max_iters
     if run.master:
-        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M "
-              f"trained; reference: {'the model with its adapters off' if ref_model is None else 'a frozen copy'}")
+        print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
+              f"{raw_model.num_params(trained=True) / 1e6:.2f}M trained; reference: "
+              f"{'the model with its adapters off' if ref_model is None else 'a frozen copy'}")
         print(f"questions: {len(train_items):,} to train on, {len(test_items):,} held out; {batch_size} questions x "
               f"{group_size} answers x {run.world_size} processes per iteration, temperature {temperature}; "
               f"{'resuming at' if resumed else 'starting at'} iteration {iter_num} of {max_iters}")

@@ -171,8 +171,7 @@ def preflight(model, run, block_size, batch_size, accumulation, lora_rank=0, bas
     moments (Muon keeps one for its matrices: an overestimate there). Returns (batch_size, accumulation, the plan:
     its predicted GB by part and the memory it planned against, for the trackers).
     """
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = model.num_params()
+    trained, total = model.num_params(trained=True), model.num_params()
     train_embeddings = bool(lora_rank) and model.tok_embeddings.weight.requires_grad
 
     # on the CPU the device is this process: its peak is also Python, torch and the data it has read (all

@@ -225,8 +225,9 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+    def num_params(self, trained=False):
+        """Parameters (a tied weight once), or only those trained (requires_grad)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trained)
 
     def forward(self, tokens, targets=None, cache=None, start_pos=0, positions=None, attn_mask=None,
                 reduction="mean"):
@@ -322,7 +323,7 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6 per trained parameter, 4 per frozen one (no weight gradient), plus attention's
         12 * L * T * dim; not recomputation (activation checkpointing): MFU counts the model's FLOPs."""
         a = self.args
-        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        trained = self.num_params(trained=True)
         frozen = self.num_params() - trained
         if not a.tie_embeddings:  # the embedding lookup does no FLOPs; the classifier matmul does
             lookup = a.vocab_size * a.dim

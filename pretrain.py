@@ -166,12 +166,10 @@ def main():
     val_data = TokenShards(data_dir, "val", tok.sha)
 
     # ---- the model: from the settings, from the checkpoint we resume, or an existing model to continue
-    iter_num, best_val_loss, checkpoint, sessions = 0, float("inf"), None, []
-    base_path = None if init_from == "scratch" else init_from  # the model this run continues, if any
-    if resumed:  # the shape, the optimizer and LoRA as the run was started (globals and config updated)
-        checkpoint = resume(out_dir, "pretrain", tok, run, globals(), config, FIXED_ON_RESUME)
-        iter_num, best_val_loss, base_path = checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint.get("base")
-        sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
+    # (resumed: the shape, the optimizer and LoRA as the run was started; base_path: the model it continues, if any)
+    checkpoint, iter_num, best_val_loss, sessions = resume(resumed, out_dir, "pretrain", tok, run, globals(), config,
+                                                           FIXED_ON_RESUME)
+    base_path = checkpoint.get("base") if resumed else (None if init_from == "scratch" else init_from)
     sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     model = starting_model(checkpoint, base_path, tok, config, run, sharded)
     model_args = model.args
@@ -204,7 +202,7 @@ def main():
               f"vocab {model_args.vocab_size}: "
               f"{raw_model.num_params() / 1e6:.2f}M parameters" + (
                   f"; LoRA rank {lora_rank} on {lora_targets}: "
-                  f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trained"
+                  f"{raw_model.num_params(trained=True) / 1e6:.2f}M trained"
                   if lora_rank else ""))
         print(f"data: {train_data.sizes.sum():,} train tokens, {val_data.sizes.sum():,} val tokens; "
               f"tokens per iteration: {batch_size} batch x {block_size} context x {gradient_accumulation_steps} "

@@ -12,7 +12,6 @@ model prompted with the same template, so the gain from SFT is visible. Ctrl-C (
 at the end of the current iteration.
 """
 import glob
-import json
 import os
 import time
 
@@ -20,12 +19,12 @@ import numpy as np
 import torch
 
 import evaluate
-from checkpoint import check_tokenizer, model_to_tune
+from checkpoint import model_to_tune
 from configurator import check_ranges, configure
 from device import run_main, setup_device
 from memory import preflight
 from model import answer_loss, peak_flops
-from shards import TokenShards
+from shards import TokenShards, masked_split
 from tokenizer import Tokenizer, turn_boundary_cut
 from training import (MUON_UNDER_FSDP, Stopper, apply_schedule, claim_out_dir, compile_and_wrap, cosine_lr,
                       lora_base_dtype, make_optimizer, nothing_to_do, open_out_dir, resolve_block_size, resume,
@@ -99,19 +98,9 @@ class Conversations:
     OPEN_ROWS = 8  # packing fills the first of this many open rows with room, so rows are nearly full
 
     def __init__(self, data_dir, split, block_size, tok, packed=True, seed=0):
-        prefix = os.path.join(data_dir, f"sft_{split}")
-        if not os.path.exists(prefix + "_index.npy"):
-            raise SystemExit(f"error: no SFT {split} data in {data_dir}/; run `python prepare_data.py` "
-                             f"(with --sft_input=... for your own conversations)")
-        with open(prefix + ".json") as f:
-            check_tokenizer(json.load(f)["tokenizer_sha"], tok.sha, prefix + ".bin",
-                            fix="point --init_from at a model trained with this data's tokenizer")
+        prefix, index = masked_split(data_dir, "sft", split, tok, "conversations")
         self.tokens_path, self.mask_path = prefix + ".bin", prefix + "_mask.bin"
         self.block_size, self.packed, self.seed = block_size, packed, seed
-        index = np.load(prefix + "_index.npy")
-        if len(index) == 1:
-            raise SystemExit(f"error: {prefix}.bin holds no conversations: prepare_data.py put none into the {split} "
-                             f"split; raise its --val_fraction or add conversations")
         starts, ends = index[:-1].copy(), index[1:].copy()
         # a conversation of L tokens gives L - 1 predictions; one longer than block_size is cut after
         # its last whole answer that fits, or skipped
@@ -244,13 +233,10 @@ def main():
     torch.manual_seed(seed + run.rank)
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
 
-    # ---- the model: the pretrained checkpoint, or our own to resume
-    iter_num, best_val_loss, checkpoint, sessions, answers_seen = 0, float("inf"), None, [], 0
-    if resumed:  # LoRA and the row length as the run was started (globals and config updated)
-        checkpoint = resume(out_dir, "sft", tok, run, globals(), config, FIXED_ON_RESUME)
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        sessions = checkpoint.get("sessions", [])  # the commands that trained it so far, for the report card
-        answers_seen = checkpoint.get("answer_tokens", 0)
+    # ---- the model: the pretrained checkpoint, or our own to resume (LoRA and the row length as it was started)
+    checkpoint, iter_num, best_val_loss, sessions = resume(resumed, out_dir, "sft", tok, run, globals(), config,
+                                                           FIXED_ON_RESUME)
+    answers_seen = checkpoint.get("answer_tokens", 0) if resumed else 0
     base_dir = checkpoint["base"] if resumed else init_from
     sharded = fsdp and run.ddp  # FSDP: each process holds a shard of the weights, gradients and optimizer state
     model, base_stage, _ = model_to_tune(base_dir, tok, config, seed, resumed=checkpoint, verbose=run.master,
@@ -278,9 +264,9 @@ def main():
     decay_iters = lr_decay_iters or max_iters
     peak = peak_flops(torch.cuda.get_device_name()) if run.device_type == "cuda" else None  # for MFU
     if run.master:
-        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"from {base_dir} ({base_stage}): {raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{'LoRA rank %d on %s: ' % (lora_rank, lora_targets) if lora_rank else ''}{n_train / 1e6:.2f}M trained"
+              f"{'LoRA rank %d on %s: ' % (lora_rank, lora_targets) if lora_rank else ''}"
+              f"{raw_model.num_params(trained=True) / 1e6:.2f}M trained"
               + (" (with the embeddings in full)" if lora_rank and raw_model.tok_embeddings.weight.requires_grad
                  else ""))
         print(f"data: {len(train_data):,} train conversations ({train_data.cut} cut at a turn boundary, "

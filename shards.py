@@ -1,6 +1,7 @@
 """
-The pretraining token files prepare_data.py writes ({split}_000.bin, ... with a .json sidecar each), read
-as random windows without loading them: pretrain.py trains on them, sft.py replays them (--replay_rows).
+The token files prepare_data.py writes, opened without loading them: the pretraining shards ({split}_000.bin,
+... with a .json sidecar each) as random windows, which pretrain.py trains on and sft.py replays (--replay_rows);
+and the SFT and DPO splits, whose readers are sft.py's and dpo.py's.
 """
 import glob
 import json
@@ -9,6 +10,23 @@ import os
 import numpy as np
 
 from checkpoint import check_tokenizer
+
+
+def masked_split(data_dir, kind, split, tok, items):
+    """(path prefix, offsets) of an SFT or DPO split ({kind}_{split}.bin, _mask.bin, _index.npy, .json): sequence i
+    is tokens[offsets[i]:offsets[i + 1]]. Refused in one line where it is missing, empty or of another tokenizer."""
+    prefix = os.path.join(data_dir, f"{kind}_{split}")
+    if not os.path.exists(prefix + "_index.npy"):
+        raise SystemExit(f"error: no {kind.upper()} {split} data in {data_dir}/; run `python prepare_data.py` "
+                         f"(with --{kind}_input=... for your own {items})")
+    with open(prefix + ".json") as f:
+        check_tokenizer(json.load(f)["tokenizer_sha"], tok.sha, prefix + ".bin",
+                        fix="point --init_from at a model trained with this data's tokenizer")
+    offsets = np.load(prefix + "_index.npy")
+    if len(offsets) == 1:
+        raise SystemExit(f"error: {prefix}.bin holds no {items}: prepare_data.py put none into the {split} split; "
+                         f"raise its --val_fraction or add {items}")
+    return prefix, offsets
 
 
 class TokenShards:

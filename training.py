@@ -5,7 +5,7 @@ tells only its own stage. A stage's main, in order:
     config = configure(globals())                       # settings; check_ranges refuses bad ones
     claim_out_dir(out_dir, fresh, overwrite, init_from) # before anything is loaded or deleted
     run = setup_device(device, dtype, compile)          # device.py: where and how this process runs
-    checkpoint = resume(out_dir, stage, ...)            # --init_from=resume: fixed settings written back
+    checkpoint, iter_num, ... = resume(resumed, ...)    # --init_from=resume: fixed settings written back
     model = ...                                         # scratch, checkpoint.model_to_tune, or the resumed one
     preflight(...)                                      # memory.py: will it fit (and auto batch size)
     optimizer, scaler = make_optimizer(...)             # shards first under FSDP; loads a resumed state
@@ -106,10 +106,13 @@ def lora_base_dtype(setting, run=None):
     return run.dtype if run.device_type != "cpu" else "float32"
 
 
-def resume(out_dir, stage, tok, run, settings, config, fixed):
-    """The checkpoint of the run in out_dir, to continue it (refused when another stage wrote it or another
-    tokenizer's data is given). Each setting in `fixed` takes the checkpoint's value, in the script's globals and
-    config alike; a warning says so where the command line or a config file asked for another."""
+def resume(resumed, out_dir, stage, tok, run, settings, config, fixed):
+    """Where the loop starts: (checkpoint, iter_num, best_val_loss, sessions) of the run in out_dir, to continue it
+    (refused when another stage wrote it or another tokenizer's data is given), or (None, 0, inf, []) when not
+    resumed. Each setting in `fixed` takes the checkpoint's value, in the script's globals and config alike; a
+    warning says so where the command line or a config file asked for another."""
+    if not resumed:
+        return None, 0, float("inf"), []
     checkpoint = load_checkpoint(out_dir, merge=False)  # a LoRA run's adapters are loaded onto its base again
     if checkpoint.get("stage") != stage:
         raise SystemExit(f"error: {out_dir}/ckpt.pt is a {checkpoint.get('stage', 'unknown')} checkpoint, not "
@@ -128,7 +131,8 @@ def resume(out_dir, stage, tok, run, settings, config, fixed):
             != run.world_size * config.get("gradient_accumulation_steps", 1):  # (grpo.py has no accumulation)
         print("warning: resuming with a different world_size x gradient_accumulation_steps: "
               "the batches will differ from the original run's")
-    return checkpoint
+    # sessions: the commands that trained it so far, for the report card
+    return checkpoint, checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint.get("sessions", [])
 
 
 def resolve_block_size(block_size, model):

@@ -213,4 +213,4 @@ def test_bad_pairs_are_counted_not_fatal(tmp_path, demo_data, tiny_sft):
     assert "warning: no DPO pair fell into the test split; raise --val_fraction" in p.out
     p = run("dpo.py", f"--data_dir={out}", f"--init_from={tiny_sft}", f"--out_dir={tmp_path / 'dpo'}", check=False)
     assert p.returncode == 1 and "Traceback" not in p.out
-    assert "dpo_test.bin holds no pairs: prepare_data.py put none into the test split" in p.out
+    assert "dpo_test.bin holds no preference pairs: prepare_data.py put none into the test split" in p.out
