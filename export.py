@@ -34,7 +34,7 @@ import torch
 from checkpoint import (HF_NAMES, checkpoint_format, find_tokenizer, hf_permute, llama2c_v0_layout, load_checkpoint,
                         load_model, ours_to_hf, writable)
 from configurator import configure
-from tokenizer import B_INST, B_SYS, E_INST, E_SYS, Tokenizer
+from tokenizer import B_INST, B_SYS, E_INST, E_SYS, Tokenizer, write_text_file
 
 # -----------------------------------------------------------------------------
 out_dir = "out"              # the checkpoint directory (ckpt.pt, tokenizer.model), or an imported Llama
@@ -165,18 +165,16 @@ def export_hf(model, tok, directory):
         "attention_bias": False, "mlp_bias": False, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
         "torch_dtype": "float32",
     }
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    write_text_file(os.path.join(directory, "config.json"), json.dumps(config, indent=1))
     # generate() stops at any of these: EOS ends a chat answer, BOS ends a base model's document (our
     # pretraining documents are [BOS] + text, so a document is over when the model predicts the next BOS)
-    with open(os.path.join(directory, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.bos_id]}, f, indent=1)
+    write_text_file(os.path.join(directory, "generation_config.json"),
+                    json.dumps({"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.bos_id]}, indent=1))
     shutil.copyfile(tok.model_path, os.path.join(directory, "tokenizer.model"))
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
-                   "model_max_length": a.max_seq_len, "chat_template": HF_CHAT_TEMPLATE},
-                  f, indent=1, ensure_ascii=False)
+    write_text_file(os.path.join(directory, "tokenizer_config.json"), json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+         "model_max_length": a.max_seq_len, "chat_template": HF_CHAT_TEMPLATE}, indent=1, ensure_ascii=False))
 
 
 OURS_TO_HF = {ours: hf for hf, ours in HF_NAMES.items()}  # attention.wq -> self_attn.q_proj, ...
@@ -225,8 +223,7 @@ def export_peft(checkpoint, tok, directory):
     os.makedirs(directory, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in tensors.items()},
               os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config, f, indent=1)
+    write_text_file(os.path.join(directory, "adapter_config.json"), json.dumps(adapter_config, indent=1))
     shutil.copyfile(tok.model_path, os.path.join(directory, "tokenizer.model"))
     notes = []
     if checkpoint_format(base) != "hf":
@@ -349,12 +346,11 @@ def write_modelfile(gguf_path, context):
             first = f.readline()
         if not first.startswith((MODELFILE_MARK, "# ollama create my-model -f")):  # (the latter: older exports)
             return path, False
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{MODELFILE_MARK} (delete this line to keep your edits); cd here, then: "
-                f"ollama create my-model -f Modelfile\n"
-                f"FROM ./{os.path.basename(gguf_path)}\n"
-                f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
-                f'PARAMETER stop "</s>"\nPARAMETER stop "[INST]"\nPARAMETER num_ctx {context}\n')
+    write_text_file(path, f"{MODELFILE_MARK} (delete this line to keep your edits); cd here, then: "
+                          f"ollama create my-model -f Modelfile\n"
+                          f"FROM ./{os.path.basename(gguf_path)}\n"
+                          f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
+                          f'PARAMETER stop "</s>"\nPARAMETER stop "[INST]"\nPARAMETER num_ctx {context}\n')
     return path, True
 
 

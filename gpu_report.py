@@ -28,6 +28,7 @@ from engine import Engine, Request, compiled_step, generate
 from lora import FrozenLinear, LoRALinear, add_lora
 from memory import LLAMA2, predict_memory
 from model import PRESETS, ModelArgs, RMSNorm, Transformer, answer_loss, chunked_cross_entropy, peak_flops
+from tokenizer import write_text_file
 
 # -----------------------------------------------------------------------------
 device = "auto"              # auto: cuda, then mps, then cpu
@@ -396,7 +397,8 @@ def gpu_distributed(run, shapes, processes):
 
 
 def distributed_child():
-    """One process of gpu_distributed (under torchrun, with --dist_wrap set): pretraining steps of a preset under DDP or FSDP2."""
+    """One process of gpu_distributed (under torchrun, with --dist_wrap set): pretraining steps of a preset under
+    DDP or FSDP2."""
     shapes = GPU_SHAPES_TINY if tiny else GPU_SHAPES
     run = setup_device(device, dtype, False, keep_memory=False)
     meter = GpuMeter(run)
@@ -542,10 +544,8 @@ def main():
                 report[part] = f"failed: {error_line(e)}"
                 print(f"{part}: {report[part]}", flush=True)
         report["seconds"] = time.time() - t0
-        with open(gpu_report + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        with open(gpu_report + ".md", "w") as f:
-            f.write(gpu_markdown(report) + "\n")
+        write_text_file(gpu_report + ".json", json.dumps(report, indent=1))  # a run cut short keeps its last parts
+        write_text_file(gpu_report + ".md", gpu_markdown(report) + "\n")
     print(f"wrote {gpu_report}.json and {gpu_report}.md in {time.time() - t0:.0f} s")
 
 
