@@ -8,8 +8,8 @@ here is asserted by the tests: machines are noisy.
     python bench.py --what=load      # peak memory while importing a generated Hugging Face Llama checkpoint
     python bench.py --what=loss      # peak memory of the classifier + loss at a GPU config's shape, plain vs chunked
     python bench.py --what=serve     # serve.py: tokens/s and time to first token, batched vs one request at a time
-    python bench.py --what=memory    # training memory per GPU, predicted (Llama-2-7B: LoRA, int8, FSDP) and checked on CPU
-    python bench.py --what=lora      # training tokens/s: full vs LoRA on fp32/bf16/int8 bases, checkpointing, the adapters' share
+    python bench.py --what=memory    # training memory per GPU, predicted (Llama-2-7B: LoRA, int8, FSDP), checked on CPU
+    python bench.py --what=lora      # training tokens/s: full vs LoRA on fp32/bf16/int8 bases, the adapters' share
 
 The numbers, with the machine they were measured on, are in docs/benchmarks.md. On a new GPU machine, run
 gpu_report.py first: every GPU claim, measured in minutes.
@@ -267,15 +267,12 @@ def bench_load():
         if len(files) > 1:
             with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
                 json.dump({"weight_map": {k: file for file, keys in files.items() for k in keys}}, f)
-        results = {}
         # every weight read once after loading (as a forward pass would), so no page stays unread on disk
         load = (f"m = model_from_checkpoint(load_checkpoint({directory!r})); "
                 f"s = sum(float(p.sum()) for p in m.parameters()); ")
-        for what, load in (("loaded", load),):
-            code = probe.format(root=os.path.dirname(os.path.abspath(__file__)), load=load)
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-            results[what] = [int(x) * 1024 for x in out.split()]  # KB
-        start, peak = results["loaded"]
+        code = probe.format(root=os.path.dirname(os.path.abspath(__file__)), load=load)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        start, peak = [int(x) * 1024 for x in out.split()]  # KB
         print(f"{name}: peak RSS {peak / 2**20:.0f} MB = {peak / weight_bytes:.2f} x the weights; "
               f"above the process before loading: {(peak - start) / 2**20:.0f} MB = "
               f"{(peak - start) / weight_bytes:.2f} x")
@@ -451,7 +448,8 @@ def bench_memory():
               ("full fine-tuning, FSDP 4 GPUs", dict(processes=4, fsdp=True)),
               ("full fine-tuning, FSDP 8 GPUs, checkpointing", dict(processes=8, fsdp=True, checkpointing=True)),
               ("LoRA r8, bf16 base, 1 GPU", dict(lora_rank=8, base_dtype="bfloat16")),
-              ("LoRA r8, bf16 base, checkpointing, 1 GPU", dict(lora_rank=8, base_dtype="bfloat16", checkpointing=True)),
+              ("LoRA r8, bf16 base, checkpointing, 1 GPU",
+               dict(lora_rank=8, base_dtype="bfloat16", checkpointing=True)),
               ("LoRA r8, int8 base, 1 GPU", dict(lora_rank=8, base_dtype="int8")),
               ("LoRA r8, int8 base, checkpointing, 1 GPU", dict(lora_rank=8, base_dtype="int8", checkpointing=True)),
               ("LoRA r8, bf16 base, FSDP 4 GPUs", dict(lora_rank=8, base_dtype="bfloat16", processes=4, fsdp=True)),

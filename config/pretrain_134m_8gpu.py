@@ -9,7 +9,8 @@ gradient_accumulation_steps = 2
 max_iters = 60000
 learning_rate = 6e-4
 min_lr = 6e-5
-# the schedule of the earlier defaults: the demo's warmdown recipe is measured on the CPU demo only (docs/experiments.md)
+# the schedule of the earlier defaults: the demo's warmdown recipe is measured on the CPU demo only
+# (docs/experiments.md)
 lr_schedule = "cosine"
 embedding_lr_scale = 1.0
 muon_momentum_warmup = 0

@@ -10,7 +10,8 @@ gradient_accumulation_steps = 4
 max_iters = 40000
 learning_rate = 1e-3
 min_lr = 1e-4
-# the schedule of the earlier defaults: the demo's warmdown recipe is measured on the CPU demo only (docs/experiments.md)
+# the schedule of the earlier defaults: the demo's warmdown recipe is measured on the CPU demo only
+# (docs/experiments.md)
 lr_schedule = "cosine"
 embedding_lr_scale = 1.0
 muon_momentum_warmup = 0
