@@ -242,25 +242,27 @@ class Tokenizer:
         (prompt ids, messages kept, turns left out) of a chat ending with a user message, within budget tokens:
         its oldest (user, assistant) turns go first, the system message stays (with the first turn kept); a last
         message that alone does not fit is left whole, for the caller to cut or refuse. Each turn is encoded
-        about once: the cost grows with the chat's length, not its square (serve.py, sample.py --chat).
+        about once, and the prompt joined from those ids: the cost grows with the chat's length, not its square
+        (serve.py, sample.py --chat).
         """
         head = messages[:1] if messages[0]["role"] == "system" else []
         rest = messages[len(head):]  # user, assistant, ..., user
         turns = [rest[i:i + 2] for i in range(0, len(rest), 2)]
-        lengths = [len(self.encode_chat(turn)[0]) for turn in turns]  # a chat's ids are its turns' one after another
+        turn_ids = [self.encode_chat(turn)[0] for turn in turns]  # a chat's ids are its turns' one after another
         after = [0] * (len(turns) + 1)  # after[k]: the tokens of turns k.. without the system message
         for k in range(len(turns) - 1, -1, -1):
-            after[k] = after[k + 1] + lengths[k]
+            after[k] = after[k + 1] + len(turn_ids[k])
         for dropped in range(len(turns)):
             if after[dropped] > budget:
                 continue  # too long even before the system message joins the first turn
-            first = len(self.encode_chat(head + turns[dropped])[0]) if head else lengths[dropped]
+            first = len(self.encode_chat(head + turns[dropped])[0]) if head else len(turn_ids[dropped])
             if first + after[dropped + 1] <= budget:
                 break
         else:
             dropped = len(turns) - 1
+        first_ids = self.encode_chat(head + turns[dropped])[0] if head else turn_ids[dropped]
         kept = head + [m for turn in turns[dropped:] for m in turn]
-        return self.encode_chat(kept)[0], kept, dropped
+        return first_ids + [i for ids in turn_ids[dropped + 1:] for i in ids], kept, dropped
 
 
 def turn_boundary_cut(ids, bos_id, max_tokens):
